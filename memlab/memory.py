@@ -1,0 +1,485 @@
+"""MemoryMeter: where the bytes of a training step go, counted tensor storage by tensor storage.
+
+How it counts
+-------------
+The meter is a ``TorchDispatchMode``: every ATen op that runs inside ``with MemoryMeter(...)``
+passes through it, and every tensor the op returns is looked at. A storage the meter has not
+seen before is a new allocation: its ``nbytes`` are added to the live total and a weak reference
+with a callback subtracts them again when the storage is freed. Views share their base's
+storage, so each storage is counted once however many views point at it. Storages that existed
+before the meter was entered (parameters, gradients, optimizer state, the input batch) are found
+through ``model=``, ``optimizer=``, ``inputs=`` or, with ``scan=True``, by a scan of the live
+tensors (``gc``); they make up the baseline.
+
+Categories (the same rule for the timeline and for the breakdown at the peak)
+-----------------------------------------------------------------------------
+* ``parameters``  -- storages of parameters and buffers of the known modules.
+* ``gradients``   -- ``.grad`` tensors found at entry, and everything allocated by backward with
+  grad mode off: parameter gradients and the gradients of activations in flight.
+* ``optimizer``   -- ``optimizer.state`` found at entry, and everything allocated inside
+  ``optimizer.step()`` (its state and its temporaries).
+* ``activations`` -- everything allocated in forward (saved tensors and live intermediates), and
+  recomputation in backward (grad mode on, as in checkpointing or reversible blocks).
+* ``other``       -- pre-existing tensors that are none of the above (inputs, caches).
+
+On CUDA the meter also reads ``torch.cuda.max_memory_allocated`` (``meter.device_peak``); the two
+agree up to the caching allocator's rounding (blocks of 512 bytes) and library workspaces.
+
+``estimate(step_fn, setup=...)`` runs the same meter over fake tensors
+(``torch._subclasses.FakeTensorMode``): shapes, dtypes and storages exist, data does not, so a
+full-size configuration can be measured without the memory it would need.
+
+References: PyTorch "Understanding CUDA memory usage"; torch.utils._python_dispatch.
+"""
+
+from __future__ import annotations
+
+import gc
+import weakref
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+CATEGORIES = ("parameters", "gradients", "optimizer", "activations", "other")
+PHASES = ("forward", "backward", "optimizer")
+_CAT_INDEX = {c: i for i, c in enumerate(CATEGORIES)}
+
+
+class MemoryBudgetExceeded(RuntimeError):
+    """Raised by a MemoryMeter with ``budget=`` when live memory goes past the budget (like an OOM)."""
+
+    def __init__(self, message: str, *, requested: int, live: int, budget: int, op: str):
+        super().__init__(message)
+        self.requested, self.live, self.budget, self.op = requested, live, budget, op
+
+
+def format_bytes(n: float) -> str:
+    """1536 -> '1.50 KiB' (binary units)."""
+    n = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return f"{n:.2f} TiB"  # pragma: no cover
+
+
+@dataclass(frozen=True)
+class TimelinePoint:
+    index: int                 # event number within the metered region
+    phase: str                 # "forward" | "backward" | "optimizer"
+    op: str                    # the op that allocated (or "free")
+    bytes: Dict[str, int]      # live bytes by category after the event
+
+    @property
+    def total(self) -> int:
+        return sum(self.bytes.values())
+
+
+def _in_backward() -> bool:
+    return torch._C._current_graph_task_id() != -1
+
+
+def _device_type(device) -> str:
+    if isinstance(device, torch.device):
+        return device.type
+    if isinstance(device, str):
+        return torch.device(device).type
+    raise TypeError(f"device must be a str or torch.device, got {type(device).__name__}")
+
+
+class _Dispatch(TorchDispatchMode):
+    def __init__(self, meter: "MemoryMeter"):
+        super().__init__()
+        self.meter = meter
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.meter._on_op(func, out)
+        return out
+
+
+class MemoryMeter:
+    """Count live tensor bytes by category through a region of code (see the module docstring).
+
+    Args:
+        device: "cpu", "cuda", "cuda:0" or a torch.device; only storages on that device type count.
+        model: module(s) whose parameters and buffers are "parameters" (and whose ``.grad``s found
+            at entry are "gradients").
+        optimizer: optimizer(s) whose state is "optimizer"; ``step()`` calls are the optimizer phase.
+        inputs: pre-existing tensors to count as "other" (e.g. the batch).
+        scan: also find pre-existing tensors, modules and optimizers by scanning live objects
+            (default: only when neither model nor optimizer is given).
+        budget: bytes; going past it raises ``MemoryBudgetExceeded`` from the allocating op.
+        timeline: keep a point per allocation and free (default True).
+    """
+
+    def __init__(self, device="cpu", *, model=None, optimizer=None, inputs: Iterable = (),
+                 scan: Optional[bool] = None, budget: Optional[int] = None, timeline: bool = True,
+                 _track_all_devices: bool = False):
+        self.device_type = _device_type(device)
+        self.device = torch.device(device) if not isinstance(device, torch.device) else device
+        if budget is not None:
+            if isinstance(budget, bool) or not isinstance(budget, (int, float)):
+                raise TypeError(f"budget must be a number of bytes, got {type(budget).__name__}")
+            if budget <= 0:
+                raise ValueError(f"budget must be > 0 bytes, got {budget}")
+            budget = int(budget)
+        self.budget = budget
+        self._models = _as_list(model, nn.Module, "model")
+        self._optimizers = _as_list(optimizer, torch.optim.Optimizer, "optimizer")
+        self._inputs = list(inputs)
+        self._scan = scan if scan is not None else (not self._models and not self._optimizers)
+        self._keep_timeline = timeline
+        self._all_devices = _track_all_devices
+        self._reset()
+
+    # ------------------------------------------------------------------ bookkeeping
+    def _reset(self):
+        self._live: Dict[int, Tuple[Any, int, int]] = {}   # id(storage) -> (weakref, nbytes, cat)
+        self._totals = [0] * len(CATEGORIES)
+        self._cat_peaks = [0] * len(CATEGORIES)
+        self.current = 0
+        self.peak = 0
+        self.baseline = 0
+        self._peak_totals = [0] * len(CATEGORIES)
+        self.peak_phase = None
+        self.peak_op = None
+        self._events = 0
+        self._timeline: List[Tuple[int, str, str, Tuple[int, ...]]] = []
+        self._phase_override: Optional[str] = None
+        self._in_optim = 0
+        self._hooks = []
+        self.device_peak: Optional[int] = None
+        self.device_baseline: Optional[int] = None
+        self._active = False
+
+    def _counts(self, storage) -> bool:
+        if self._all_devices:
+            return True
+        return storage.device.type == self.device_type
+
+    def _add(self, storage, cat: int, op: str, *, allocation: bool) -> int:
+        key = id(storage)
+        if key in self._live:
+            return 0
+        try:
+            nbytes = int(storage.nbytes())
+        except Exception:  # storages without bytes (e.g. sparse internals)
+            return 0
+        live = self._live
+
+        def _freed(_ref, key=key, meter_ref=weakref.ref(self)):
+            meter = meter_ref()
+            if meter is not None:
+                meter._on_free(key)
+
+        live[key] = (weakref.ref(storage, _freed), nbytes, cat)
+        self._totals[cat] += nbytes
+        self.current += nbytes
+        if self._totals[cat] > self._cat_peaks[cat]:
+            self._cat_peaks[cat] = self._totals[cat]
+        if allocation:
+            self._record(op)
+            if self.current > self.peak:
+                self.peak = self.current
+                self._peak_totals = list(self._totals)
+                self.peak_phase = self.phase
+                self.peak_op = op
+            if self.budget is not None and self.current > self.budget:
+                over = self.current - self.budget
+                msg = (f"{op} allocated {format_bytes(nbytes)} during {self.phase}: live memory "
+                       f"{format_bytes(self.current)} is {format_bytes(over)} over the budget of "
+                       f"{format_bytes(self.budget)}")
+                raise MemoryBudgetExceeded(msg, requested=nbytes, live=self.current,
+                                           budget=self.budget, op=op)
+        return nbytes
+
+    def _on_free(self, key: int):
+        entry = self._live.pop(key, None)
+        if entry is None:
+            return
+        _, nbytes, cat = entry
+        self._totals[cat] -= nbytes
+        self.current -= nbytes
+        if self._active:
+            self._record("free")
+
+    def _record(self, op: str):
+        self._events += 1
+        if self._keep_timeline:
+            self._timeline.append((self._events, self.phase, op, tuple(self._totals)))
+
+    @property
+    def phase(self) -> str:
+        if self._phase_override is not None:
+            return self._phase_override
+        if self._in_optim:
+            return "optimizer"
+        if _in_backward():
+            return "backward"
+        return "forward"
+
+    def _category_for_allocation(self) -> int:
+        if self._in_optim:
+            return _CAT_INDEX["optimizer"]
+        if _in_backward():
+            return _CAT_INDEX["activations" if torch.is_grad_enabled() else "gradients"]
+        if self._phase_override == "optimizer":
+            return _CAT_INDEX["optimizer"]
+        if self._phase_override == "backward":
+            return _CAT_INDEX["gradients"]
+        return _CAT_INDEX["activations"]
+
+    def _on_op(self, func, out):
+        flat, _ = tree_flatten(out)
+        cat = None
+        for t in flat:
+            if not isinstance(t, torch.Tensor) or t.layout != torch.strided:
+                continue
+            try:
+                st = t.untyped_storage()
+            except Exception:
+                continue
+            if id(st) in self._live or not self._counts(st):
+                continue
+            if cat is None:
+                cat = self._category_for_allocation()
+            self._add(st, cat, str(getattr(func, "__name__", func)), allocation=True)
+
+    # ------------------------------------------------------------------ entry / exit
+    def _register_existing(self):
+        cats: List[Tuple[torch.Tensor, str]] = []
+        models, optimizers = list(self._models), list(self._optimizers)
+        loose: List[torch.Tensor] = []
+        if self._scan:
+            for obj in gc.get_objects():
+                cls = type(obj)  # type(), not isinstance(): proxies must not be touched
+                if issubclass(cls, nn.Module):
+                    models.append(obj)
+                elif issubclass(cls, torch.optim.Optimizer):
+                    optimizers.append(obj)
+                elif issubclass(cls, torch.Tensor):
+                    loose.append(obj)
+        for m in models:
+            for p in m.parameters():
+                cats.append((p, "parameters"))
+            for b in m.buffers():
+                cats.append((b, "parameters"))
+        for m in models:
+            for p in m.parameters():
+                if p.grad is not None:
+                    cats.append((p.grad, "gradients"))
+        for opt in optimizers:
+            for group in opt.param_groups:
+                for p in group["params"]:
+                    cats.append((p, "parameters"))
+                    if p.grad is not None:
+                        cats.append((p.grad, "gradients"))
+            for st in opt.state.values():
+                for v in _tensors_in(st):
+                    cats.append((v, "optimizer"))
+        for t in self._inputs:
+            for v in _tensors_in(t):
+                cats.append((v, "other"))
+        for t in loose:
+            if isinstance(t, nn.Parameter):
+                cats.append((t, "parameters"))
+            else:
+                cats.append((t, "other"))
+        for t, c in cats:
+            try:
+                if t.layout != torch.strided:
+                    continue
+                st = t.untyped_storage()
+            except Exception:
+                continue
+            if self._counts(st):
+                self._add(st, _CAT_INDEX[c], "existing", allocation=False)
+        self.baseline = self.current
+        self.peak = self.current
+        self._peak_totals = list(self._totals)
+        self._cat_peaks = list(self._totals)
+        self._record("enter")
+
+    def __enter__(self) -> "MemoryMeter":
+        if self._active:
+            raise RuntimeError("this MemoryMeter is already active; use a new one per region")
+        self._reset()
+        self._active = True
+        if self.device_type == "cuda" and torch.cuda.is_available() and not self._all_devices:
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.device_baseline = torch.cuda.memory_allocated(self.device)
+        self._register_existing()
+        from torch.optim.optimizer import (register_optimizer_step_post_hook,
+                                           register_optimizer_step_pre_hook)
+
+        def pre(opt, args, kwargs):
+            self._in_optim += 1
+
+        def post(opt, args, kwargs):
+            self._in_optim = max(0, self._in_optim - 1)
+
+        self._hooks = [register_optimizer_step_pre_hook(pre), register_optimizer_step_post_hook(post)]
+        self._mode = _Dispatch(self)
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        try:
+            self._mode.__exit__(exc_type, exc, tb)
+        finally:
+            for h in self._hooks:
+                h.remove()
+            self._hooks = []
+            self._record("exit")
+            self._active = False
+            if self.device_type == "cuda" and torch.cuda.is_available() and not self._all_devices:
+                torch.cuda.synchronize(self.device)
+                self.device_peak = torch.cuda.max_memory_allocated(self.device)
+            self._live = {}  # stop following storages that outlive the region
+        return False
+
+    # ------------------------------------------------------------------ results
+    def mark(self, phase: Optional[str]):
+        """Force the phase label (``None`` returns to automatic detection)."""
+        if phase is not None and phase not in PHASES:
+            raise ValueError(f"phase must be one of {PHASES} or None, got {phase!r}")
+        self._phase_override = phase
+
+    def breakdown(self) -> Dict[str, int]:
+        """Live bytes by category at the peak."""
+        return dict(zip(CATEGORIES, self._peak_totals))
+
+    def category_peaks(self) -> Dict[str, int]:
+        """The highest live bytes each category reached (not necessarily at the same moment)."""
+        return dict(zip(CATEGORIES, self._cat_peaks))
+
+    def now(self) -> Dict[str, int]:
+        """Live bytes by category right now."""
+        return dict(zip(CATEGORIES, self._totals))
+
+    @property
+    def timeline(self) -> List[TimelinePoint]:
+        return [TimelinePoint(i, ph, op, dict(zip(CATEGORIES, tot)))
+                for i, ph, op, tot in self._timeline]
+
+    def timeline_arrays(self, max_points: Optional[int] = None) -> Dict[str, list]:
+        """Columns for plotting: ``index``, ``phase``, ``op`` and one list per category.
+
+        ``max_points`` thins the timeline evenly, always keeping the peak.
+        """
+        rows = self._timeline
+        if max_points is not None and len(rows) > max_points > 2:
+            step = len(rows) / max_points
+            keep = {int(i * step) for i in range(max_points)} | {len(rows) - 1}
+            peak_i = max(range(len(rows)), key=lambda i: sum(rows[i][3]))
+            keep.add(peak_i)
+            rows = [rows[i] for i in sorted(keep)]
+        cols: Dict[str, list] = {"index": [r[0] for r in rows], "phase": [r[1] for r in rows],
+                                 "op": [r[2] for r in rows]}
+        for j, c in enumerate(CATEGORIES):
+            cols[c] = [r[3][j] for r in rows]
+        return cols
+
+    def summary(self) -> str:
+        parts = ", ".join(f"{k} {format_bytes(v)}" for k, v in self.breakdown().items())
+        s = f"peak {format_bytes(self.peak)} in {self.peak_phase} ({parts})"
+        if self.device_peak is not None:
+            s += f"; torch.cuda.max_memory_allocated {format_bytes(self.device_peak)}"
+        return s
+
+    def __repr__(self) -> str:
+        return f"MemoryMeter(device={self.device_type!r}, peak={self.peak}, current={self.current})"
+
+
+def _as_list(obj, cls, name) -> list:
+    if obj is None:
+        return []
+    items = list(obj) if isinstance(obj, (list, tuple)) else [obj]
+    for o in items:
+        if not isinstance(o, cls):
+            raise TypeError(f"{name} must be a {cls.__name__} (or a list of them), "
+                            f"got {type(o).__name__}")
+    return items
+
+
+def _tensors_in(obj) -> List[torch.Tensor]:
+    flat, _ = tree_flatten(obj)
+    out = []
+    for t in flat:
+        if isinstance(t, torch.Tensor):
+            out.append(t)
+        elif hasattr(t, "__dict__"):  # small holder types (e.g. quantized state)
+            out.extend(v for v in vars(t).values() if isinstance(v, torch.Tensor))
+    return out
+
+
+# ---------------------------------------------------------------------- estimate
+@dataclass
+class Estimate:
+    """What ``estimate`` measured: the same numbers a MemoryMeter gives."""
+    peak: int
+    baseline: int
+    peak_phase: Optional[str]
+    _breakdown: Dict[str, int]
+    _category_peaks: Dict[str, int]
+
+    def breakdown(self) -> Dict[str, int]:
+        return dict(self._breakdown)
+
+    def category_peaks(self) -> Dict[str, int]:
+        return dict(self._category_peaks)
+
+    def summary(self) -> str:
+        parts = ", ".join(f"{k} {format_bytes(v)}" for k, v in self._breakdown.items())
+        return f"estimated peak {format_bytes(self.peak)} in {self.peak_phase} ({parts})"
+
+
+def estimate(step_fn: Callable[..., Any], setup: Optional[Callable[[], Any]] = None, *,
+             steps: int = 1, device="cpu") -> Estimate:
+    """Measure a training step on fake tensors: full-size configurations without the memory.
+
+    Args:
+        step_fn: called ``steps`` times as ``step_fn(*state)`` (or ``step_fn()`` without setup).
+        setup: builds what the step needs (model, optimizer, batch) and returns it as a tuple
+            (or a single object). It runs under fake tensors too, so a 100 GB model is free.
+            Modules and optimizers in the returned tuple are the "parameters" and "optimizer".
+        steps: how many steps to run (2 shows the steady state after optimizer state exists).
+        device: the device tensors are created on by default inside setup/step.
+
+    Example::
+
+        est = estimate(lambda m, o, x: (m(x).sum().backward(), o.step()),
+                       setup=lambda: (net := ResNet(), torch.optim.Adam(net.parameters()),
+                                      torch.randn(128, 200, 80)))
+        est.peak, est.breakdown()
+    """
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    if not callable(step_fn):
+        raise TypeError(f"step_fn must be callable, got {type(step_fn).__name__}")
+    if setup is not None and not callable(setup):
+        raise TypeError(f"setup must be callable or None, got {type(setup).__name__}")
+    if not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be an int >= 1, got {steps!r}")
+    dev = torch.device(device)
+    with FakeTensorMode(allow_non_fake_inputs=False):
+        with torch.device(dev):
+            state = setup() if setup is not None else ()
+            if not isinstance(state, tuple):
+                state = (state,)
+            models = [s for s in state if isinstance(s, nn.Module)]
+            opts = [s for s in state if isinstance(s, torch.optim.Optimizer)]
+            others = [s for s in state if not isinstance(s, (nn.Module, torch.optim.Optimizer))]
+            meter = MemoryMeter(dev, model=models, optimizer=opts, inputs=others, scan=False,
+                                _track_all_devices=True)
+            with meter:
+                for _ in range(steps):
+                    step_fn(*state)
+    return Estimate(meter.peak, meter.baseline, meter.peak_phase, meter.breakdown(),
+                    meter.category_peaks())

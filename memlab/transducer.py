@@ -1,0 +1,482 @@
+"""Transducer (RNN-T) loss three ways: a readable reference, torchaudio batched, and sample-wise.
+
+References:
+  A. Graves, "Sequence Transduction with Recurrent Neural Networks", ICML workshop 2012
+     (arXiv 1211.3711): the T x (U+1) alignment lattice and its forward (alpha) recursion.
+  S. Braun, E. McDermott, R. Hsiao, "Neural Transducer Training: Reduced Memory Consumption
+     with Sample-wise Computation", ICASSP 2023 (arXiv 2211.16270): compute the joiner, the
+     loss and its gradient one sample at a time, keep only the gradients of the (small) encoder
+     and predictor outputs, and never hold the batch's B x T x (U+1) x V tensor.
+
+The lattice. Sample b has T_b encoder frames and U_b target tokens. A path starts at (t, u) =
+(0, 0); from (t, u) it either emits blank and moves to (t+1, u) or emits token y_{u+1} and moves
+to (t, u+1); it ends with a blank from (T_b - 1, U_b). With log-probabilities
+``log_probs = log_softmax(logits)`` of shape (B, T, U+1, V)::
+
+    alpha(0, 0) = 0
+    alpha(t, u) = logaddexp(alpha(t-1, u) + log_probs[t-1, u, blank],
+                            alpha(t, u-1) + log_probs[t, u-1, y_u])
+    loss_b      = -(alpha(T_b-1, U_b) + log_probs[T_b-1, U_b, blank])
+
+Conventions shared by all three functions:
+
+* ``logits`` (B, T, U+1, V) are unnormalised (log-softmax is applied inside);
+* ``targets`` (B, U) integer; positions past ``target_lengths`` are padding and ignored;
+  valid positions must lie in [0, V) and must not be ``blank``;
+* lengths are 1-D integer tensors; 1 <= logit_lengths <= T, 0 <= target_lengths <= U;
+* ``reduction``: "none" -> per-sample losses (B,); "sum" -> their sum; "mean" -> their mean over
+  the batch, i.e. ``losses.sum() / B``. This is torchaudio's convention (it is *not* divided by
+  the target lengths, unlike ``torch.nn.CTCLoss``'s "mean").
+
+The sample-wise loss runs the joiner itself, so it takes the joiner and its two inputs instead of
+``logits``. See :func:`samplewise_rnnt_loss` for how gradients reach the joiner's parameters.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+from torch.autograd.function import once_differentiable
+
+REDUCTIONS = ("mean", "sum", "none")
+DEFAULT_MAX_CHUNK_BYTES = 64 * 2**20   # logits + their gradient of one joiner/loss call
+_NEG = -1e30                           # "log 0" that keeps gradients finite (unlike -inf)
+
+
+# ----------------------------------------------------------------------------------------------
+# argument checks
+
+
+def _check_tensor(name: str, x, ndim: int, kind: str) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != ndim:
+        raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(x.shape)}")
+    if kind == "float" and not x.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
+    if kind == "int" and (x.is_floating_point() or x.is_complex() or x.dtype == torch.bool):
+        raise TypeError(f"{name} must be an integer tensor (int32 or int64), got dtype {x.dtype}")
+
+
+def _check_common(batch: int, T: int, U: int, targets, in_lengths, target_lengths, blank: int,
+                  reduction: str, device: torch.device, in_name: str,
+                  vocab_size: Optional[int]) -> None:
+    """Checks shared by the three losses. ``batch``/``T``/``U`` come from the float inputs."""
+    _check_tensor("targets", targets, 2, "int")
+    _check_tensor(in_name, in_lengths, 1, "int")
+    _check_tensor("target_lengths", target_lengths, 1, "int")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if not isinstance(blank, int) or isinstance(blank, bool):
+        raise TypeError(f"blank must be an int, got {type(blank).__name__}")
+    if batch == 0:
+        raise ValueError("the batch is empty (batch size 0); need at least one sample")
+    for name, x in (("targets", targets), (in_name, in_lengths), ("target_lengths", target_lengths)):
+        if x.device != device:
+            raise ValueError(f"{name} must be on the same device as the inputs ({device}), "
+                             f"got {x.device}")
+        if x.shape[0] != batch:
+            raise ValueError(f"{name} must have batch size {batch}, got shape {tuple(x.shape)}")
+    if targets.shape[1] != U:
+        raise ValueError(f"targets must have shape (B, U) = ({batch}, {U}) to match the U+1 = {U + 1} "
+                         f"predictor positions, got {tuple(targets.shape)}")
+    lo, hi = int(in_lengths.min()), int(in_lengths.max())
+    if lo < 1 or hi > T:
+        raise ValueError(f"{in_name} must lie in [1, T={T}], got values in [{lo}, {hi}]")
+    lo, hi = int(target_lengths.min()), int(target_lengths.max())
+    if lo < 0 or hi > U:
+        raise ValueError(f"target_lengths must lie in [0, U={U}] (U = targets.shape[1]), "
+                         f"got values in [{lo}, {hi}]")
+    if vocab_size is not None:
+        if not 0 <= blank < vocab_size:
+            raise ValueError(f"blank must lie in [0, V={vocab_size}), got {blank}")
+        _check_target_values(targets, target_lengths, blank, vocab_size)
+
+
+def _check_target_values(targets, target_lengths, blank: int, vocab_size: int) -> None:
+    U = targets.shape[1]
+    valid = torch.arange(U, device=targets.device)[None, :] < target_lengths[:, None]  # (B, U)
+    bad = valid & ((targets < 0) | (targets >= vocab_size))
+    if bool(bad.any()):
+        b, u = (int(i) for i in bad.nonzero()[0])
+        raise ValueError(f"targets must lie in [0, V={vocab_size}) within target_lengths, got "
+                         f"targets[{b}, {u}] = {int(targets[b, u])}")
+    bad = valid & (targets == blank)
+    if bool(bad.any()):
+        b, u = (int(i) for i in bad.nonzero()[0])
+        raise ValueError(f"targets must not contain the blank index {blank} within target_lengths, "
+                         f"got targets[{b}, {u}] = {blank}")
+
+
+def _check_logits_args(logits, targets, logit_lengths, target_lengths, blank, reduction) -> None:
+    _check_tensor("logits", logits, 4, "float")
+    B, T, U1, V = logits.shape
+    _check_common(B, T, U1 - 1, targets, logit_lengths, target_lengths, blank, reduction,
+                  logits.device, "logit_lengths", V)
+
+
+def _reduce(losses: torch.Tensor, reduction: str) -> torch.Tensor:
+    if reduction == "sum":
+        return losses.sum()
+    if reduction == "mean":
+        return losses.sum() / losses.shape[0]
+    return losses
+
+
+# ----------------------------------------------------------------------------------------------
+# 1. reference: the forward recursion in plain PyTorch, autograd does the backward
+
+
+def rnnt_loss_reference(logits: torch.Tensor, targets: torch.Tensor, logit_lengths: torch.Tensor,
+                        target_lengths: torch.Tensor, blank: int = 0,
+                        reduction: str = "mean") -> torch.Tensor:
+    """RNN-T loss by the alpha recursion over anti-diagonals of the lattice (for teaching/tests).
+
+    Every cell on anti-diagonal n = t + u depends only on cells of diagonal n - 1, so one Python
+    iteration per diagonal (T + U of them) updates a whole diagonal for the whole batch. Computed
+    in float64 for float64 input and float32 otherwise; returned in the dtype of ``logits``.
+    Memory: like the batched loss it holds log_softmax(logits), a full (B, T, U+1, V) tensor.
+    """
+    _check_logits_args(logits, targets, logit_lengths, target_lengths, blank, reduction)
+    B, T, U1, V = logits.shape
+    U = U1 - 1
+    dev = logits.device
+    work = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    log_probs = logits.to(work).log_softmax(dim=-1)                          # (B, T, U+1, V)
+    in_len, tgt_len = logit_lengths.long(), target_lengths.long()
+    u_idx = torch.arange(U1, device=dev)                                       # (U+1,)
+    valid = u_idx[None, :U] < tgt_len[:, None]                                 # (B, U)
+    tgt = torch.where(valid, targets.long(), blank)                            # (B, U) padding -> blank
+    lp_blank = log_probs[..., blank]                                           # (B, T, U+1)
+    lp_emit = log_probs[:, :, :U].gather(-1, tgt[:, None, :, None].expand(B, T, U, 1))
+    lp_emit = lp_emit.squeeze(-1)                                              # (B, T, U)
+    lp_emit = torch.cat([lp_emit.new_full((B, T, 1), _NEG), lp_emit], dim=2)  # (B, T, U+1): [.., u] = emit of y_u at (t, u-1)
+
+    alpha = torch.full((B, U1), _NEG, dtype=work, device=dev)                  # (B, U+1) diagonal n=0
+    alpha = torch.where(u_idx[None] == 0, torch.zeros_like(alpha), alpha)
+    diagonals = [alpha]
+    for n in range(1, T + U):
+        # stay: (t-1, u) --blank--> (t, u) with t = n - u, i.e. blank at (n-1-u, u) on diagonal n-1
+        t_stay = n - 1 - u_idx                                                 # (U+1,)
+        ok_stay = (t_stay >= 0) & (t_stay < T)
+        b_lp = lp_blank[:, t_stay.clamp(0, T - 1), u_idx]                      # (B, U+1)
+        stay = torch.where(ok_stay[None], alpha + b_lp, _NEG)                  # (B, U+1)
+        # move: (t, u-1) --y_u--> (t, u), i.e. emit at (n-u, u-1), from index u-1 of diagonal n-1
+        t_move = n - u_idx                                                     # (U+1,)
+        ok_move = (u_idx >= 1) & (t_move >= 0) & (t_move < T)
+        e_lp = lp_emit[:, t_move.clamp(0, T - 1), u_idx]                       # (B, U+1)
+        prev = torch.cat([alpha.new_full((B, 1), _NEG), alpha[:, :-1]], dim=1)  # (B, U+1) shifted by one u
+        move = torch.where(ok_move[None], prev + e_lp, _NEG)                   # (B, U+1)
+        alpha = torch.logaddexp(stay, move)                                    # (B, U+1)
+        diagonals.append(alpha)
+    alphas = torch.stack(diagonals, dim=1)                                     # (B, T+U, U+1)
+    b_idx = torch.arange(B, device=dev)
+    last = alphas[b_idx, in_len - 1 + tgt_len, tgt_len]                        # (B,) alpha(T_b-1, U_b)
+    losses = -(last + lp_blank[b_idx, in_len - 1, tgt_len])                    # (B,)
+    return _reduce(losses.to(logits.dtype), reduction)
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. batched: torchaudio's fused kernel on the whole (B, T, U+1, V) tensor
+
+
+def _torchaudio_costs(logits, targets, logit_lengths, target_lengths, blank, clamp=-1.0):
+    """Per-sample losses (N,) from torchaudio; logits (N, T', U'+1, V) already cropped.
+
+    torchaudio needs contiguous float32/float16 logits, int32 targets/lengths, and
+    max(logit_lengths) == T', max(target_lengths) == U'. It computes d loss / d logits inside its
+    forward (and saves that tensor for backward), with or without grad mode.
+    """
+    import torchaudio.functional as taF
+
+    x = logits if logits.dtype in (torch.float32, torch.float16) else logits.float()
+    costs = taF.rnnt_loss(x.contiguous(), targets.to(torch.int32).contiguous(),
+                          logit_lengths.to(torch.int32), target_lengths.to(torch.int32),
+                          blank=blank, clamp=clamp, reduction="none")         # (N,)
+    return costs.to(logits.dtype)
+
+
+def rnnt_loss_batched(logits: torch.Tensor, targets: torch.Tensor, logit_lengths: torch.Tensor,
+                      target_lengths: torch.Tensor, blank: int = 0, reduction: str = "mean",
+                      clamp: float = -1.0) -> torch.Tensor:
+    """torchaudio's ``rnnt_loss`` behind memlab's argument conventions (see the module docstring).
+
+    Differences from calling torchaudio directly: lengths/targets may be int64 (cast to int32);
+    ``logits`` may be padded beyond the longest sample (cropped here, which copies; pad exactly to
+    avoid the copy); float64/bfloat16 logits are computed in float32 and the loss is returned in
+    the input dtype; blank defaults to 0. "mean" is the mean over the batch of per-sample losses.
+    Memory: torchaudio keeps a gradient tensor as large as ``logits`` from forward to backward.
+    """
+    _check_logits_args(logits, targets, logit_lengths, target_lengths, blank, reduction)
+    t_max, u_max = int(logit_lengths.max()), int(target_lengths.max())
+    x = logits[:, :t_max, :u_max + 1]                                          # (B, T', U'+1, V)
+    costs = _torchaudio_costs(x, targets[:, :u_max], logit_lengths, target_lengths, blank, clamp)
+    return _reduce(costs, reduction)
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. sample-wise: joiner + loss + gradient one sample (or a small group) at a time
+
+
+def chunk_bytes(n: int, T: int, U: int, vocab_size: int, bytes_per_element: int = 4) -> int:
+    """Estimated bytes of one joiner/loss call: logits (n, T, U+1, V) and their gradient."""
+    return 2 * n * T * (U + 1) * vocab_size * bytes_per_element
+
+
+def plan_chunks(enc_lengths: Sequence[int], target_lengths: Sequence[int], vocab_size: int,
+                max_chunk_bytes: Optional[int] = None,
+                bytes_per_element: int = 4) -> List[List[int]]:
+    """Group sample indices so that each group's padded logits + gradient fit ``max_chunk_bytes``.
+
+    Samples are sorted longest first by (T_i, U_i) and packed greedily; each group is padded only
+    to its own longest member. A sample that alone exceeds the budget forms its own group.
+    """
+    limit = DEFAULT_MAX_CHUNK_BYTES if max_chunk_bytes is None else int(max_chunk_bytes)
+    T = [int(t) for t in enc_lengths]
+    U = [int(u) for u in target_lengths]
+    order = sorted(range(len(T)), key=lambda i: (T[i], U[i]), reverse=True)
+    chunks: List[List[int]] = []
+    cur: List[int] = []
+    t_max = u_max = 0
+    for i in order:
+        t2, u2 = max(t_max, T[i]), max(u_max, U[i])
+        if cur and chunk_bytes(len(cur) + 1, t2, u2, vocab_size, bytes_per_element) > limit:
+            chunks.append(cur)
+            cur, t2, u2 = [], T[i], U[i]
+        cur.append(i)
+        t_max, u_max = t2, u2
+    if cur:
+        chunks.append(cur)
+    return chunks
+
+
+def _joiner_params(joiner) -> List[torch.nn.Parameter]:
+    params = getattr(joiner, "parameters", None)
+    if params is None:
+        return []
+    return [p for p in params() if p.requires_grad]
+
+
+def _run_chunks(joiner, enc_out, pred_out, targets, enc_lengths, target_lengths, blank, chunks,
+                weights: Optional[torch.Tensor], want_enc: bool, want_pred: bool,
+                params: List[torch.Tensor], stats: Optional[Dict]):
+    """Loss of every sample and, if ``weights`` (B,) is given, the gradient of sum_i w_i loss_i.
+
+    Returns (losses (B,), enc_grad (B, T, H_enc) or None, pred_grad (B, U+1, H_pred) or None,
+    [grad of each param] or []). At most one group's logits (and their gradient) exist at once.
+    """
+    B = enc_out.shape[0]
+    grad = weights is not None
+    losses = None
+    enc_grad = torch.zeros_like(enc_out) if grad and want_enc else None       # (B, T, H_enc)
+    pred_grad = torch.zeros_like(pred_out) if grad and want_pred else None    # (B, U+1, H_pred)
+    param_grads: List[Optional[torch.Tensor]] = [None] * len(params)
+    enc_d, pred_d = enc_out.detach(), pred_out.detach()
+    t_len, u_len = enc_lengths.tolist(), target_lengths.tolist()
+    ctx = torch.enable_grad() if grad else torch.no_grad()
+    for chunk in chunks:
+        idx = torch.tensor(chunk, device=enc_out.device)                       # (N,)
+        tg, ug = max(t_len[i] for i in chunk), max(u_len[i] for i in chunk)
+        with ctx:
+            e = enc_d[idx, :tg].requires_grad_(grad and want_enc)              # (N, Tg, H_enc)
+            p = pred_d[idx, :ug + 1].requires_grad_(grad and want_pred)        # (N, Ug+1, H_pred)
+            logits = joiner(e, p)                                              # (N, Tg, Ug+1, V)
+            if logits.dim() != 4 or tuple(logits.shape[:3]) != (len(chunk), tg, ug + 1):
+                raise ValueError(f"joiner must map enc_out (N, T, H) and pred_out (N, U+1, H) to "
+                                 f"logits (N, T, U+1, V); for inputs {tuple(e.shape)} and "
+                                 f"{tuple(p.shape)} it returned {tuple(logits.shape)}")
+            costs = _torchaudio_costs(logits, targets[idx, :ug], enc_lengths[idx],
+                                      target_lengths[idx], blank)              # (N,)
+            del logits  # torchaudio saved d costs / d logits; the logits themselves can go
+            if grad:
+                inputs = ([e] if want_enc else []) + ([p] if want_pred else []) + list(params)
+                gs = torch.autograd.grad(costs, inputs, grad_outputs=weights[idx].to(costs.dtype),
+                                         allow_unused=True)
+                k = 0
+                if want_enc:
+                    enc_grad[idx, :tg] = gs[0]
+                    k = 1
+                if want_pred:
+                    pred_grad[idx, :ug + 1] = gs[k]
+                    k += 1
+                for j, g in enumerate(gs[k:]):
+                    if g is not None:
+                        param_grads[j] = g if param_grads[j] is None else param_grads[j] + g
+        if losses is None:
+            losses = costs.new_empty(B)                                        # (B,)
+        losses[idx] = costs.detach()
+        if stats is not None:
+            stats.setdefault("chunks", []).append(list(chunk))
+            stats.setdefault("chunk_shapes", []).append((len(chunk), tg, ug + 1))
+    param_grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, param_grads)]
+    return losses, enc_grad, pred_grad, param_grads
+
+
+class _StoredGradLoss(torch.autograd.Function):
+    """Hands out gradients computed in forward: d(out)/d(input) = grad_output * stored gradient.
+
+    Inputs: (value, stored grads tuple, enc_out, pred_out, *joiner params); ``value`` is the
+    already reduced loss (a scalar), so grad_output is a scalar.
+    """
+
+    @staticmethod
+    def forward(ctx, value, stored, enc_out, pred_out, *params):
+        enc_grad, pred_grad, param_grads = stored
+        ctx.has_enc, ctx.has_pred = enc_grad is not None, pred_grad is not None
+        ctx.n_params = len(params)
+        ctx.save_for_backward(*([enc_grad] if ctx.has_enc else []),
+                              *([pred_grad] if ctx.has_pred else []), *param_grads)
+        return value.detach().clone()
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_output):
+        saved = list(ctx.saved_tensors)
+        enc_grad = saved.pop(0) * grad_output if ctx.has_enc else None
+        pred_grad = saved.pop(0) * grad_output if ctx.has_pred else None
+        param_grads = [g * grad_output for g in saved]
+        return (None, None, enc_grad, pred_grad, *param_grads)
+
+
+class _EagerJoinerLoss(_StoredGradLoss):
+    """Like _StoredGradLoss, but the joiner's gradients were already added to ``.grad``."""
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_output):
+        if bool((grad_output != 1).any()):
+            warnings.warn("samplewise_rnnt_loss(accumulate_joiner_grads=True): the joiner's "
+                          "gradients were accumulated in forward for grad_output = 1; the "
+                          f"incoming grad_output {float(grad_output):g} (loss scaling?) reaches "
+                          "only the encoder and predictor", stacklevel=2)
+        return _StoredGradLoss.backward.__wrapped__(ctx, grad_output) \
+            if hasattr(_StoredGradLoss.backward, "__wrapped__") else None
+
+
+class _RecomputeLoss(torch.autograd.Function):
+    """reduction="none": per-sample weights are only known in backward, so recompute there."""
+
+    @staticmethod
+    def forward(ctx, losses, run, enc_out, pred_out, *params):
+        ctx.run = run
+        return losses.detach().clone()
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_output):
+        _, enc_grad, pred_grad, param_grads = ctx.run(grad_output)
+        ctx.run = None  # a second backward (retain_graph) recomputes with a fresh closure? no: refuse
+        return (None, None, enc_grad, pred_grad, *param_grads)
+
+
+def samplewise_rnnt_loss(joiner: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+                         enc_out: torch.Tensor, pred_out: torch.Tensor, targets: torch.Tensor,
+                         enc_lengths: torch.Tensor, target_lengths: torch.Tensor, blank: int = 0,
+                         reduction: str = "mean", max_chunk_bytes: Optional[int] = None,
+                         accumulate_joiner_grads: bool = False,
+                         stats: Optional[Dict] = None) -> torch.Tensor:
+    """RNN-T loss that never builds the batch's (B, T, U+1, V) tensor (Braun et al. 2022).
+
+    Args:
+        joiner: module (or function) mapping enc_out (N, T, H_enc) and pred_out (N, U+1, H_pred)
+            to logits (N, T, U+1, V).
+        enc_out: (B, T, H_enc) encoder output; pred_out: (B, U+1, H_pred) predictor output.
+        targets (B, U), enc_lengths (B,), target_lengths (B,): as in :func:`rnnt_loss_batched`.
+        max_chunk_bytes: budget of one joiner/loss call, estimated as the logits + their gradient
+            (:func:`chunk_bytes`; the joiner's hidden activations come on top). Short utterances
+            are grouped up to this budget so they run in parallel. None -> 64 MiB.
+        accumulate_joiner_grads: see "Joiner gradients" below.
+        stats: optional dict, filled with "chunks" (the sample indices of each call) and
+            "chunk_shapes" ((N, T, U+1) of each call) -- for tests and teaching.
+
+    How it works. Samples are sorted by length and grouped (:func:`plan_chunks`). For each group,
+    only its valid T_i x (U_i+1) region (padded to the group's longest member) goes through the
+    joiner and torchaudio's loss, which computes d loss / d logits inside its forward; that
+    gradient is immediately back-propagated through the joiner, and only the gradients w.r.t. the
+    group's enc_out and pred_out slices (small: no V axis) are kept. The returned loss is attached
+    to the graph by a custom autograd Function whose backward sends grad_output times those stored
+    gradients into the encoder and the predictor. So the peak holds one group's logits, never B.
+
+    Joiner gradients. The joiner's parameter gradients are also computed during this call.
+    By default (``accumulate_joiner_grads=False``) they are kept in a buffer of the parameters'
+    size and delivered by the same Function in backward, scaled by grad_output: ``loss.backward()``
+    then behaves like any loss (nothing reaches ``.grad`` until backward; loss scaling works;
+    ``backward(retain_graph=True)`` twice adds twice, like autograd; a second backward without
+    retain_graph raises autograd's usual error). With ``accumulate_joiner_grads=True`` (the paper's
+    scheme; saves that buffer) they are added to ``param.grad`` *during this call*: calling the
+    loss twice before one backward double counts, they are accumulated even if backward is never
+    called (e.g. an evaluation pass with grad mode on), and grad_output != 1 (loss scaling) does
+    not reach them (a warning says so). Call ``backward()`` exactly once per call, like a normal
+    loss.
+
+    Under ``torch.no_grad()``, or when neither the inputs nor the joiner require grad, only the
+    loss is computed. reduction="none" returns per-sample losses whose backward weights are known
+    only in backward, so there the joiner and the loss are recomputed in backward (about twice the
+    joiner compute; same memory); ``accumulate_joiner_grads`` must then be False.
+    """
+    _check_tensor("enc_out", enc_out, 3, "float")
+    _check_tensor("pred_out", pred_out, 3, "float")
+    if not callable(joiner):
+        raise TypeError(f"joiner must be callable (an nn.Module), got {type(joiner).__name__}")
+    B, T, _ = enc_out.shape
+    if pred_out.device != enc_out.device:
+        raise ValueError(f"pred_out must be on the same device as enc_out ({enc_out.device}), "
+                         f"got {pred_out.device}")
+    if pred_out.shape[0] != B:
+        raise ValueError(f"pred_out must have batch size {B} (enc_out's), got shape "
+                         f"{tuple(pred_out.shape)}")
+    _check_common(B, T, pred_out.shape[1] - 1, targets, enc_lengths, target_lengths, blank,
+                  reduction, enc_out.device, "enc_lengths", None)
+    if max_chunk_bytes is not None and (not isinstance(max_chunk_bytes, int) or max_chunk_bytes <= 0):
+        raise ValueError(f"max_chunk_bytes must be a positive int or None, got {max_chunk_bytes!r}")
+
+    # vocabulary size and element size from a 1 x 1 x 1 probe of the joiner
+    with torch.no_grad():
+        probe = joiner(enc_out[:1, :1].detach(), pred_out[:1, :1].detach())    # (1, 1, 1, V)
+    if probe.dim() != 4:
+        raise ValueError(f"joiner must return 4-D logits (N, T, U+1, V), got shape {tuple(probe.shape)}")
+    V = probe.shape[-1]
+    if not 0 <= blank < V:
+        raise ValueError(f"blank must lie in [0, V={V}), got {blank}")
+    _check_target_values(targets, target_lengths, blank, V)
+    chunks = plan_chunks(enc_lengths.tolist(), target_lengths.tolist(), V, max_chunk_bytes,
+                         probe.element_size())
+
+    params = _joiner_params(joiner)
+    want_enc, want_pred = enc_out.requires_grad, pred_out.requires_grad
+    need_grad = torch.is_grad_enabled() and (want_enc or want_pred or bool(params))
+    args = (joiner, enc_out, pred_out, targets, enc_lengths, target_lengths, blank, chunks)
+    if not need_grad:
+        losses, _, _, _ = _run_chunks(*args, None, False, False, [], stats)
+        return _reduce(losses, reduction)
+
+    if reduction == "none":
+        if accumulate_joiner_grads:
+            raise ValueError("accumulate_joiner_grads=True needs reduction 'mean' or 'sum' (with "
+                             "'none' the per-sample weights are known only in backward), got 'none'")
+        with torch.no_grad():
+            losses, _, _, _ = _run_chunks(*args, None, False, False, [], stats)
+
+        def run(weights):  # (B,) grad_output
+            return _run_chunks(*args, weights, want_enc, want_pred, params, None)
+
+        return _RecomputeLoss.apply(losses, run, enc_out, pred_out, *params)
+
+    scale = 1.0 / B if reduction == "mean" else 1.0
+    weights = torch.full((B,), scale, device=enc_out.device)                  # (B,)
+    losses, enc_grad, pred_grad, param_grads = _run_chunks(*args, weights, want_enc, want_pred,
+                                                           params, stats)
+    value = _reduce(losses, reduction)
+    if accumulate_joiner_grads:
+        with torch.no_grad():
+            for p, g in zip(params, param_grads):
+                if p.grad is None:
+                    p.grad = g
+                else:
+                    p.grad += g
+        return _EagerJoinerLoss.apply(value, (enc_grad, pred_grad, []), enc_out, pred_out)
+    return _StoredGradLoss.apply(value, (enc_grad, pred_grad, param_grads), enc_out, pred_out,
+                                 *params)

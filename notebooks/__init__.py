@@ -1,0 +1,1 @@
+"""The tutorial notebooks, shipped inside the package as ``memlab.notebooks`` (see `memlab lab`)."""
