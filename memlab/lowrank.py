@@ -1,0 +1,573 @@
+"""Low-rank gradients for Adam: the gradient (and Adam state) of each big weight matrix lives in
+rank-r factors instead of a full m x n tensor.
+
+References:
+- M. Gooneratne, K. C. Sim, P. Zadrazil, A. Kabel, F. Beaufays, G. Motta, "Low-rank Gradient
+  Approximation for Memory-Efficient On-device Training of Deep Neural Network", ICASSP 2020,
+  arXiv 2001.08885: the low-rank parameterisation is used only as a vehicle for the gradient and
+  is folded back into the full weight; -33% training memory for Adam, 4.5% rel. lower WER than
+  momentum on ASR personalization.
+- E. Hu et al., "LoRA", arXiv 2106.09685: W + A @ B with A = 0 at the start, so training starts
+  from the unchanged model.
+- J. Zhao et al., "GaLore", arXiv 2403.03507: the projection variant (proj="svd"): full gradient,
+  Adam moments in the span of the top-r singular vectors of the gradient.
+
+How it works (factor variant, the default)
+------------------------------------------
+Every selected weight W (m x n; a conv kernel is viewed as out x in*k, an LSTM's weight_ih_l0 /
+weight_hh_l0 / ... as they are) is frozen and gets two factors, so the module computes with
+
+    W_eff = W + A @ B          A: (m, r) zeros at the start, B: (r, n) random, both trained
+
+The gradient reaches A and B only (grad_A = G B^T, grad_B = A^T G with G = dL/dW_eff), so the
+persistent gradient and the Adam moments are r*(m+n) numbers instead of m*n. Every `merge_every`
+steps the product is folded into W (W += A @ B), A restarts at zero, B is re-drawn and the factors'
+Adam state is reset: over many merges the sum of rank-r pieces is a full-rank change of W.
+B is drawn with orthonormal rows scaled by sqrt(n / r) (entries of variance 1/r), so that an
+Adam step on A moves W_eff by about lr per entry, like Adam on W: the same lr works for both.
+
+rank = "full" (r >= min(m, n)): one factor is the identity and only the other one trains
+(B = I and A is m x n when n <= m, else A = I and B is m x n). Then grad_A = G exactly, so this is
+Adam on W, step for step (a merge keeps the Adam state: the coordinates do not change). Tests pin
+this against torch.optim.Adam.
+
+Two ways to attach the factors (`attach=`):
+- "hook" (auto for nn.Linear, nn.Conv1d/2d/3d with groups=1): a forward hook adds a side path
+  y = x W^T + (x B^T) A^T (for a conv: conv(x, B as r kernels) then a 1x1 conv with A). No m x n
+  tensor besides W exists in forward or backward: no W_eff, no dL/dW_eff. The extra activation is
+  the r-channel h = x B^T. Caveat: `module.weight` is W without the pending A @ B; code that reads
+  `.weight` directly instead of calling the module must use attach="parametrize" (or merge() first).
+  (nn.TransformerEncoderLayer checks for hooks and then skips its fused inference path.)
+- "parametrize" (auto for nn.LSTM, grouped convs and subclasses such as MultiheadAttention's
+  out_proj): torch.nn.utils.parametrize makes `module.weight_ih_l0` compute W + A @ B on access.
+  Works with anything, but W_eff (m x n) is built on every forward and kept for backward, and
+  autograd makes a transient m x n dL/dW_eff per layer in backward (freed once grad_A, grad_B are
+  formed). nn.LSTM re-reads its parametrized weights on every forward (RNNBase notices the new
+  tensors and rebuilds `_flat_weights`; on CUDA flatten_parameters() copies them into one cuDNN
+  buffer as usual); a forward hook drops the LSTM's own reference to the last W_eff, so it is
+  freed with the graph after backward instead of living on until the next forward.
+
+Projection variant (proj="svd", GaLore-style, for comparison)
+-------------------------------------------------------------
+W is not frozen: autograd computes the full gradient G (m x n). On the shorter side d = min(m, n)
+the top-r singular vectors P (d x r) of G are computed every `merge_every` steps (the projection
+update period); Adam's moments are of the projected gradient R = P^T G (r x n; or G P, m x r, for a
+tall matrix) and the update is P @ direction. The moments are kept across projection updates (as
+GaLore does). With r >= d, P = I and it is exactly Adam.
+
+What each variant keeps between steps for one m x n weight (fp32 numbers; m <= n for svd):
+
+    torch Adam:     W, grad m n, exp_avg m n, exp_avg_sq m n              = 4 m n
+    factor variant: W (frozen); A, B; grad_A, grad_B; 2 x Adam state of A, B
+                    (no full-size gradient, no full-size state)         = m n + 4 r (m + n)
+    svd variant:    W, grad G m n, P m r, exp_avg + exp_avg_sq 2 r n     = 2 m n + r m + 2 r n
+
+Within a step, attach="parametrize" adds W_eff (m n, kept from forward to backward) and a
+transient dL/dW_eff (m n); attach="hook" adds only the r-channel side activation. The svd variant
+makes temporaries for the SVD every `merge_every` steps. tests/test_lowrank.py pins these numbers
+against the storages of .grad and optimizer.state and against memlab.memory.MemoryMeter.
+
+Devices and precision: the factors are created on the weight's device, in fp32 (fp64 for an fp64
+weight) whatever the weight's dtype; under autocast they stay fp32 parameters and are cast per op.
+Merges add A @ B into W in W's dtype.
+
+Wrapping the model
+------------------
+Constructing the optimizer modifies `model` in place: the selected weights get
+requires_grad=False, and the factors become parameters of the model (named
+`<module>.lowrank_<weight>.A/.B` for hooks, `<module>.parametrizations.<weight>.0.A/.B` for
+parametrize), so `model.parameters()` and `model.state_dict()` include them afterwards. To resume
+training, save `model.state_dict()` and `optimizer.state_dict()` as they are, and load them into a
+model wrapped the same way (build the optimizer first, then load both). For a plain checkpoint,
+call `optimizer.remove()` first: it folds the factors into W, takes the factors and hooks away and
+restores requires_grad, leaving ordinary modules (the optimizer cannot step after that).
+`optimizer.merge()` folds the current factors into W without unwrapping (after it, `module.weight`
+is the effective weight also with attach="hook").
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torch.nn.utils.parametrize as parametrize
+
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_SUPPORTED = (nn.Linear, nn.LSTM) + _CONVS
+_CONV_FN = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+
+
+# ----------------------------------------------------------------------------- the math
+def adam_direction(grad, exp_avg, exp_avg_sq, step, beta1, beta2, eps):
+    """Update the Adam moments in place and return the step direction m_hat / (sqrt(v_hat) + eps).
+
+    The same arithmetic as torch.optim.Adam (without amsgrad/maximize): param -= lr * direction.
+    """
+    exp_avg.lerp_(grad, 1 - beta1)                                      # (same shape as grad)
+    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+    denom = (exp_avg_sq.sqrt() / math.sqrt(1 - beta2 ** step)).add_(eps)
+    return torch.div(exp_avg, denom, out=denom).div_(1 - beta1 ** step)  # reuses denom's memory
+
+
+# ----------------------------------------------------------------------------- the factors
+class LowRankDelta(nn.Module):
+    """Delta = A @ B for one weight of shape `shape` viewed as (m, n) = (shape[0], rest).
+
+    A is (m, r) and starts at zero, B is (r, n) random. With r >= min(m, n) one factor is the
+    identity and stored as None (B = I: A is (m, n); A = I: B is (m, n)) and the other starts at
+    zero. As a parametrization (attach="parametrize"), forward(W) returns W + Delta.
+    """
+
+    def __init__(self, shape, rank, device=None, dtype=torch.float32, generator=None):
+        super().__init__()
+        self.shape = torch.Size(shape)
+        self.m, self.n = self.shape[0], math.prod(self.shape[1:])
+        self.full = rank >= min(self.m, self.n)
+        self.rank = min(self.m, self.n) if self.full else rank
+        kw = dict(device=device, dtype=dtype)
+        if self.full and self.n <= self.m:
+            self.A = nn.Parameter(torch.zeros(self.m, self.n, **kw))         # (m, n), B = I
+            self.register_parameter("B", None)
+        elif self.full:
+            self.register_parameter("A", None)                              # A = I
+            self.B = nn.Parameter(torch.zeros(self.m, self.n, **kw))         # (m, n)
+        else:
+            self.A = nn.Parameter(torch.zeros(self.m, self.rank, **kw))      # (m, r)
+            self.B = nn.Parameter(torch.empty(self.rank, self.n, **kw))      # (r, n)
+            self.redraw(generator)
+
+    @torch.no_grad()
+    def redraw(self, generator=None):
+        """B <- orthonormal rows times sqrt(n / r) (entries of variance 1/r), drawn on the CPU."""
+        if self.full:
+            return
+        g = torch.randn(self.n, self.rank, generator=generator, dtype=torch.float64)  # (n, r)
+        q, _ = torch.linalg.qr(g)                                           # (n, r) orthonormal
+        self.B.copy_(q.T * math.sqrt(self.n / self.rank))                   # (r, n)
+
+    def delta(self):
+        if self.A is None:
+            return self.B                                                   # (m, n)
+        if self.B is None:
+            return self.A                                                   # (m, n)
+        return self.A @ self.B                                              # (m, n)
+
+    def trained(self):
+        return [p for p in (self.A, self.B) if p is not None]
+
+    def forward(self, W):
+        if self.full or W.dtype != self.A.dtype:
+            return W + self.delta().view(W.shape).to(W.dtype)               # (same as W)
+        Wm = W.view(self.m, self.n)                                         # (m, n)
+        return torch.addmm(Wm, self.A, self.B).view(W.shape)                # one m x n tensor
+
+    def extra_repr(self):
+        return f"shape={tuple(self.shape)}, rank={self.rank}{', full' if self.full else ''}"
+
+
+def _cast(p, x):
+    return p if p.dtype == x.dtype or not x.is_floating_point() else p.to(x.dtype)
+
+
+def _linear_side(f: LowRankDelta, x):
+    """(x B^T) A^T without forming A @ B; identity factors are skipped."""
+    h = x if f.B is None else F.linear(x, _cast(f.B, x))                    # (..., r) or (..., m)
+    return h if f.A is None else F.linear(h, _cast(f.A, h))                 # (..., m)
+
+
+def _conv_side(conv, f: LowRankDelta, x):
+    """conv(x, A @ B as a kernel) = 1x1-conv(conv(x, B as r kernels), A)."""
+    kshape = f.shape[1:]                                                    # (in, *k)
+    if f.A is None or f.B is None:
+        return conv._conv_forward(x, _cast(f.delta(), x).view(f.shape), None)
+    h = conv._conv_forward(x, _cast(f.B, x).view(f.rank, *kshape), None)   # (B, r, *L)
+    a = _cast(f.A, h).view(f.m, f.rank, *([1] * (len(kshape) - 1)))         # (m, r, 1...)
+    return _CONV_FN[len(kshape) - 1](h, a)                                  # (B, m, *L)
+
+
+class _SideHook:
+    """Forward hook of attach="hook": out + the side path through module.lowrank_<name>.
+
+    A class rather than a closure so that copy.deepcopy / pickling of the model keep working
+    (the factors are looked up on the module that runs, not captured).
+    """
+
+    def __init__(self, name):
+        self.name = name
+
+    def __call__(self, module, args, out):
+        f = getattr(module, f"lowrank_{self.name}")
+        x = args[0]
+        side = _linear_side(f, x) if isinstance(module, nn.Linear) else _conv_side(module, f, x)
+        return out + side
+
+
+# ----------------------------------------------------------------------------- bookkeeping
+@dataclass(eq=False)
+class _Target:
+    """One adapted weight."""
+    module: nn.Module
+    name: str                   # "weight", "weight_ih_l0", ...
+    qualname: str               # "encoder.lstm.weight_ih_l0"
+    requires_grad: bool         # to restore on remove()
+    attach: str | None = None   # "hook" | "parametrize" | None (svd variant)
+    factors: LowRankDelta | None = None
+    handles: list = field(default_factory=list)
+
+    @property
+    def weight(self):
+        if self.attach == "parametrize":
+            return self.module.parametrizations[self.name].original
+        return getattr(self.module, self.name)
+
+    def matrix(self):
+        w = self.weight
+        return w.view(w.shape[0], -1)                                       # (m, n)
+
+
+def _candidates(module):
+    if isinstance(module, nn.LSTM):
+        return [n for n in module._flat_weights_names if n.startswith("weight_")]
+    if isinstance(module, _SUPPORTED):
+        return ["weight"]
+    return []
+
+
+def _select(model, modules, min_size):
+    """[(qualname of module, module, weight name)] for the weights to adapt."""
+    if modules is not None:
+        if isinstance(modules, (str, type)):
+            modules = [modules]
+        if not isinstance(modules, (list, tuple)) or not all(
+                isinstance(e, (str, type)) for e in modules):
+            raise TypeError("modules must be None or a list of module-name patterns (str) or "
+                            f"module types, got {modules!r}")
+    out, hits = [], {}
+    uses = {}
+    for _, p in model.named_parameters(remove_duplicate=False):
+        uses[p] = uses.get(p, 0) + 1
+    for qual, mod in model.named_modules():
+        names = _candidates(mod)
+        if not names:
+            continue
+        if modules is not None:
+            matched = [e for e in modules if (isinstance(e, type) and isinstance(mod, e)) or
+                       (isinstance(e, str) and fnmatch.fnmatchcase(qual, e))]
+            if not matched:
+                continue
+            for e in matched:
+                hits[e if isinstance(e, str) else e.__name__] = True
+        for name in names:
+            w = getattr(mod, name)
+            if (not isinstance(w, nn.Parameter) or w.dim() < 2 or not w.requires_grad
+                    or not w.is_floating_point() or not w.is_contiguous()
+                    or w.numel() < min_size or uses.get(w, 0) > 1
+                    or parametrize.is_parametrized(mod, name)):
+                continue
+            out.append((qual, mod, name))
+    if modules is not None:
+        missing = [e if isinstance(e, str) else e.__name__ for e in modules
+                   if (e if isinstance(e, str) else e.__name__) not in hits]
+        if missing:
+            names = [q for q, m in model.named_modules() if _candidates(m)]
+            raise ValueError(f"modules: no Linear/Conv/LSTM module matches {missing}; "
+                             f"candidates are {names}")
+    return out
+
+
+def _release_lstm_weights(lstm, args, output):
+    """Forward hook: forget the LSTM's cached W_eff so it is freed with the autograd graph."""
+    params = {n for n in lstm._flat_weights_names if parametrize.is_parametrized(lstm, n)}
+    lstm._flat_weights = [None if n in params else w
+                          for n, w in zip(lstm._flat_weights_names, lstm._flat_weights)]
+
+
+# ----------------------------------------------------------------------------- the optimizer
+class LowRankAdam(torch.optim.Optimizer):
+    """Adam whose gradients and state for big weight matrices live in rank-r factors.
+
+    Args:
+        model: the nn.Module to train; it is modified in place (see the module docstring).
+        lr, betas, eps, weight_decay: as torch.optim.Adam (L2 weight decay; for a factored weight
+            the decay is the exact gradient of wd/2 * ||W + A B||^2 w.r.t. A and B).
+        rank: r. r >= min(m, n) for a weight means "full": exactly Adam on that weight.
+        merge_every: steps between folds of A @ B into W (svd: between projection updates).
+        modules: None -> every Linear/Conv1d/2d/3d/LSTM weight with numel >= min_size; or a
+            list of fnmatch patterns on module names ("encoder.*") and/or module types
+            (nn.LSTM); min_size still applies (pass min_size=0 to adapt small ones too).
+            Frozen weights (requires_grad=False), weights already parametrized, weights
+            shared by several modules (tied) and non-contiguous (channels_last) weights are never
+            adapted.
+        min_size: smallest weight (numel) to adapt; smaller tensors, biases and norms train with
+            ordinary Adam in the same optimizer.
+        proj: None (factors) or "svd" (GaLore-style projection of the full gradient).
+        attach: "auto", "hook" (Linear/Conv with groups=1 only) or "parametrize".
+        seed: seed of the optimizer's own generator for B (None: drawn from torch's global RNG).
+
+    param_groups[0] holds the low-rank parameters (factors, or the projected weights for
+    proj="svd"; "lowrank": True), param_groups[1] everything else; either is left out if empty.
+    """
+
+    def __init__(self, model: nn.Module, lr=1e-3, betas=(0.9, 0.999), eps=1e-8,
+                 weight_decay=0.0, rank=4, merge_every=100, modules=None, min_size=4096,
+                 proj=None, attach="auto", seed=None):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        for name, v, lo in (("rank", rank, 1), ("merge_every", merge_every, 1),
+                            ("min_size", min_size, 0)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+                raise ValueError(f"{name} must be an int >= {lo}, got {v!r}")
+        for name, v in (("lr", lr), ("eps", eps), ("weight_decay", weight_decay)):
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0:
+                raise ValueError(f"{name} must be a number >= 0, got {v!r}")
+        if (not isinstance(betas, (tuple, list)) or len(betas) != 2
+                or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in betas)):
+            raise ValueError(f"betas must be two numbers in [0, 1), got {betas!r}")
+        if proj not in (None, "svd"):
+            raise ValueError(f"proj must be None or 'svd', got {proj!r}")
+        if attach not in ("auto", "hook", "parametrize"):
+            raise ValueError(f"attach must be 'auto', 'hook' or 'parametrize', got {attach!r}")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+            raise ValueError(f"seed must be None or an int, got {seed!r}")
+        if any(isinstance(m, LowRankDelta) for m in model.modules()):
+            raise ValueError("model is already wrapped by a LowRankAdam; call remove() on that "
+                             "optimizer first")
+
+        self.rank, self.merge_every, self.proj = rank, merge_every, proj
+        self._generator = torch.Generator()
+        self._generator.manual_seed(int(torch.randint(2**62, ())) if seed is None else seed)
+        self._steps = 0
+        self._removed = False
+        self._targets: list[_Target] = []
+        self._roles: dict = {}          # param -> (target, role in {"A", "B", "W"})
+        self._lstm_hooks = {}
+
+        selected = _select(model, modules, min_size)
+        if not selected:
+            warnings.warn(f"LowRankAdam: no weight matrix selected (min_size={min_size}, "
+                          f"modules={modules!r}); it runs as plain Adam", stacklevel=2)
+        for qual, mod, name in selected:
+            w = getattr(mod, name)
+            t = _Target(mod, name, f"{qual}.{name}" if qual else name, w.requires_grad)
+            if proj is None:
+                self._attach(t, attach)
+                for role, p in (("A", t.factors.A), ("B", t.factors.B)):
+                    if p is not None:
+                        self._roles[p] = (t, role)
+            else:
+                self._roles[w] = (t, "W")
+            self._targets.append(t)
+
+        lowrank = list(self._roles)
+        chosen = set(lowrank)
+        other = [p for p in model.parameters() if p.requires_grad and p not in chosen]
+        groups = [g for g in ({"params": lowrank, "lowrank": True},
+                              {"params": other, "lowrank": False}) if g["params"]]
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
+        super().__init__(groups, defaults)
+
+    # ------------------------------------------------------------------ attaching
+    def _attach(self, t: _Target, attach):
+        mod, w = t.module, t.weight
+        hookable = type(mod) is nn.Linear or (type(mod) in _CONVS and mod.groups == 1)
+        how = ("hook" if hookable else "parametrize") if attach == "auto" else attach
+        if how == "hook" and not hookable:
+            raise ValueError(f"attach='hook' supports nn.Linear and nn.Conv1d/2d/3d with groups=1; "
+                             f"{t.qualname} is {type(mod).__name__}; use attach='parametrize'")
+        dtype = w.dtype if w.dtype == torch.float64 else torch.float32
+        f = LowRankDelta(w.shape, self.rank, device=w.device, dtype=dtype,
+                         generator=self._generator)
+        t.factors, t.attach = f, how
+        w.requires_grad_(False)
+        if how == "hook":
+            mod.add_module(f"lowrank_{t.name}", f)
+            t.handles.append(mod.register_forward_hook(_SideHook(t.name)))
+        else:
+            parametrize.register_parametrization(mod, t.name, f)
+            if isinstance(mod, nn.RNNBase) and mod not in self._lstm_hooks:
+                self._lstm_hooks[mod] = mod.register_forward_hook(_release_lstm_weights)
+
+    # ------------------------------------------------------------------ merge / remove
+    @torch.no_grad()
+    def merge(self):
+        """Fold A @ B into W; restart the factors (A = 0, B re-drawn, their Adam state reset).
+
+        With a full-rank target the single factor is folded and zeroed and its Adam state kept
+        (the coordinates do not change). W_eff is unchanged by a merge. No-op for proj="svd".
+        """
+        self._check_live()
+        for t in self._targets:
+            f = t.factors
+            if f is None:
+                continue
+            W = t.matrix()                                                   # (m, n)
+            if f.full:
+                W.add_(f.delta().to(W.dtype))
+            elif W.dtype == f.A.dtype:
+                W.addmm_(f.A, f.B)                                           # no m x n temporary
+            else:
+                W.add_((f.A @ f.B).to(W.dtype))
+            if f.full:
+                f.trained()[0].zero_()
+                continue
+            f.A.zero_()
+            f.redraw(self._generator)
+            for p in f.trained():
+                self.state.pop(p, None)
+
+    @torch.no_grad()
+    def remove(self):
+        """merge(), then take the factors and hooks away: plain modules, requires_grad restored.
+
+        The optimizer cannot step afterwards; build a new one to keep training.
+        """
+        self.merge()
+        for t in self._targets:
+            weight = t.weight
+            if t.attach == "hook":
+                for h in t.handles:
+                    h.remove()
+                delattr(t.module, f"lowrank_{t.name}")
+            elif t.attach == "parametrize":
+                parametrize.remove_parametrizations(t.module, t.name, leave_parametrized=False)
+            weight.requires_grad_(t.requires_grad)
+            t.handles.clear()
+        for rnn, h in self._lstm_hooks.items():
+            h.remove()
+            rnn._init_flat_weights()                 # point _flat_weights at the plain weights
+        self._lstm_hooks.clear()
+        self._removed = True
+
+    def _check_live(self):
+        if self._removed:
+            raise RuntimeError("LowRankAdam.remove() was called; this optimizer cannot be used "
+                               "any more (build a new optimizer for the plain model)")
+
+    # ------------------------------------------------------------------ the step
+    @torch.no_grad()
+    def _factor_decay(self, wd):
+        """{factor: wd * d/dfactor (1/2 ||W + A B||^2)} computed before any factor moves."""
+        out = {}
+        for t in self._targets:
+            f = t.factors
+            if f is None or all(p.grad is None for p in f.trained()):
+                continue
+            W = t.matrix().to(f.trained()[0].dtype)                          # (m, n)
+            if f.full:
+                out[f.trained()[0]] = (W + f.delta()).mul_(wd)              # (m, n)
+            else:
+                out[f.A] = (W @ f.B.T + f.A @ (f.B @ f.B.T)).mul_(wd)       # (m, r)
+                out[f.B] = (f.A.T @ W + (f.A.T @ f.A) @ f.B).mul_(wd)       # (r, n)
+        return out
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        self._check_live()
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        refresh = self._steps % self.merge_every == 0       # svd: new projection this step
+        for group in self.param_groups:
+            lr, (beta1, beta2), eps, wd = (group["lr"], group["betas"], group["eps"],
+                                           group["weight_decay"])
+            decay = self._factor_decay(wd) if (wd and group.get("lowrank")) else {}
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError("LowRankAdam does not support sparse gradients")
+                target, role = self._roles.get(p, (None, None))
+                if role == "W" and self.proj == "svd":
+                    self._svd_step(p, target, group, refresh)
+                    continue
+                grad = p.grad
+                if p in decay:
+                    grad = grad + decay[p]
+                elif wd and role is None:
+                    grad = grad.add(p, alpha=wd)
+                state = self.state[p]
+                if not state:
+                    state["step"] = 0
+                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["step"] += 1
+                d = adam_direction(grad, state["exp_avg"], state["exp_avg_sq"], state["step"],
+                                   beta1, beta2, eps)
+                p.add_(d, alpha=-lr)
+        self._steps += 1
+        if self.proj is None and self._steps % self.merge_every == 0:
+            self.merge()
+        return loss
+
+    def _svd_step(self, p, t: _Target, group, refresh):
+        lr, (beta1, beta2), eps, wd = (group["lr"], group["betas"], group["eps"],
+                                       group["weight_decay"])
+        W = p.view(p.shape[0], -1)                                          # (m, n)
+        G = p.grad.view(p.shape[0], -1)                                     # (m, n)
+        m, n = W.shape
+        r = min(self.rank, m, n)
+        full, left = r == min(m, n), m <= n
+        state = self.state[p]
+        if not state:
+            shape = (m, n) if full else ((r, n) if left else (m, r))
+            state["step"] = 0
+            state["exp_avg"] = torch.zeros(shape, device=p.device, dtype=p.dtype)
+            state["exp_avg_sq"] = torch.zeros(shape, device=p.device, dtype=p.dtype)
+        if not full and (refresh or "P" not in state):
+            u, _, vh = torch.linalg.svd(G.float(), full_matrices=False)     # (m, k), (k, n)
+            state["P"] = (u[:, :r] if left else vh[:r].T).to(p.dtype).contiguous()  # (d, r)
+        state["step"] += 1
+        if full:
+            R = G if not wd else G.add(W, alpha=wd)                          # (m, n)
+        elif left:
+            P = state["P"]                                                   # (m, r)
+            R = P.T @ G                                                      # (r, n)
+            if wd:
+                R.add_(P.T @ W, alpha=wd)
+        else:
+            P = state["P"]                                                   # (n, r)
+            R = G @ P                                                        # (m, r)
+            if wd:
+                R.add_(W @ P, alpha=wd)
+        d = adam_direction(R, state["exp_avg"], state["exp_avg_sq"], state["step"],
+                           beta1, beta2, eps)
+        if full:
+            W.add_(d, alpha=-lr)                                             # (m, n)
+        elif left:
+            W.addmm_(P, d, alpha=-lr)                                        # W -= lr P d
+        else:
+            W.addmm_(d, P.T, alpha=-lr)                                      # W -= lr d P^T
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self):
+        sd = super().state_dict()
+        sd["lowrank"] = {"steps": self._steps, "generator": self._generator.get_state(),
+                         "rank": self.rank, "merge_every": self.merge_every, "proj": self.proj}
+        return sd
+
+    def load_state_dict(self, state_dict):
+        state_dict = dict(state_dict)
+        extra = state_dict.pop("lowrank", None)
+        if extra is not None:
+            if (extra["rank"], extra["proj"]) != (self.rank, self.proj):
+                raise ValueError(f"state_dict: saved with rank={extra['rank']}, "
+                                 f"proj={extra['proj']!r}; this optimizer has rank={self.rank}, "
+                                 f"proj={self.proj!r}")
+            self._steps = int(extra["steps"])
+            self._generator.set_state(extra["generator"])
+        super().load_state_dict(state_dict)
+
+    # ------------------------------------------------------------------ introspection
+    def targets(self):
+        """[(qualified weight name, (m, n), r, attach)] for the adapted weights."""
+        out = []
+        for t in self._targets:
+            m, n = t.matrix().shape
+            out.append((t.qualname, (m, n), min(self.rank, m, n), t.attach or self.proj))
+        return out
