@@ -16,6 +16,8 @@ with offset 0. Items are generated on first access and cached.
 Audio is rendered by `memlab.data.voice.render`; features by `memlab.data.features.fbank`.
 """
 
+from contextlib import contextmanager
+
 import numpy as np
 import torch
 from torch.utils.data import Dataset
@@ -73,7 +75,7 @@ MAX_VOCAB_SIZE = 64
 
 def _speaker_plan(voice, n, r):
     """Random syllables (optional consonant onset + vowel, maybe a glide) filling n samples."""
-    plan = [Segment(SILENCE, _ms(r, 0, 200))]
+    plan = [Segment(SILENCE, min(_ms(r, 0, 200), n // 4))]
     total = plan[0].n
     while total < n:
         u = r.random()
@@ -82,7 +84,7 @@ def _speaker_plan(voice, n, r):
             plan.append(Segment(NOISE, _ms(r, 50, 130, voice.rate), band=band, level_db=r.uniform(-10, -3)))
         elif u < 0.6:  # plosive onset: closure + burst
             plan.append(Segment(SILENCE, _ms(r, 20, 50, voice.rate)))
-            plan.append(Segment(NOISE, _ms(r, 8, 20), band=(r.uniform(1000, 4000), 1.5), level_db=r.uniform(-6, 0)))
+            plan.append(Segment(NOISE, _ms(r, 8, 20), band=(r.uniform(1000, 4000), 1.5), level_db=r.uniform(-12, -4)))
         v = r.integers(len(VOWEL_FORMANTS))
         start = voice.vowel(v) * np.exp(r.normal(0.0, 0.03, 3))
         end = voice.vowel(r.integers(len(VOWEL_FORMANTS))) if r.random() < 0.3 else start
@@ -128,6 +130,21 @@ def _token_plan(voice, tokens, r):
     return plan, spans
 
 
+@contextmanager
+def _one_thread():
+    """Synthesis is many small tensor ops: one intra-op thread is as fast on a quiet machine and
+    avoids the large slowdowns of thread hand-offs on a busy one."""
+    n = torch.get_num_threads()
+    if n == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
 def _frames(n):
     return 1 + (n - _FRAME_LENGTH) // _FRAME_SHIFT
 
@@ -162,14 +179,16 @@ class _SynthCorpus(Dataset):
 
     def wave(self, index):
         """The 16 kHz audio of item `index`, float32 numpy (N,), for listening."""
-        return self._make(self._index(index))[0]
+        with _one_thread():
+            return self._make(self._index(index))[0]
 
     def _get(self, index):
         index = self._index(index)
         if self._cache is not None and index in self._cache:
             return self._cache[index]
-        wave, item, extra = self._make(index)
-        entry = ({"feats": fbank(wave), **item}, extra)
+        with _one_thread():
+            wave, item, extra = self._make(index)
+            entry = ({"feats": fbank(wave), **item}, extra)
         if self._cache is not None:
             self._cache[index] = entry
         return entry

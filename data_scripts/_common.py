@@ -1,0 +1,30 @@
+"""Helpers shared by the prepare_*.py scripts (which never download anything)."""
+
+import os
+import sys
+
+try:
+    import memlab  # noqa: F401
+except ImportError:  # running from a checkout without `pip install -e .`
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from memlab.data.audio import audio_info  # noqa: E402
+from memlab.data.manifest import write_manifest  # noqa: E402
+
+
+def check_root(root):
+    if not os.path.isdir(root):
+        raise SystemExit(f"--root must be an existing folder (your local copy of the corpus), got {root!r}")
+    return os.path.abspath(root)
+
+
+def duration(path):
+    frames, rate = audio_info(path)
+    return round(frames / rate, 3)
+
+
+def write(out_dir, name, entries):
+    path = os.path.join(out_dir, name)
+    n = write_manifest(path, entries)
+    print(f"wrote {n} entries to {path}")
+    return path
