@@ -34,7 +34,6 @@ The sample-wise loss runs the joiner itself, so it takes the joiner and its two 
 
 from __future__ import annotations
 
-import contextlib
 import warnings
 from typing import Callable, Dict, List, Optional, Sequence
 
@@ -153,7 +152,8 @@ def rnnt_loss_reference(logits: torch.Tensor, targets: torch.Tensor, logit_lengt
     lp_blank = log_probs[..., blank]                                           # (B, T, U+1)
     lp_emit = log_probs[:, :, :U].gather(-1, tgt[:, None, :, None].expand(B, T, U, 1))
     lp_emit = lp_emit.squeeze(-1)                                              # (B, T, U)
-    lp_emit = torch.cat([lp_emit.new_full((B, T, 1), _NEG), lp_emit], dim=2)  # (B, T, U+1): [.., u] = emit of y_u at (t, u-1)
+    # shift by one so that index u holds the log-prob of emitting y_u from (t, u-1)
+    lp_emit = torch.cat([lp_emit.new_full((B, T, 1), _NEG), lp_emit], dim=2)  # (B, T, U+1)
 
     alpha = torch.full((B, U1), _NEG, dtype=work, device=dev)                  # (B, U+1) diagonal n=0
     alpha = torch.where(u_idx[None] == 0, torch.zeros_like(alpha), alpha)
@@ -168,7 +168,7 @@ def rnnt_loss_reference(logits: torch.Tensor, targets: torch.Tensor, logit_lengt
         t_move = n - u_idx                                                     # (U+1,)
         ok_move = (u_idx >= 1) & (t_move >= 0) & (t_move < T)
         e_lp = lp_emit[:, t_move.clamp(0, T - 1), u_idx]                       # (B, U+1)
-        prev = torch.cat([alpha.new_full((B, 1), _NEG), alpha[:, :-1]], dim=1)  # (B, U+1) shifted by one u
+        prev = torch.cat([alpha.new_full((B, 1), _NEG), alpha[:, :-1]], dim=1)  # (B, U+1): u-1 -> u
         move = torch.where(ok_move[None], prev + e_lp, _NEG)                   # (B, U+1)
         alpha = torch.logaddexp(stay, move)                                    # (B, U+1)
         diagonals.append(alpha)
@@ -297,14 +297,16 @@ def _run_chunks(joiner, enc_out, pred_out, targets, enc_lengths, target_lengths,
                                          allow_unused=True)
                 k = 0
                 if want_enc:
-                    enc_grad[idx, :tg] = gs[0]
+                    if gs[0] is not None:
+                        enc_grad[idx, :tg] = gs[0]
                     k = 1
                 if want_pred:
-                    pred_grad[idx, :ug + 1] = gs[k]
+                    if gs[k] is not None:
+                        pred_grad[idx, :ug + 1] = gs[k]
                     k += 1
                 for j, g in enumerate(gs[k:]):
                     if g is not None:
-                        param_grads[j] = g if param_grads[j] is None else param_grads[j] + g
+                        param_grads[j] = g if param_grads[j] is None else param_grads[j].add_(g)
         if losses is None:
             losses = costs.new_empty(B)                                        # (B,)
         losses[idx] = costs.detach()
@@ -315,18 +317,25 @@ def _run_chunks(joiner, enc_out, pred_out, targets, enc_lengths, target_lengths,
     return losses, enc_grad, pred_grad, param_grads
 
 
-class _StoredGradLoss(torch.autograd.Function):
-    """Hands out gradients computed in forward: d(out)/d(input) = grad_output * stored gradient.
+def _stored_backward(ctx, grad_output):
+    saved = list(ctx.saved_tensors)
+    enc_grad = saved.pop(0) * grad_output if ctx.has_enc else None
+    pred_grad = saved.pop(0) * grad_output if ctx.has_pred else None
+    param_grads = [g * grad_output for g in saved]
+    return (None, None, enc_grad, pred_grad, *param_grads)
 
-    Inputs: (value, stored grads tuple, enc_out, pred_out, *joiner params); ``value`` is the
-    already reduced loss (a scalar), so grad_output is a scalar.
+
+class _StoredGradLoss(torch.autograd.Function):
+    """Hands out gradients computed in forward: d out / d input = grad_output * stored gradient.
+
+    Inputs: (value, (enc_grad, pred_grad, param_grads), enc_out, pred_out, *joiner params), where
+    ``value`` is the already reduced (scalar) loss, so grad_output is a scalar.
     """
 
     @staticmethod
     def forward(ctx, value, stored, enc_out, pred_out, *params):
         enc_grad, pred_grad, param_grads = stored
         ctx.has_enc, ctx.has_pred = enc_grad is not None, pred_grad is not None
-        ctx.n_params = len(params)
         ctx.save_for_backward(*([enc_grad] if ctx.has_enc else []),
                               *([pred_grad] if ctx.has_pred else []), *param_grads)
         return value.detach().clone()
@@ -334,11 +343,7 @@ class _StoredGradLoss(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_output):
-        saved = list(ctx.saved_tensors)
-        enc_grad = saved.pop(0) * grad_output if ctx.has_enc else None
-        pred_grad = saved.pop(0) * grad_output if ctx.has_pred else None
-        param_grads = [g * grad_output for g in saved]
-        return (None, None, enc_grad, pred_grad, *param_grads)
+        return _stored_backward(ctx, grad_output)
 
 
 class _EagerJoinerLoss(_StoredGradLoss):
@@ -352,23 +357,30 @@ class _EagerJoinerLoss(_StoredGradLoss):
                           "gradients were accumulated in forward for grad_output = 1; the "
                           f"incoming grad_output {float(grad_output):g} (loss scaling?) reaches "
                           "only the encoder and predictor", stacklevel=2)
-        return _StoredGradLoss.backward.__wrapped__(ctx, grad_output) \
-            if hasattr(_StoredGradLoss.backward, "__wrapped__") else None
+        return _stored_backward(ctx, grad_output)
 
 
 class _RecomputeLoss(torch.autograd.Function):
-    """reduction="none": per-sample weights are only known in backward, so recompute there."""
+    """reduction="none": per-sample weights are known only in backward, so recompute there.
+
+    Inputs: (losses (B,), spec, enc_out, pred_out, *joiner params); ``spec`` holds the rest of
+    the arguments of _run_chunks.
+    """
 
     @staticmethod
-    def forward(ctx, losses, run, enc_out, pred_out, *params):
-        ctx.run = run
+    def forward(ctx, losses, spec, enc_out, pred_out, *params):
+        ctx.spec = spec
+        ctx.save_for_backward(enc_out, pred_out, *params)
         return losses.detach().clone()
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_output):
-        _, enc_grad, pred_grad, param_grads = ctx.run(grad_output)
-        ctx.run = None  # a second backward (retain_graph) recomputes with a fresh closure? no: refuse
+        enc_out, pred_out, *params = ctx.saved_tensors
+        joiner, targets, enc_lengths, target_lengths, blank, chunks = ctx.spec
+        _, enc_grad, pred_grad, param_grads = _run_chunks(
+            joiner, enc_out, pred_out, targets, enc_lengths, target_lengths, blank, chunks,
+            grad_output, ctx.needs_input_grad[2], ctx.needs_input_grad[3], params, None)
         return (None, None, enc_grad, pred_grad, *param_grads)
 
 
@@ -430,8 +442,12 @@ def samplewise_rnnt_loss(joiner: Callable[[torch.Tensor, torch.Tensor], torch.Te
                          f"{tuple(pred_out.shape)}")
     _check_common(B, T, pred_out.shape[1] - 1, targets, enc_lengths, target_lengths, blank,
                   reduction, enc_out.device, "enc_lengths", None)
-    if max_chunk_bytes is not None and (not isinstance(max_chunk_bytes, int) or max_chunk_bytes <= 0):
-        raise ValueError(f"max_chunk_bytes must be a positive int or None, got {max_chunk_bytes!r}")
+    if max_chunk_bytes is not None:
+        if isinstance(max_chunk_bytes, bool) or not isinstance(max_chunk_bytes, (int, float)) \
+                or max_chunk_bytes <= 0:
+            raise ValueError(f"max_chunk_bytes must be a positive number of bytes or None, "
+                             f"got {max_chunk_bytes!r}")
+        max_chunk_bytes = int(max_chunk_bytes)
 
     # vocabulary size and element size from a 1 x 1 x 1 probe of the joiner
     with torch.no_grad():
@@ -457,13 +473,9 @@ def samplewise_rnnt_loss(joiner: Callable[[torch.Tensor, torch.Tensor], torch.Te
         if accumulate_joiner_grads:
             raise ValueError("accumulate_joiner_grads=True needs reduction 'mean' or 'sum' (with "
                              "'none' the per-sample weights are known only in backward), got 'none'")
-        with torch.no_grad():
-            losses, _, _, _ = _run_chunks(*args, None, False, False, [], stats)
-
-        def run(weights):  # (B,) grad_output
-            return _run_chunks(*args, weights, want_enc, want_pred, params, None)
-
-        return _RecomputeLoss.apply(losses, run, enc_out, pred_out, *params)
+        losses, _, _, _ = _run_chunks(*args, None, False, False, [], stats)
+        spec = (joiner, targets, enc_lengths, target_lengths, blank, chunks)
+        return _RecomputeLoss.apply(losses, spec, enc_out, pred_out, *params)
 
     scale = 1.0 / B if reduction == "mean" else 1.0
     weights = torch.full((B,), scale, device=enc_out.device)                  # (B,)

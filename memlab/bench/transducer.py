@@ -1,0 +1,266 @@
+"""Benchmark: batched vs sample-wise transducer loss -- peak memory and time of one loss step.
+
+What is measured. The loss step alone, side by side in one process: given an encoder output
+(B, T, H) and a predictor output (B, U+1, H) as leaf tensors that require grad, and a Joiner
+(H -> joint_dim -> tanh -> V, as in ``memlab.models.transducer.Joiner``), one call of the loss
+and ``loss.backward()``: the joiner, the loss, and the gradients of the encoder/predictor outputs
+and of the joiner's parameters. The encoder and predictor are not run: their memory is the same
+for both methods, and leaving them out isolates the B x T x (U+1) x V tensor.
+
+* batched:    ``rnnt_loss_batched(joiner(enc_out, pred_out), ...)`` (torchaudio on the 4-D tensor)
+* samplewise: ``samplewise_rnnt_loss(joiner, enc_out, pred_out, ...)`` (groups up to
+  ``max_chunk_bytes``, default 64 MiB)
+
+Sizes. ``seconds`` of audio -> T = 25 encoder frames per second (10 ms fbank frames, 4x
+subsampling: 40 ms frames) and U = 5 tokens per second (an assumed subword rate; pass
+``tokens_per_second``). Every utterance has the full length (no padding: the least favourable
+case for the sample-wise method); ``length_spread=0.5`` draws lengths in [0.5, 1] x the maximum.
+
+Memory. ``peak_bytes``: the peak of live tensor bytes through the step, including what existed
+before it (inputs, joiner parameters); ``step_bytes``: the peak minus that baseline. On CPU
+they come from ``memlab.memory.MemoryMeter`` (tensor storages through a dispatch mode; buffers
+that torchaudio allocates inside its kernel without returning them are not seen); on CUDA from
+``torch.cuda.max_memory_allocated``.
+
+Time. Wall-clock and process CPU time of the step, median of ``repeats`` runs that alternate
+batched / sample-wise (untimed warm-up first). ``time_ratio`` (wall) and ``cpu_time_ratio`` are
+sample-wise over batched; on a shared machine the CPU-time ratio is the steadier figure.
+
+``run_paper()`` is the headline setting of Braun et al. (batch 1024, 40 s audio): on CUDA it runs
+the sample-wise step for real (and the batched one only if it would fit); on CPU it reports the
+analytic estimate of :func:`estimate_bytes` for both, marked ``estimated=True``.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from typing import Dict, List, Optional, Sequence
+
+import torch
+
+from memlab.transducer import (DEFAULT_MAX_CHUNK_BYTES, chunk_bytes, plan_chunks,
+                               rnnt_loss_batched, samplewise_rnnt_loss)
+
+FRAMES_PER_SECOND = 25.0   # 10 ms fbank frames, 4x subsampling
+TOKENS_PER_SECOND = 5.0    # assumed subword rate
+METHODS = ("batched", "samplewise")
+
+
+def sizes(seconds: float, frames_per_second: float = FRAMES_PER_SECOND,
+          tokens_per_second: float = TOKENS_PER_SECOND):
+    """(T, U) of an utterance of ``seconds``."""
+    return max(1, round(seconds * frames_per_second)), max(1, round(seconds * tokens_per_second))
+
+
+def _joiner(enc_dim, pred_dim, joint_dim, vocab_size, device):
+    from memlab.models.transducer import Joiner
+    return Joiner(enc_dim, pred_dim, joint_dim, vocab_size).to(device)
+
+
+def make_problem(batch_size: int, T: int, U: int, vocab_size: int, *, hidden: int = 144,
+                 joint_dim: int = 144, length_spread: float = 0.0, device="cpu", seed: int = 0):
+    """Random enc_out (B, T, H), pred_out (B, U+1, H), targets and lengths, and a Joiner."""
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    joiner = _joiner(hidden, hidden, joint_dim, vocab_size, device)
+    enc = torch.randn(batch_size, T, hidden, generator=g).to(device).requires_grad_()
+    pred = torch.randn(batch_size, U + 1, hidden, generator=g).to(device).requires_grad_()
+    targets = torch.randint(1, vocab_size, (batch_size, U), generator=g).to(device)
+    lo = 1.0 - length_spread
+    enc_len = (T * (lo + (1 - lo) * torch.rand(batch_size, generator=g))).ceil().long()
+    tgt_len = (U * (lo + (1 - lo) * torch.rand(batch_size, generator=g))).ceil().long()
+    enc_len[0], tgt_len[0] = T, U                    # the batch is as long as its longest sample
+    return joiner, enc, pred, targets, enc_len.to(device), tgt_len.to(device)
+
+
+def loss_step(method: str, joiner, enc, pred, targets, enc_len, tgt_len,
+              max_chunk_bytes: Optional[int] = None, stats: Optional[Dict] = None) -> float:
+    """One loss + backward; returns the loss value."""
+    if method == "batched":
+        loss = rnnt_loss_batched(joiner(enc, pred), targets, enc_len, tgt_len)
+    elif method == "samplewise":
+        loss = samplewise_rnnt_loss(joiner, enc, pred, targets, enc_len, tgt_len,
+                                    max_chunk_bytes=max_chunk_bytes, stats=stats)
+    else:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    loss.backward()
+    return float(loss.detach())
+
+
+def _clear(joiner, enc, pred):
+    joiner.zero_grad(set_to_none=True)
+    enc.grad = None
+    pred.grad = None
+
+
+def measure_peak(method: str, problem, max_chunk_bytes: Optional[int] = None) -> Dict[str, int]:
+    """Peak bytes of one loss step: {"peak_bytes", "step_bytes", "chunks"}."""
+    from memlab.memory import MemoryMeter
+
+    joiner, enc, pred, targets, enc_len, tgt_len = problem
+    _clear(joiner, enc, pred)
+    dev = enc.device
+    stats: Dict = {}
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+        base = torch.cuda.memory_allocated(dev)
+        torch.cuda.reset_peak_memory_stats(dev)
+        loss_step(method, *problem, max_chunk_bytes=max_chunk_bytes, stats=stats)
+        torch.cuda.synchronize(dev)
+        peak = torch.cuda.max_memory_allocated(dev)
+    else:
+        with MemoryMeter(dev, model=joiner, inputs=[enc, pred, targets, enc_len, tgt_len],
+                         timeline=False) as meter:
+            loss_step(method, *problem, max_chunk_bytes=max_chunk_bytes, stats=stats)
+        peak, base = meter.peak, meter.baseline
+    _clear(joiner, enc, pred)
+    return {"peak_bytes": int(peak), "step_bytes": int(peak - base),
+            "chunks": len(stats.get("chunks", [])) if method == "samplewise" else 1}
+
+
+def measure_times(problem, repeats: int = 3, max_chunk_bytes: Optional[int] = None):
+    """{method: (median wall s, median cpu s)}, runs alternating between the methods."""
+    joiner, enc, pred = problem[:3]
+    dev = enc.device
+    wall: Dict[str, List[float]] = {m: [] for m in METHODS}
+    cpu: Dict[str, List[float]] = {m: [] for m in METHODS}
+    for r in range(repeats + 1):                     # r = 0 is the warm-up
+        for m in METHODS:
+            _clear(joiner, enc, pred)
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
+            w0, c0 = time.perf_counter(), time.process_time()
+            loss_step(m, *problem, max_chunk_bytes=max_chunk_bytes)
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
+            if r:
+                wall[m].append(time.perf_counter() - w0)
+                cpu[m].append(time.process_time() - c0)
+    _clear(joiner, enc, pred)
+    return {m: (statistics.median(wall[m]), statistics.median(cpu[m])) for m in METHODS}
+
+
+def run(fast: bool = False, batch_sizes: Optional[Sequence[int]] = None,
+        seconds: Optional[Sequence[float]] = None, vocab_sizes: Optional[Sequence[int]] = None,
+        *, device="cpu", hidden: int = 144, joint_dim: int = 144, repeats: Optional[int] = None,
+        max_chunk_bytes: Optional[int] = None, length_spread: float = 0.0,
+        frames_per_second: float = FRAMES_PER_SECOND,
+        tokens_per_second: float = TOKENS_PER_SECOND, preset: Optional[str] = None) -> List[dict]:
+    """Batched vs sample-wise over a grid of batch size x audio seconds x vocabulary size.
+
+    One row per (configuration, method). Defaults: B in (8, 32), seconds in (4, 8), V in (128,
+    512), 3 timed repeats; ``fast`` (or MEMLAB_FAST set): B=4, 2 s, V=32, 1 repeat.
+    ``preset="paper"`` returns :func:`run_paper` instead (``memlab bench transducer --preset paper``).
+    """
+    if preset is not None:
+        if preset != "paper":
+            raise ValueError(f"preset must be 'paper' or None, got {preset!r}")
+        return run_paper(device if torch.device(device).type == "cuda" else None,
+                         hidden=hidden, joint_dim=joint_dim, max_chunk_bytes=max_chunk_bytes)
+    fast = fast or os.environ.get("MEMLAB_FAST", "") not in ("", "0")
+    batch_sizes = batch_sizes or ((4,) if fast else (8, 32))
+    seconds = seconds or ((2.0,) if fast else (4.0, 8.0))
+    vocab_sizes = vocab_sizes or ((32,) if fast else (128, 512))
+    repeats = repeats if repeats is not None else (1 if fast else 3)
+    device = torch.device(device)
+    rows: List[dict] = []
+    for B in batch_sizes:
+        for s in seconds:
+            T, U = sizes(s, frames_per_second, tokens_per_second)
+            for V in vocab_sizes:
+                problem = make_problem(B, T, U, V, hidden=hidden, joint_dim=joint_dim,
+                                       length_spread=length_spread, device=device)
+                mem = {m: measure_peak(m, problem, max_chunk_bytes) for m in METHODS}
+                times = measure_times(problem, repeats, max_chunk_bytes)
+                for m in METHODS:
+                    rows.append({
+                        "method": m, "device": str(device), "batch_size": B, "seconds": s,
+                        "T": T, "U": U, "vocab_size": V, "joint_dim": joint_dim,
+                        "peak_bytes": mem[m]["peak_bytes"], "step_bytes": mem[m]["step_bytes"],
+                        "peak_mib": round(mem[m]["peak_bytes"] / 2**20, 2),
+                        "peak_ratio": round(mem[m]["peak_bytes"] / mem["batched"]["peak_bytes"], 4),
+                        "time_s": round(times[m][0], 4), "cpu_s": round(times[m][1], 4),
+                        "time_ratio": round(times[m][0] / times["batched"][0], 3),
+                        "cpu_time_ratio": round(times[m][1] / max(times["batched"][1], 1e-9), 3),
+                        "chunks": mem[m]["chunks"],
+                        "max_chunk_bytes": (max_chunk_bytes or DEFAULT_MAX_CHUNK_BYTES)
+                        if m == "samplewise" else None,
+                        "estimated": False,
+                    })
+                del problem
+    return rows
+
+
+def estimate_bytes(method: str, batch_size: int, T: int, U: int, vocab_size: int, *,
+                   hidden: int = 144, joint_dim: int = 144, max_chunk_bytes: Optional[int] = None,
+                   bytes_per_element: int = 4) -> int:
+    """Analytic peak bytes of one loss step with every utterance at full length (T, U).
+
+    Both methods hold the inputs (enc_out, pred_out), their gradients and the joiner parameters.
+    batched adds the logits and torchaudio's gradient of them (2 x B T (U+1) V) and the joiner's
+    tanh output kept for backward (B T (U+1) J). samplewise adds the same for its largest group
+    (:func:`memlab.transducer.plan_chunks`) instead of the whole batch.
+    """
+    e = bytes_per_element
+    common = 2 * (batch_size * T * hidden + batch_size * (U + 1) * hidden) * e   # inputs + grads
+    common += (2 * hidden * joint_dim + joint_dim * vocab_size + 3 * joint_dim + vocab_size) * e
+    if method == "batched":
+        n = batch_size
+    elif method == "samplewise":
+        n = max(len(c) for c in plan_chunks([T] * batch_size, [U] * batch_size, vocab_size,
+                                            max_chunk_bytes, e))
+    else:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    return common + chunk_bytes(n, T, U, vocab_size, e) + n * T * (U + 1) * joint_dim * e
+
+
+def run_paper(device=None, *, batch_size: int = 1024, seconds: float = 40.0,
+              vocab_size: int = 1024, hidden: int = 144, joint_dim: int = 144,
+              max_chunk_bytes: Optional[int] = None, frames_per_second: float = FRAMES_PER_SECOND,
+              tokens_per_second: float = TOKENS_PER_SECOND) -> List[dict]:
+    """The paper's headline setting (batch 1024 x 40 s of audio; V and the token rate assumed).
+
+    CUDA (default when available): the sample-wise step runs for real (peak from
+    ``torch.cuda.max_memory_allocated``); the batched step runs only if its estimate fits in the
+    free GPU memory, otherwise its row is the estimate. CPU: both rows are estimates.
+    """
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    T, U = sizes(seconds, frames_per_second, tokens_per_second)
+    est = {m: estimate_bytes(m, batch_size, T, U, vocab_size, hidden=hidden, joint_dim=joint_dim,
+                             max_chunk_bytes=max_chunk_bytes) for m in METHODS}
+    rows = []
+    problem = None
+    if device.type == "cuda":
+        problem = make_problem(batch_size, T, U, vocab_size, hidden=hidden, joint_dim=joint_dim,
+                               device=device)
+        free = torch.cuda.mem_get_info(device)[0]
+    for m in METHODS:
+        row = {"method": m, "device": str(device), "batch_size": batch_size, "seconds": seconds,
+               "T": T, "U": U, "vocab_size": vocab_size, "joint_dim": joint_dim,
+               "estimated_bytes": est[m], "estimated_gib": round(est[m] / 2**30, 2)}
+        if problem is not None and (m == "samplewise" or est[m] < 0.9 * free):
+            mem = measure_peak(m, problem, max_chunk_bytes)
+            torch.cuda.synchronize(device)
+            t0 = time.perf_counter()
+            loss_step(m, *problem, max_chunk_bytes=max_chunk_bytes)
+            torch.cuda.synchronize(device)
+            _clear(*problem[:3])
+            row.update(peak_bytes=mem["peak_bytes"], peak_gib=round(mem["peak_bytes"] / 2**30, 2),
+                       time_s=round(time.perf_counter() - t0, 3), chunks=mem["chunks"],
+                       estimated=False)
+        else:
+            row.update(peak_bytes=est[m], peak_gib=round(est[m] / 2**30, 2), time_s=None,
+                       chunks=None, estimated=True)
+        rows.append(row)
+    return rows
+
+
+if __name__ == "__main__":  # pragma: no cover
+    for r in run():
+        print(r)
+    for r in run_paper():
+        print(r)
