@@ -1,0 +1,191 @@
+"""8-bit optimizers, measured side by side with torch's fp32 ones.
+
+What is measured (one row each, ``run(fast)`` returns the list):
+
+* ``state_bytes_per_param`` -- bytes held in ``optimizer.state`` (each tensor storage counted
+  once: uint8 codes, fp32 absmax, fp32 states, step tensors) divided by the number of parameter
+  elements, over the tensors with at least ``min_8bit_size`` (4096) elements, after one step:
+  SGD (momentum) and SGD8bit, Adam and Adam8bit. Reference: the fp32 optimizer; ratio = 8-bit /
+  fp32 (the paper's "75% less optimizer-state memory" is ratio 0.25).
+* ``step_time`` -- wall time of one ``optimizer.step()`` on the same parameters (ResNet-like conv
+  and linear shapes, fixed random gradients), median over repeats, the 8-bit optimizer and
+  ``torch.optim.SGD`` / ``Adam`` with ``foreach=True`` timed alternately in one process. Reported
+  in ms with the torch thread count and the device; the ratio is what to compare across machines.
+* ``quant_error`` -- quantize -> dequantize error on Adam-like states (first and second moment of a
+  simulated Adam run: per-element gradient scales log-normal, so heavy-tailed across elements),
+  for the dynamic tree map vs the linear (int8) map, block-wise (256) vs per-tensor absmax
+  (block_size = numel): ``value`` = mean |x_hat - x| / mean |x| (normalised absolute error),
+  ``rel_error`` = mean |x_hat - x| / |x| over non-zero x. Reference: the linear map with the same
+  blocking (for the dynamic rows) or per-tensor blocking with the same map (for the linear rows).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Callable, Dict, List, Optional
+
+import torch
+
+from memlab.optim import SGD8bit, Adam8bit
+from memlab.quant import dequantize_blockwise, dynamic_map, linear_map, quantize_blockwise
+
+MIN_8BIT = 4096
+
+
+def _shapes(fast: bool) -> list:
+    """ResNet-like parameter shapes: 3x3 convs per stage, a projection matrix, small vectors."""
+    widths = (16, 32, 64, 128) if fast else (32, 64, 128, 256)
+    shapes = [(c, c, 3, 3) for c in widths for _ in range(4)]             # conv weights
+    shapes += [(widths[-1] * 8, 256), (256, 2048)]                        # pooling proj, head
+    shapes += [(c,) for c in widths for _ in range(4)]                    # BN / bias vectors
+    return shapes
+
+
+def _params(shapes, seed: int = 0) -> List[torch.nn.Parameter]:
+    g = torch.Generator().manual_seed(seed)
+    ps = [torch.nn.Parameter(torch.randn(s, generator=g) * 0.05) for s in shapes]
+    for p in ps:
+        p.grad = torch.randn(p.shape, generator=g) * 1e-2
+    return ps
+
+
+def state_bytes_per_param(opt: torch.optim.Optimizer, params, min_numel: int = MIN_8BIT) -> float:
+    """Bytes of the storages in ``opt.state`` for params with >= min_numel elements, per element."""
+    seen, total, numel = set(), 0, 0
+    for p in params:
+        if p.numel() < min_numel:
+            continue
+        numel += p.numel()
+        for v in opt.state[p].values():
+            if isinstance(v, torch.Tensor):
+                st = v.untyped_storage()
+                if st.data_ptr() not in seen:
+                    seen.add(st.data_ptr())
+                    total += st.nbytes()
+    return total / max(numel, 1)
+
+
+def _builders() -> Dict[str, Callable]:
+    return {
+        "sgd": lambda ps: torch.optim.SGD(ps, lr=0.01, momentum=0.9, foreach=True),
+        "sgd8bit": lambda ps: SGD8bit(ps, lr=0.01, momentum=0.9),
+        "adam": lambda ps: torch.optim.Adam(ps, lr=1e-3, foreach=True),
+        "adam8bit": lambda ps: Adam8bit(ps, lr=1e-3),
+    }
+
+
+PAIRS = (("sgd8bit", "sgd"), ("adam8bit", "adam"))
+
+
+def _memory_rows(shapes) -> list:
+    rows, build, bpp = [], _builders(), {}
+    for name, make in build.items():
+        ps = _params(shapes)
+        opt = make(ps)
+        opt.step()
+        bpp[name] = state_bytes_per_param(opt, ps)
+    for name in build:
+        ref = name.replace("8bit", "")
+        rows.append(dict(measure="state_bytes_per_param", subject=name, value=round(bpp[name], 4),
+                         unit="B/param", reference=ref, reference_value=round(bpp[ref], 4),
+                         ratio=round(bpp[name] / bpp[ref], 4)))
+    return rows
+
+
+def _time_rows(shapes, repeats: int) -> list:
+    rows, build = [], _builders()
+    device = "cpu"
+    for ours, ref in PAIRS:
+        opts = {n: build[n](_params(shapes)) for n in (ours, ref)}
+        times = {ours: [], ref: []}
+        for n in opts:                          # warm-up: state creation, caches
+            for _ in range(2):
+                opts[n].step()
+        for _ in range(repeats):                # alternate: both see the same machine load
+            for n, opt in opts.items():
+                t0 = time.perf_counter()
+                opt.step()
+                times[n].append(time.perf_counter() - t0)
+        a, b = statistics.median(times[ours]) * 1e3, statistics.median(times[ref]) * 1e3
+        rows.append(dict(measure="step_time", subject=ours, value=round(a, 3), unit="ms",
+                         reference=f"{ref}(foreach)", reference_value=round(b, 3),
+                         ratio=round(a / b, 3), device=device, threads=torch.get_num_threads(),
+                         numel=sum(torch.Size(s).numel() for s in shapes)))
+    return rows
+
+
+def adam_like_states(n: int, steps: int = 30, seed: int = 0, betas=(0.9, 0.999)):
+    """First and second moment after ``steps`` of Adam on synthetic gradients (n elements).
+
+    Each element has its own gradient scale (log-normal, sigma 1.5: orders of magnitude apart,
+    as across the weights of a network) and a small persistent mean; the gradient is that mean
+    plus unit noise, times the scale. Returns (exp_avg, exp_avg_sq), float32 (n,).
+    """
+    g = torch.Generator().manual_seed(seed)
+    scale = torch.exp(1.5 * torch.randn(n, generator=g))                  # (n,)
+    mean = 0.3 * torch.randn(n, generator=g)                              # (n,)
+    m, v = torch.zeros(n), torch.zeros(n)
+    for _ in range(steps):
+        grad = scale * (mean + torch.randn(n, generator=g))              # (n,)
+        m.lerp_(grad, 1 - betas[0])
+        v.mul_(betas[1]).addcmul_(grad, grad, value=1 - betas[1])
+    return m, v
+
+
+def quant_error(x: torch.Tensor, code: torch.Tensor, block_size: int) -> tuple:
+    """(mean |x_hat - x| / mean |x|, mean |x_hat - x| / |x| over x != 0) of a round trip."""
+    codes, absmax = quantize_blockwise(x, code, block_size)
+    err = (dequantize_blockwise(codes, absmax, code, block_size, shape=x.shape) - x).abs()
+    nz = x != 0
+    return (err.mean() / x.abs().mean()).item(), (err[nz] / x[nz].abs()).mean().item()
+
+
+def _error_rows(n: int) -> list:
+    m, v = adam_like_states(n)
+    res = {}
+    for state, x, signed in (("exp_avg", m, True), ("exp_avg_sq", v, False)):
+        for mname, code in (("dynamic", dynamic_map(signed)), ("linear", linear_map(signed))):
+            for blocking, bs in (("block256", 256), ("tensor", x.numel())):
+                res[state, mname, blocking] = quant_error(x, code, bs)
+    rows = []
+    for (state, mname, blocking), (abs_err, rel_err) in res.items():
+        ref = (state, "linear", blocking) if mname == "dynamic" else (state, mname, "tensor")
+        if ref == (state, mname, blocking):
+            ref_err = None
+        else:
+            ref_err = res[ref][0]
+        rows.append(dict(measure="quant_error", subject=f"{state} {mname} {blocking}",
+                         value=round(abs_err, 5), unit="mean|err|/mean|x|",
+                         reference=" ".join(ref) if ref_err is not None else None,
+                         reference_value=None if ref_err is None else round(ref_err, 5),
+                         ratio=None if ref_err is None else round(abs_err / ref_err, 4),
+                         rel_error=round(rel_err, 5)))
+    return rows
+
+
+def run(fast: bool = False, repeats: Optional[int] = None,
+        threads: Optional[int] = None) -> List[dict]:
+    """All rows: state bytes/param, step time vs torch (foreach), quantization error.
+
+    ``threads``: torch intra-op threads for the timings (default: leave torch's setting);
+    on a busy machine ``threads=1`` gives steadier ratios.
+    """
+    shapes = _shapes(fast)
+    repeats = repeats or (5 if fast else 15)
+    before = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        times = _time_rows(shapes, repeats)
+    finally:
+        torch.set_num_threads(before)
+    return _memory_rows(shapes) + times + _error_rows(2 ** 16 if fast else 2 ** 20)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    import os
+    import sys
+    threads = int(sys.argv[1]) if len(sys.argv) > 1 else None
+    for row in run(fast=os.environ.get("MEMLAB_FAST") == "1", threads=threads):
+        print(row)

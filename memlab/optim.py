@@ -1,0 +1,419 @@
+"""8-bit optimizers: SGD with momentum, Adam and AdamW with block-wise dynamic-tree states.
+
+References
+----------
+* T. Dettmers, M. Lewis, S. Shleifer, L. Zettlemoyer, "8-bit Optimizers via Block-wise
+  Quantization", ICLR 2022, arXiv 2110.02861: states stored as 8-bit dynamic-tree codes with one
+  absmax per block of 256 (signed map for momentum / Adam's first moment, unsigned map for the
+  second moment); each step dequantizes, updates in fp32 and requantizes; small tensors keep
+  32-bit state.
+* Z. Liu, Y. Qian, "Memory-Efficient Training for Deep Speaker Embedding Learning in Speaker
+  Verification", arXiv 2412.01195: the same optimizers for speaker-embedding ResNets.
+* The update rules are those of ``torch.optim.SGD`` / ``Adam`` / ``AdamW`` (single-tensor form);
+  a tensor with fewer than ``min_8bit_size`` elements gets exactly torch's fp32 update.
+
+Layout, after the style of torchao's optimizers: the math of one step for one tensor is one pure
+function (``_sgd8bit_step``, ``_adam8bit_step``) that takes the parameter, its gradient and its
+states -- each either a :class:`memlab.quant.QTensor` (8-bit) or an fp32 tensor -- and updates
+them in place. The classes only do bookkeeping: validation, param groups, state creation,
+``state_dict``, and feeding the pure function.
+
+Memory: an 8-bit state is a uint8 code per element plus a float32 absmax per block, both plain
+tensors in ``optimizer.state`` (``<name>_codes``, ``<name>_absmax``), so anything that counts
+tensor storages sees ~1.016 B/param per state (SGD momentum ~1 B, Adam ~2 B instead of 4 / 8).
+The fp32 working copies exist only during ``step()``, one piece of whole blocks at a time
+(``CPU_CHUNK`` = 128 Ki elements on CPU, where cache-sized pieces are also 2-3x faster than whole
+tensors; ``CUDA_CHUNK`` elsewhere), so they add a bounded ~20 B x piece, not 20 B/param.
+Chunking changes nothing in the result: blocks are independent (tested bit for bit).
+
+Compilation: on CUDA the pure function is wrapped in ``torch.compile(fullgraph=True,
+dynamic=True)`` at first use; numbers that change (lr, step) are passed as 0-dim tensors so an LR
+schedule does not recompile, and a failure to compile warns once and falls back to eager.
+``compile=True/False`` forces either way; on CPU it is off by default (inductor's CPU code for
+this gather-heavy step measured far slower than the eager table-lookup path).
+
+Non-finite gradients: the update is computed in fp32 exactly as torch does, so a NaN/inf
+gradient element makes that parameter element NaN/inf just as with ``torch.optim``. In the 8-bit
+state it also makes its *block's* absmax non-finite, so the whole block (at most ``block_size``
+elements of that one tensor) reads back as NaN from the next step on; other blocks and tensors
+are untouched. Skip such steps (``torch.amp.GradScaler`` does) if that matters.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from itertools import chain
+from typing import Callable, Optional, Union
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from memlab.quant import QTensor
+
+__all__ = ["SGD8bit", "Adam8bit", "AdamW8bit", "LowRankAdam"]
+
+CPU_CHUNK = 2 ** 17          # elements per piece on CPU (rounded down to whole blocks)
+CUDA_CHUNK = 2 ** 24         # on other devices: only bounds the fp32 temporaries of huge tensors
+
+State = Union[QTensor, Tensor]
+Scalar = Union[float, Tensor]  # python float on CPU; 0-dim tensor in the compiled CUDA path
+
+
+# ----------------------------------------------------------------------------------------------
+# the math: one pure function per optimizer
+
+
+def _load(s: State) -> Tensor:
+    """fp32 working copy of a state (the state itself when it is already fp32)."""
+    return s.dequantize() if isinstance(s, QTensor) else s
+
+
+def _store(s: State, x: Tensor, scratch: Optional[Tensor] = None) -> None:
+    """Write the working copy back (a no-op for fp32 states, which were updated in place)."""
+    if isinstance(s, QTensor):
+        s.copy_(x, scratch)
+
+
+def _add_scaled_(p: Tensor, x: Tensor, scale: Scalar) -> None:
+    """p += scale * x, for a python-float or 0-dim-tensor scale."""
+    if isinstance(scale, Tensor):
+        p.add_(x * scale)
+    else:
+        p.add_(x, alpha=scale)
+
+
+def _sgd8bit_step(p: Tensor, grad: Tensor, buf: Optional[State] = None, *, lr: Scalar,
+                  momentum: float, dampening: float, weight_decay: float, nesterov: bool,
+                  maximize: bool, first: bool) -> None:
+    """One SGD(+momentum) step for one tensor, as torch.optim.SGD; ``buf`` is updated in place.
+
+    p, grad: same shape (or flat chunks); buf: QTensor / fp32 tensor of the same numel, or None
+    when momentum == 0; first: the buffer is empty (torch starts it at the gradient).
+    """
+    g = grad if grad.dtype == torch.float32 else grad.float()      # (*S,)
+    if maximize:
+        g = -g
+    if weight_decay != 0:
+        g = g.add(p, alpha=weight_decay)
+    if buf is not None:
+        b = _load(buf).view_as(g)                                   # (*S,) fp32
+        if first:
+            b.copy_(g)
+        else:
+            b.mul_(momentum).add_(g, alpha=1 - dampening)
+        g = g.add(b, alpha=momentum) if nesterov else b
+        _add_scaled_(p, g, -lr)
+        _store(buf, b)
+    else:
+        _add_scaled_(p, g, -lr)
+
+
+def _adam8bit_step(p: Tensor, grad: Tensor, exp_avg: State, exp_avg_sq: State, *, step: Scalar,
+                   lr: Scalar, beta1: float, beta2: float, eps: float, weight_decay: float,
+                   decoupled: bool, maximize: bool) -> None:
+    """One Adam (decoupled=False) / AdamW (decoupled=True) step for one tensor, as torch.optim.
+
+    p, grad: same shape (or flat chunks); exp_avg (signed map) and exp_avg_sq (unsigned map):
+    QTensor or fp32 tensor, updated in place; step: the step number after this update (1, 2, ...).
+    """
+    g = grad if grad.dtype == torch.float32 else grad.float()      # (*S,)
+    if maximize:
+        g = -g
+    if weight_decay != 0:
+        if decoupled:
+            p.mul_(1 - lr * weight_decay)
+        else:
+            g = g.add(p, alpha=weight_decay)
+    m = _load(exp_avg).view_as(g)                                   # (*S,) fp32
+    v = _load(exp_avg_sq).view_as(g)                                # (*S,) fp32
+    m.lerp_(g, 1 - beta1)
+    v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+    bias_correction1 = 1 - beta1 ** step
+    bias_correction2 = 1 - beta2 ** step
+    step_size = lr / bias_correction1
+    denom = (v.sqrt() / bias_correction2 ** 0.5).add_(eps)         # (*S,)
+    if isinstance(step_size, Tensor):
+        p.sub_(m / denom * step_size)
+    else:
+        p.addcdiv_(m, denom, value=-step_size)
+    _store(exp_avg, m, scratch=denom)                               # denom is free now: scratch
+    _store(exp_avg_sq, v, scratch=denom)
+
+
+# ----------------------------------------------------------------------------------------------
+# bookkeeping
+
+
+def _compile_errors() -> tuple:
+    """Exception types torch.compile raises while tracing / compiling (not while running)."""
+    from torch._dynamo import exc
+    names = ("TorchDynamoException", "FailOnRecompileLimitHit", "TritonUnavailableError")
+    return tuple(getattr(exc, n) for n in names if hasattr(exc, n))
+
+
+def _check(name: str, value, ok: bool, expected: str):
+    if not ok:
+        raise ValueError(f"{name} must be {expected}, got {value!r}")
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _check_common(group: dict) -> None:
+    _check("lr", group["lr"], _is_number(group["lr"]) and group["lr"] >= 0, "a float >= 0")
+    wd = group["weight_decay"]
+    _check("weight_decay", wd, _is_number(wd) and wd >= 0, "a float >= 0")
+    m8 = group["min_8bit_size"]
+    _check("min_8bit_size", m8, isinstance(m8, int) and not isinstance(m8, bool) and m8 >= 0,
+           "an int >= 0")
+    bs = group["block_size"]
+    _check("block_size", bs, isinstance(bs, int) and not isinstance(bs, bool) and bs > 0,
+           "a positive int")
+    _check("maximize", group["maximize"], isinstance(group["maximize"], bool), "a bool")
+
+
+class _Optimizer8bit(Optimizer):
+    """Shared bookkeeping: states as QTensor (>= min_8bit_size elements) or fp32 tensors.
+
+    Subclasses set ``_math`` (the pure step function) and implement ``_state_specs(group)``
+    ((name, signed map) per state), ``_validate(group)`` and ``_kwargs(...)``.
+    """
+
+    def __init__(self, params, defaults: dict, compile: Optional[bool] = None):
+        _check("compile", compile, compile in (None, True, False), "None, True or False")
+        self._compile = compile
+        self._compiled: dict = {}          # device type -> compiled step function (or None)
+        super().__init__(params, defaults)
+
+    def add_param_group(self, param_group: dict) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        try:
+            _check_common(group)
+            self._validate(group)
+            for p in group["params"]:
+                if not p.is_floating_point():
+                    raise TypeError(f"params must be floating-point tensors, got {p.dtype}")
+        except (ValueError, TypeError):
+            self.param_groups.pop()
+            raise
+
+    def _validate(self, group: dict) -> None:
+        raise NotImplementedError
+
+    def _state_specs(self, group: dict) -> tuple:
+        raise NotImplementedError
+
+    # -- state -------------------------------------------------------------------------------
+
+    def _prepare(self, p: Tensor, state: dict, group: dict):
+        """The states of ``p`` (created as zeros when missing) as QTensor views over the stored
+        tensors or fp32 tensors, and whether any was just created."""
+        states, fresh = [], False
+        for name, signed in self._state_specs(group):
+            if name not in state and name + "_codes" not in state:
+                fresh = True
+                if p.numel() >= group["min_8bit_size"]:
+                    q = QTensor.zeros(p.shape, signed, group["block_size"], p.device)
+                    state[name + "_codes"], state[name + "_absmax"] = q.codes, q.absmax
+                else:
+                    state[name] = torch.zeros_like(p, dtype=torch.float32,
+                                                   memory_format=torch.preserve_format)
+            if name in state:
+                states.append(state[name])
+            else:
+                states.append(QTensor(state[name + "_codes"], state[name + "_absmax"], p.shape,
+                                      signed, group["block_size"]))
+        return states, fresh
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """As torch's, but states keep their dtypes (torch would cast uint8 codes and fp32 states
+        to the parameter dtype); tensors are only moved to the parameter's device."""
+        saved = state_dict["state"]
+        super().load_state_dict({**state_dict, "state": {}})
+        ids = chain.from_iterable(g["params"] for g in state_dict["param_groups"])
+        params = chain.from_iterable(g["params"] for g in self.param_groups)
+        id_map = dict(zip(ids, params))
+        for k, st in saved.items():
+            if k not in id_map:
+                continue
+            p = id_map[k]
+            self.state[p] = {n: v.to(device=p.device) if isinstance(v, Tensor) else v
+                             for n, v in st.items()}
+
+    def state_nbytes(self) -> int:
+        """Bytes held in ``self.state`` (each storage once)."""
+        seen, total = set(), 0
+        for st in self.state.values():
+            for v in st.values():
+                if isinstance(v, Tensor) and v.untyped_storage().data_ptr() not in seen:
+                    seen.add(v.untyped_storage().data_ptr())
+                    total += v.untyped_storage().nbytes()
+        return total
+
+    # -- step --------------------------------------------------------------------------------
+
+    def _step_fn(self, device: torch.device) -> Callable:
+        """The pure step function; wrapped in torch.compile on CUDA (lazily, falls back)."""
+        eager = type(self)._math
+        use = self._compile if self._compile is not None else device.type == "cuda"
+        if not use or not hasattr(torch, "compile"):
+            return eager
+        if device.type not in self._compiled:
+            try:  # fullgraph: a graph break fails before anything runs, so falling back is safe
+                self._compiled[device.type] = torch.compile(eager, fullgraph=True, dynamic=True)
+            except Exception as e:  # pragma: no cover - depends on the install
+                warnings.warn(f"torch.compile unavailable ({e}); using eager step")
+                self._compiled[device.type] = None
+        return self._compiled[device.type] or eager
+
+    def _run(self, fn: Callable, device: torch.device, *args, **kw) -> None:
+        if fn is type(self)._math:
+            return fn(*args, **kw)
+        try:
+            return fn(*args, **kw)
+        except _compile_errors() as e:  # raised while compiling (fullgraph): nothing ran yet
+            warnings.warn(f"torch.compile of {type(self).__name__} step failed ({type(e).__name__}:"
+                          f" {str(e)[:200]}); falling back to eager")
+            self._compiled[device.type] = None
+            return type(self)._math(*args, **kw)
+
+    def _pieces(self, p: Tensor, grad: Tensor, states: list, block_size: int):
+        """(p, grad, states) to hand to the step function: flat 1-D views when p and grad are
+        contiguous (so one compiled graph serves every shape), cut into pieces of whole blocks
+        when the states are 8-bit, so the fp32 temporaries stay small (on CPU: cache-sized,
+        which is also faster); the tensors as they are otherwise."""
+        p = p.detach()
+        if not (p.is_contiguous() and grad.is_contiguous()):
+            yield p, grad, states
+            return
+        n = p.numel()
+        pf, gf = p.view(-1), grad.view(-1)                            # (N,)
+        flat = [s.narrow(0, n) if isinstance(s, QTensor) else s.view(-1) for s in states]
+        chunk = CPU_CHUNK if p.device.type == "cpu" else CUDA_CHUNK
+        chunk = max(block_size, chunk // block_size * block_size)
+        if n <= chunk or not all(isinstance(s, QTensor) for s in states):
+            yield pf, gf, flat
+            return
+        for start in range(0, n, chunk):
+            end = min(start + chunk, n)
+            yield pf[start:end], gf[start:end], [s.narrow(start, end) for s in flat]
+
+    @torch.no_grad()
+    def step(self, closure: Optional[Callable] = None):
+        """One optimizer step. ``closure`` re-evaluates the model and returns the loss."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise TypeError(f"{type(self).__name__} does not support sparse gradients")
+                state = self.state[p]
+                step = state.get("step", 0)       # int; a tensor in a torch.optim checkpoint
+                state["step"] = (int(step.item()) if isinstance(step, Tensor) else step) + 1
+                states, fresh = self._prepare(p, state, group)
+                fn = self._step_fn(p.device)
+                kw = self._kwargs(group, state["step"], fresh, p.device,
+                                  compiled=fn is not type(self)._math)
+                for pp, gg, ss in self._pieces(p, p.grad, states, group["block_size"]):
+                    self._run(fn, p.device, pp, gg, *ss, **kw)
+        return loss
+
+    @staticmethod
+    def _scalar(x: float, device: torch.device, compiled: bool) -> Scalar:
+        # the compiled function gets changing numbers (lr, step) as 0-dim tensors: no recompiles
+        return torch.tensor(float(x), dtype=torch.float32, device=device) if compiled else x
+
+
+class SGD8bit(_Optimizer8bit):
+    """SGD with momentum whose momentum buffer is stored in 8 bits (signed dynamic map, blocks of
+    ``block_size``): ~1 B/param of state instead of 4. Same update as ``torch.optim.SGD``.
+
+    Tensors with fewer than ``min_8bit_size`` elements keep an fp32 buffer. ``momentum=0`` keeps
+    no state. ``compile``: wrap the step in torch.compile (default: on CUDA only).
+    """
+
+    _math = staticmethod(_sgd8bit_step)
+
+    def __init__(self, params, lr: float, momentum: float = 0.9, dampening: float = 0.0,
+                 weight_decay: float = 0.0, nesterov: bool = False, min_8bit_size: int = 4096,
+                 block_size: int = 256, *, maximize: bool = False, compile: Optional[bool] = None):
+        defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
+                        nesterov=nesterov, min_8bit_size=min_8bit_size, block_size=block_size,
+                        maximize=maximize)
+        super().__init__(params, defaults, compile)
+
+    def _validate(self, group: dict) -> None:
+        mom, damp = group["momentum"], group["dampening"]
+        _check("momentum", mom, _is_number(mom) and 0 <= mom < 1, "a float in [0, 1)")
+        _check("dampening", damp, _is_number(damp) and 0 <= damp <= 1, "a float in [0, 1]")
+        _check("nesterov", group["nesterov"], isinstance(group["nesterov"], bool), "a bool")
+        if group["nesterov"] and (mom == 0 or damp != 0):
+            raise ValueError(f"nesterov=True requires momentum > 0 and dampening == 0, got "
+                             f"momentum={mom!r}, dampening={damp!r}")
+
+    def _state_specs(self, group):  # no buffer at all without momentum
+        return (("momentum_buffer", True),) if group["momentum"] != 0 else ()
+
+    def _kwargs(self, group, step, first, device, compiled):
+        return dict(lr=self._scalar(group["lr"], device, compiled), momentum=group["momentum"],
+                    dampening=group["dampening"], weight_decay=group["weight_decay"],
+                    nesterov=group["nesterov"], maximize=group["maximize"], first=first)
+
+
+class Adam8bit(_Optimizer8bit):
+    """Adam whose two moments are stored in 8 bits: first moment with the signed dynamic map,
+    second moment with the unsigned one, blocks of ``block_size`` (~2 B/param instead of 8).
+    Same update as ``torch.optim.Adam`` (no amsgrad); L2 ``weight_decay`` added to the gradient.
+
+    Tensors with fewer than ``min_8bit_size`` elements keep fp32 moments and follow torch's
+    update exactly. ``compile``: wrap the step in torch.compile (default: on CUDA only).
+    """
+
+    _math = staticmethod(_adam8bit_step)
+    _decoupled = False
+
+    def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 0.0, min_8bit_size: int = 4096, block_size: int = 256, *,
+                 maximize: bool = False, compile: Optional[bool] = None):
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                        min_8bit_size=min_8bit_size, block_size=block_size, maximize=maximize)
+        super().__init__(params, defaults, compile)
+
+    def _validate(self, group: dict) -> None:
+        betas, eps = group["betas"], group["eps"]
+        _check("betas", betas, isinstance(betas, (tuple, list)) and len(betas) == 2
+               and all(_is_number(b) and 0 <= b < 1 for b in betas), "two floats in [0, 1)")
+        _check("eps", eps, _is_number(eps) and eps > 0, "a float > 0")
+
+    def _state_specs(self, group):
+        return (("exp_avg", True), ("exp_avg_sq", False))
+
+    def _kwargs(self, group, step, first, device, compiled):
+        beta1, beta2 = group["betas"]
+        return dict(step=self._scalar(step, device, compiled),
+                    lr=self._scalar(group["lr"], device, compiled), beta1=beta1, beta2=beta2,
+                    eps=group["eps"], weight_decay=group["weight_decay"],
+                    decoupled=self._decoupled, maximize=group["maximize"])
+
+
+class AdamW8bit(Adam8bit):
+    """Adam8bit with decoupled weight decay (``torch.optim.AdamW``): p *= 1 - lr * weight_decay."""
+
+    _decoupled = True
+
+    def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 1e-2, min_8bit_size: int = 4096, block_size: int = 256, *,
+                 maximize: bool = False, compile: Optional[bool] = None):
+        super().__init__(params, lr, betas, eps, weight_decay, min_8bit_size, block_size,
+                         maximize=maximize, compile=compile)
+
+
+from memlab.lowrank import LowRankAdam  # noqa: E402  (re-exported: one place for optimizers)

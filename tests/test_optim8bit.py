@@ -1,0 +1,364 @@
+"""memlab.optim: SGD8bit, Adam8bit, AdamW8bit."""
+
+import copy
+import io
+
+import pytest
+import torch
+
+import memlab.optim as mo
+from memlab.optim import SGD8bit, Adam8bit, AdamW8bit
+
+BIG = 10 ** 9   # min_8bit_size that keeps every state fp32
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Small tensors: a second thread only adds sync cost (10x on a busy 2-core machine)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _mlp(hidden=64, seed=0):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(16, hidden), torch.nn.Tanh(),
+                               torch.nn.Linear(hidden, hidden), torch.nn.Tanh(),
+                               torch.nn.Linear(hidden, 1))
+
+
+def _data(n=4096, noise=0.3):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(n, 16, generator=g)
+    y = x[:, :4].sum(1, keepdim=True).sin() + noise * torch.randn(n, 1, generator=g)
+    return x, y
+
+
+X, Y = _data()
+
+
+def _train(model, opt, steps, sched=None, batch=None):
+    losses = []
+    for i in range(steps):
+        xb, yb = (X, Y) if batch is None else (X[i % 8::8], Y[i % 8::8])
+        opt.zero_grad()
+        loss = ((model(xb) - yb) ** 2).mean()
+        loss.backward()
+        opt.step()
+        if sched is not None:
+            sched.step()
+        losses.append(loss.item())
+    return torch.tensor(losses)
+
+
+def _same(m1, m2):
+    return all(torch.equal(a, b) for a, b in zip(m1.parameters(), m2.parameters()))
+
+
+# ---------------------------------------------------------------------------------------------
+# the fp32 path is torch's update, bit for bit
+
+
+@pytest.mark.parametrize("ours,theirs", [
+    (lambda p: Adam8bit(p, lr=3e-3, weight_decay=1e-2, min_8bit_size=BIG),
+     lambda p: torch.optim.Adam(p, lr=3e-3, weight_decay=1e-2, foreach=False)),
+    (lambda p: AdamW8bit(p, lr=3e-3, min_8bit_size=BIG),
+     lambda p: torch.optim.AdamW(p, lr=3e-3, foreach=False)),
+    (lambda p: Adam8bit(p, lr=3e-3, maximize=True, min_8bit_size=BIG),
+     lambda p: torch.optim.Adam(p, lr=3e-3, maximize=True, foreach=False)),
+    (lambda p: SGD8bit(p, lr=0.05, weight_decay=1e-3, dampening=0.1, min_8bit_size=BIG),
+     lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, weight_decay=1e-3, dampening=0.1,
+                               foreach=False)),
+    (lambda p: SGD8bit(p, lr=0.05, nesterov=True, min_8bit_size=BIG),
+     lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, nesterov=True, foreach=False)),
+    (lambda p: SGD8bit(p, lr=0.05, momentum=0.0, min_8bit_size=BIG),
+     lambda p: torch.optim.SGD(p, lr=0.05, foreach=False)),
+])
+def test_fp32_state_path_equals_torch(ours, theirs):
+    m1, m2 = _mlp(32), _mlp(32)
+    _train(m1, ours(m1.parameters()), 30)
+    _train(m2, theirs(m2.parameters()), 30)
+    assert _same(m1, m2)
+
+
+# ---------------------------------------------------------------------------------------------
+# memory
+
+
+def _storage_bytes(opt, params):
+    seen, total = set(), 0
+    for p in params:
+        for v in opt.state[p].values():
+            if isinstance(v, torch.Tensor) and v.untyped_storage().data_ptr() not in seen:
+                seen.add(v.untyped_storage().data_ptr())
+                total += v.untyped_storage().nbytes()
+    return total
+
+
+@pytest.mark.parametrize("make,limit", [(lambda p: Adam8bit(p), 2.04),
+                                        (lambda p: AdamW8bit(p), 2.04),
+                                        (lambda p: SGD8bit(p, lr=0.1), 1.02)])
+def test_state_bytes_per_param(make, limit):
+    params = [torch.nn.Parameter(torch.randn(s)) for s in [(256, 64), (100, 300), (4096,)]]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt = make(params)
+    opt.step()
+    numel = sum(p.numel() for p in params)
+    assert _storage_bytes(opt, params) / numel <= limit
+    assert opt.state_nbytes() == _storage_bytes(opt, params)
+    for p in params:
+        dtypes = {k: v.dtype for k, v in opt.state[p].items() if isinstance(v, torch.Tensor)}
+        assert dtypes and all(d == (torch.uint8 if k.endswith("_codes") else torch.float32)
+                              for k, d in dtypes.items())
+
+
+def test_small_tensors_keep_fp32_state():
+    big, small = torch.nn.Parameter(torch.randn(64, 64)), torch.nn.Parameter(torch.randn(4095))
+    big.grad, small.grad = torch.randn_like(big), torch.randn_like(small)
+    opt = Adam8bit([big, small])                  # min_8bit_size=4096
+    opt.step()
+    assert set(opt.state[big]) == {"step", "exp_avg_codes", "exp_avg_absmax",
+                                   "exp_avg_sq_codes", "exp_avg_sq_absmax"}
+    assert set(opt.state[small]) == {"step", "exp_avg", "exp_avg_sq"}
+    assert opt.state[small]["exp_avg"].dtype == torch.float32
+    assert opt.state[small]["exp_avg"].shape == small.shape
+
+
+# ---------------------------------------------------------------------------------------------
+# training behaviour
+
+
+@pytest.mark.parametrize("ours,theirs", [
+    (lambda p: Adam8bit(p, lr=3e-3, min_8bit_size=0), lambda p: torch.optim.Adam(p, lr=3e-3)),
+    (lambda p: SGD8bit(p, lr=0.1, min_8bit_size=0),
+     lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9)),
+])
+def test_loss_curve_within_5_percent_of_fp32(ours, theirs):
+    """Every state in 8 bits (min_8bit_size=0); 200 full-batch steps of an MLP regression."""
+    m1, m2 = _mlp(), _mlp()
+    ref = _train(m1, theirs(m1.parameters()), 200)
+    got = _train(m2, ours(m2.parameters()), 200)
+    assert got[-1] < 0.2 * ref[0]                 # it learns
+    dev = ((got - ref).abs() / ref).max().item()
+    assert dev < 0.05, dev
+
+
+@pytest.mark.parametrize("make", [
+    lambda p: Adam8bit(p, lr=3e-3, min_8bit_size=1024),
+    lambda p: AdamW8bit(p, lr=3e-3, min_8bit_size=1024, block_size=128),
+    lambda p: SGD8bit(p, lr=0.05, nesterov=True, min_8bit_size=1024),
+])
+def test_resume_is_bit_for_bit(make):
+    def sched(opt):
+        return torch.optim.lr_scheduler.StepLR(opt, step_size=7, gamma=0.5)
+    m_ref = _mlp()
+    o_ref = make(m_ref.parameters())
+    s_ref = sched(o_ref)
+    _train(m_ref, o_ref, 25, s_ref, batch=True)
+
+    m_a = _mlp()
+    o_a = make(m_a.parameters())
+    s_a = sched(o_a)
+    _train(m_a, o_a, 10, s_a, batch=True)
+    buf = io.BytesIO()
+    torch.save({"model": m_a.state_dict(), "opt": o_a.state_dict(), "sched": s_a.state_dict()},
+               buf)
+    buf.seek(0)
+    ckpt = torch.load(buf, weights_only=True)
+
+    m_b = _mlp(seed=123)                          # fresh model + optimizer, then load
+    m_b.load_state_dict(ckpt["model"])
+    o_b = make(m_b.parameters())
+    s_b = sched(o_b)
+    o_b.load_state_dict(ckpt["opt"])
+    s_b.load_state_dict(ckpt["sched"])
+    for st in o_b.state.values():
+        for k, v in st.items():
+            if k.endswith("_codes"):
+                assert v.dtype == torch.uint8
+    # the batches continue where the first run stopped
+    losses = []
+    for i in range(10, 25):
+        xb, yb = X[i % 8::8], Y[i % 8::8]
+        o_b.zero_grad()
+        loss = ((m_b(xb) - yb) ** 2).mean()
+        loss.backward()
+        o_b.step()
+        s_b.step()
+        losses.append(loss.item())
+    assert _same(m_ref, m_b)
+
+
+def test_lr_scheduler_drives_the_update():
+    """A LambdaLR run equals one where the lr is written into the group by hand."""
+    def lam(i):
+        return 1.0 / (1 + i)
+    m1, m2 = _mlp(), _mlp()
+    o1, o2 = Adam8bit(m1.parameters(), lr=1e-2, min_8bit_size=0), \
+        Adam8bit(m2.parameters(), lr=1e-2, min_8bit_size=0)
+    s1 = torch.optim.lr_scheduler.LambdaLR(o1, lam)
+    for i in range(12):
+        for m, o in ((m1, o1), (m2, o2)):
+            o.zero_grad()
+            ((m(X[:256]) - Y[:256]) ** 2).mean().backward()
+        o2.param_groups[0]["lr"] = 1e-2 * lam(i)
+        o1.step()
+        o2.step()
+        s1.step()
+    assert _same(m1, m2)
+    assert o1.param_groups[0]["lr"] == pytest.approx(1e-2 / 13)
+
+
+def test_param_groups_with_different_lrs():
+    m = _mlp()
+    first, rest = list(m[0].parameters()), list(m[2].parameters()) + list(m[4].parameters())
+    before = [p.detach().clone() for p in m.parameters()]
+    opt = SGD8bit([{"params": first, "lr": 0.0}, {"params": rest}], lr=0.1, min_8bit_size=0)
+    _train(m, opt, 3)
+    after = list(m.parameters())
+    assert all(torch.equal(a, b) for a, b in zip(before[:2], after[:2]))       # lr 0: frozen
+    assert not any(torch.equal(a, b) for a, b in zip(before[2:], after[2:]))
+    with pytest.raises(ValueError, match="lr"):
+        opt.add_param_group({"params": [torch.nn.Parameter(torch.zeros(3))], "lr": -1.0})
+    assert len(opt.param_groups) == 2
+
+
+def test_chunking_does_not_change_the_result(monkeypatch):
+    torch.manual_seed(0)
+    p0 = torch.randn(3000 * 7 + 5)
+    grads = [torch.randn_like(p0) * 10 ** (i % 3) for i in range(4)]
+
+    def run(chunk):
+        monkeypatch.setattr(mo, "CPU_CHUNK", chunk)
+        p = torch.nn.Parameter(p0.clone())
+        opt = Adam8bit([p], lr=1e-2, block_size=64)
+        for g in grads:
+            p.grad = g.clone()
+            opt.step()
+        return p.detach(), opt.state[p]["exp_avg_codes"]
+    a, b = run(10 ** 9), run(1000)              # whole tensor vs chunks of 960
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+def test_grad_none_zero_grad_and_closure():
+    a, b = torch.nn.Parameter(torch.randn(5000)), torch.nn.Parameter(torch.randn(5000))
+    b0 = b.detach().clone()
+    opt = Adam8bit([a, b], lr=0.1)
+    calls = []
+
+    def closure():
+        calls.append(1)
+        opt.zero_grad()
+        loss = (a ** 2).sum()
+        loss.backward()
+        return loss
+    loss = opt.step(closure)
+    assert calls and torch.is_tensor(loss)
+    assert torch.equal(b, b0) and len(opt.state[b]) == 0       # grad None: skipped, no state
+    a1 = a.detach().clone()
+    a.grad = torch.zeros_like(a)                               # zero grad: momentum carries on
+    opt.step()
+    assert bool(torch.isfinite(a).all()) and not torch.equal(a, a1)
+
+
+def test_non_finite_gradient_stays_in_its_block():
+    p = torch.nn.Parameter(torch.randn(4 * 256))
+    opt = Adam8bit([p], lr=1e-2, min_8bit_size=0)
+    p.grad = torch.randn_like(p)
+    opt.step()
+    g = torch.randn_like(p)
+    g[300] = float("nan")                                      # block 1
+    p.grad = g
+    opt.step()
+    assert torch.isnan(p[300]) and int(torch.isnan(p).sum()) == 1   # as torch: only that element
+    p.grad = torch.randn_like(p)
+    opt.step()
+    bad = ~torch.isfinite(p.detach())
+    assert bad[256:512].all() and not bad[:256].any() and not bad[512:].any()
+    absmax = opt.state[p]["exp_avg_absmax"]
+    assert torch.isfinite(absmax[[0, 2, 3]]).all() and not torch.isfinite(absmax[1])
+
+
+def test_bad_hyperparameters_raise():
+    ps = [torch.nn.Parameter(torch.zeros(3))]
+    cases = [
+        (lambda: Adam8bit(ps, lr=-1), "lr"),
+        (lambda: Adam8bit(ps, betas=(1.0, 0.999)), "betas"),
+        (lambda: Adam8bit(ps, betas=(0.9,)), "betas"),
+        (lambda: Adam8bit(ps, eps=0), "eps"),
+        (lambda: AdamW8bit(ps, weight_decay=-0.1), "weight_decay"),
+        (lambda: Adam8bit(ps, block_size=0), "block_size"),
+        (lambda: Adam8bit(ps, min_8bit_size=-1), "min_8bit_size"),
+        (lambda: Adam8bit(ps, maximize=1), "maximize"),
+        (lambda: SGD8bit(ps, lr=float("nan")), "lr"),
+        (lambda: SGD8bit(ps, lr=0.1, momentum=1.5), "momentum"),
+        (lambda: SGD8bit(ps, lr=0.1, dampening=2), "dampening"),
+        (lambda: SGD8bit(ps, lr=0.1, nesterov=True, dampening=0.5), "nesterov"),
+        (lambda: SGD8bit(ps, lr=0.1, compile="yes"), "compile"),
+    ]
+    for make, name in cases:
+        with pytest.raises(ValueError, match=name):
+            make()
+    with pytest.raises(TypeError, match="floating-point"):
+        Adam8bit([torch.zeros(3, dtype=torch.long)])
+
+
+def test_registry_factories():
+    from memlab.registry import get
+    m = _mlp()
+    for name, cls in (("sgd8bit", SGD8bit), ("adam8bit", Adam8bit), ("adamw8bit", AdamW8bit)):
+        assert isinstance(get("optimizer", name).factory(m, lr=1e-3, weight_decay=0.0), cls)
+
+
+def _compare_runs(make_a, make_b, steps=15, dev_b="cpu"):
+    """Train the same MLP with two optimizers; return (max param diff, loss curves)."""
+    m_a = _mlp(64)
+    m_b = copy.deepcopy(m_a).to(dev_b)
+    o_a, o_b = make_a(m_a.parameters()), make_b(m_b.parameters())
+    x, y = X[:512], Y[:512]
+    la, lb = [], []
+    for _ in range(steps):
+        for m, o, dev, ls in ((m_a, o_a, "cpu", la), (m_b, o_b, dev_b, lb)):
+            o.zero_grad()
+            loss = ((m(x.to(dev)) - y.to(dev)) ** 2).mean()
+            loss.backward()
+            o.step()
+            ls.append(loss.item())
+    diff = max((a - b.cpu()).abs().max().item() for a, b in zip(m_a.parameters(), m_b.parameters()))
+    return diff, torch.tensor(la), torch.tensor(lb), o_b
+
+
+MAKERS = [lambda p, **k: Adam8bit(p, lr=3e-3, min_8bit_size=1024, **k),
+          lambda p, **k: AdamW8bit(p, lr=3e-3, min_8bit_size=1024, **k),
+          lambda p, **k: SGD8bit(p, lr=0.1, min_8bit_size=1024, **k)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("make", MAKERS)
+def test_compiled_step_traces_and_agrees_with_eager(make):
+    """The torch.compile path (CUDA's default) in one graph, checked on CPU (~1 min compile)."""
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")            # a fallback to eager would warn: fail instead
+        diff, la, lb, opt = _compare_runs(lambda p: make(p, compile=False),
+                                          lambda p: make(p, compile=True), steps=8)
+    assert opt._compiled.get("cpu") is not None
+    assert diff < 5e-3 and ((la - lb).abs() / la).max() < 0.01
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("make", MAKERS)
+@pytest.mark.parametrize("compile", [False, None])
+def test_cuda_matches_cpu(make, compile):
+    diff, la, lb, opt = _compare_runs(lambda p: make(p), lambda p: make(p, compile=compile),
+                                      steps=20, dev_b="cuda")
+    # same math; different float rounding can flip a few 8-bit codes, so not bit-exact
+    assert diff < 1e-2 and ((la - lb).abs() / la).max() < 0.02
+    if compile is None:
+        assert opt._compiled.get("cuda") is not None       # compiled, no fallback
+    st = opt.state[next(iter(opt.state))]
+    assert any(v.dtype == torch.uint8 and v.is_cuda for v in st.values()
+               if isinstance(v, torch.Tensor))
