@@ -71,6 +71,8 @@ class Config:
     budget: Optional[int] = None      # bytes: metered steps raise MemoryBudgetExceeded past it
     warmup: float = 0.1               # fraction of steps with linear LR warm-up, then cosine
     eval_at_start: bool = False       # yield a step-0 record with the untrained model's metrics
+    init_from: Optional[str] = None   # state-dict file loaded into the model before training
+    adapt_speaker: Optional[int] = None  # asr: train and test on this one synthetic speaker only
 
     @classmethod
     def for_task(cls, task: str = "speaker", **overrides) -> "Config":
@@ -103,10 +105,14 @@ class Config:
         parts = [self.model_name, f"d{self.depth}" if self.blocks is None else
                  "x".join(map(str, self.blocks)), f"w{self.width}", f"B{self.batch_size}",
                  self.optimizer]
+        if self.optimizer == "lowrank-adam" and "rank" in self.optimizer_kwargs:
+            parts[-1] += f" r{self.optimizer_kwargs['rank']}"
         if self.task == "speaker":
             parts.insert(1, self.memory)
         else:
             parts.append(self.loss)
+        if self.adapt_speaker is not None:
+            parts.append(f"spk{self.adapt_speaker}")
         return " ".join(parts)
 
     def validate(self) -> "Config":
@@ -141,6 +147,22 @@ class Config:
             raise ValueError(f"warmup must be in [0, 1), got {self.warmup!r}")
         if self.budget is not None and not (isinstance(self.budget, (int, float)) and self.budget > 0):
             raise ValueError(f"budget must be a positive number of bytes or None, got {self.budget!r}")
+        if self.init_from is not None:
+            if not isinstance(self.init_from, (str, os.PathLike)):
+                raise TypeError(f"init_from must be None or a path to a state-dict file, got "
+                                f"{type(self.init_from).__name__} ({self.init_from!r})")
+            if not os.path.isfile(self.init_from):
+                raise ValueError(f"init_from must name an existing state-dict file, got "
+                                 f"{os.fspath(self.init_from)!r} (no such file)")
+        if self.adapt_speaker is not None:
+            if isinstance(self.adapt_speaker, bool) or not isinstance(self.adapt_speaker, int):
+                raise TypeError(f"adapt_speaker must be None or an int speaker id, got "
+                                f"{type(self.adapt_speaker).__name__} ({self.adapt_speaker!r})")
+            if self.adapt_speaker < 0:
+                raise ValueError(f"adapt_speaker must be >= 0, got {self.adapt_speaker}")
+            if self.task != "asr":
+                raise ValueError(f"adapt_speaker applies to task='asr' only, got "
+                                 f"task={self.task!r}")
         registry.get("memory", self.memory, self.task)
         registry.get("optimizer", self.optimizer, self.task)
         if self.task == "asr":
@@ -189,10 +211,12 @@ def _speaker_data(num_speakers, utts, eval_speakers, seconds, seed):
 
 
 @functools.lru_cache(maxsize=8)
-def _asr_data(num_utts, eval_utts, vocab_size, seed):
+def _asr_data(num_utts, eval_utts, vocab_size, seed, speaker=None):
+    """Train / test utterances of the default speakers, or (speaker=id) of that one speaker."""
     from memlab.data import TokenCorpus
-    train = TokenCorpus(num_utts, vocab_size=vocab_size, seed=seed)
-    test = TokenCorpus(eval_utts, vocab_size=vocab_size, seed=seed + 104729)
+    who = {} if speaker is None else {"speaker_offset": speaker, "num_speakers": 1}
+    train = TokenCorpus(num_utts, vocab_size=vocab_size, seed=seed, **who)
+    test = TokenCorpus(eval_utts, vocab_size=vocab_size, seed=seed + 104729, **who)
     return _materialise(train), _materialise(test)
 
 
@@ -243,6 +267,32 @@ def build_model(cfg: Config, num_classes: Optional[int] = None) -> nn.Module:
     from memlab.models import Transducer
     return Transducer(cfg.vocab_size, enc_dim=cfg.width, enc_layers=cfg.depth,
                       pred_dim=cfg.width, joint_dim=cfg.width, loss=cfg.loss)
+
+
+def load_init(model: nn.Module, path) -> nn.Module:
+    """Load the state dict saved at ``path`` (``torch.load(..., weights_only=True)``) into model.
+
+    The file must hold exactly the model's keys and shapes (a model trained with
+    ``lowrank-adam`` is saved after ``optimizer.remove()``, which folds the factors in).
+    """
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - re-raised with the argument named
+        raise ValueError(f"init_from: could not load a state dict from {os.fspath(path)!r} "
+                         f"({type(e).__name__}: {e})") from e
+    if not isinstance(state, dict):
+        raise ValueError(f"init_from: {os.fspath(path)!r} holds a {type(state).__name__}, "
+                         f"expected a state dict")
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # shape mismatches
+        raise ValueError(f"init_from: {os.fspath(path)!r} does not fit the model of this Config "
+                         f"(check task, width, depth, vocab_size): {e}") from e
+    if missing or unexpected:
+        raise ValueError(f"init_from: {os.fspath(path)!r} does not fit the model of this Config "
+                         f"(check task, width, depth, vocab_size): missing keys {missing[:5]}, "
+                         f"unexpected keys {unexpected[:5]}")
+    return model
 
 
 def build_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
@@ -301,10 +351,12 @@ class Experiment:
         else:
             from memlab.data import collate_asr
             self._train, self._test = _asr_data(cfg.num_utts, cfg.eval_utts, cfg.vocab_size,
-                                                cfg.seed)
+                                                cfg.seed, cfg.adapt_speaker)
             self._collate = collate_asr
         torch.manual_seed(cfg.seed)
         self.model = build_model(cfg).to(dev)
+        if cfg.init_from is not None:
+            load_init(self.model, cfg.init_from)
         self.optimizer = build_optimizer(cfg, self.model)
         self.scheduler = _schedule(cfg, self.optimizer)
         gen = torch.Generator().manual_seed(cfg.seed)
