@@ -96,7 +96,8 @@ def run_compare(task: str, overrides: Dict[str, Any], memory=None, optimizer=Non
             bar.close()
         recs = [r for r in exp.records if r.step > 0]
         metered = [r for r in recs if r.metered]
-        peak_rec = max(metered, key=lambda r: r.peak)
+        # steady state: the highest peak, the latest step on ties (optimizer state exists by then)
+        peak_rec = max(reversed(metered), key=lambda r: r.peak)
         plain = [r.seconds for r in recs if not r.metered and r.step > 1] or \
                 [r.seconds for r in recs]
         final = recs[-1].metrics or {}

@@ -60,7 +60,7 @@ class Config:
     num_speakers: int = 24            # training speakers (speaker task)
     utts_per_speaker: int = 24
     eval_speakers: int = 12           # unseen speakers for EER
-    seconds: float = 2.0              # utterance length (speaker task)
+    seconds: float = 1.0              # utterance length (speaker task)
     vocab_size: int = 12              # tokens incl. blank (asr)
     num_utts: int = 600               # training utterances (asr)
     eval_utts: int = 60

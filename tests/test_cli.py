@@ -25,7 +25,7 @@ def test_help_lists_commands_and_strategies(capsys):
 
 
 def test_compare_json_rows(capsys):
-    rc = main(["compare", "--task", "speaker", "--steps", "2", "--optimizer", "adam,sgd",
+    rc = main(["compare", "--task", "speaker", "--steps", "3", "--optimizer", "adam,sgd",
                "--json"])
     assert rc == 0
     rows = json.loads(capsys.readouterr().out)
