@@ -65,15 +65,16 @@ Scalar = Union[float, Tensor]  # python float on CPU; 0-dim tensor in the compil
 # the math: one pure function per optimizer
 
 
-def _load(s: State) -> Tensor:
-    """fp32 working copy of a state (the state itself when it is already fp32)."""
-    return s.dequantize() if isinstance(s, QTensor) else s
+def _load(s: State, out: Optional[Tensor] = None) -> Tensor:
+    """fp32 working copy of a state (the state itself when it is already fp32); ``out``: an
+    fp32 buffer of the same numel to decode into (saves an allocation)."""
+    return s.dequantize(out=out) if isinstance(s, QTensor) else s
 
 
-def _store(s: State, x: Tensor, scratch: Optional[Tensor] = None) -> None:
+def _store(s: State, x: Tensor, scratch: Optional[Tensor] = None, nonneg: bool = False) -> None:
     """Write the working copy back (a no-op for fp32 states, which were updated in place)."""
     if isinstance(s, QTensor):
-        s.copy_(x, scratch)
+        s.copy_(x, scratch, nonneg=nonneg)
 
 
 def _add_scaled_(p: Tensor, x: Tensor, scale: Scalar) -> None:
@@ -133,13 +134,14 @@ def _adam8bit_step(p: Tensor, grad: Tensor, exp_avg: State, exp_avg_sq: State, *
     bias_correction1 = 1 - beta1 ** step
     bias_correction2 = 1 - beta2 ** step
     step_size = lr / bias_correction1
-    denom = (v.sqrt() / bias_correction2 ** 0.5).add_(eps)         # (*S,)
-    if isinstance(step_size, Tensor):
+    if isinstance(step_size, Tensor):                               # compiled path: pure ops
+        denom = (v.sqrt() / bias_correction2 ** 0.5).add_(eps)     # (*S,)
         p.sub_(m / denom * step_size)
-    else:
+    else:                                                           # eager: same ops, in place
+        denom = v.sqrt().div_(bias_correction2 ** 0.5).add_(eps)   # (*S,)
         p.addcdiv_(m, denom, value=-step_size)
     _store(exp_avg, m, scratch=denom)                               # denom is free now: scratch
-    _store(exp_avg_sq, v, scratch=denom)
+    _store(exp_avg_sq, v, scratch=denom, nonneg=True)               # v >= 0: no |v| pass
 
 
 # ----------------------------------------------------------------------------------------------

@@ -136,8 +136,10 @@ class _Codebook:
         torch.index_select(self.lut, 0, key, out=out)                # (N,) lower candidate
         return out.add_(xn > self.lut_mid.index_select(0, key))      # +1 past the midpoint
 
-    def decode(self, codes: Tensor) -> Tensor:
-        return self.code.index_select(0, codes.int())                # (N,) f32
+    def decode(self, codes: Tensor, out: Optional[Tensor] = None) -> Tensor:
+        if out is None:
+            return self.code.index_select(0, codes.int())            # (N,) f32
+        return torch.index_select(self.code, 0, codes.int(), out=out)
 
 
 _BOOKS: dict = {}
@@ -182,22 +184,29 @@ def _parts(n: int, block_size: int):
 
 
 def _quantize_into(x: Tensor, book: _Codebook, block_size: int, codes: Tensor, absmax: Tensor,
-                   scratch: Optional[Tensor] = None) -> None:
-    """Quantize flat float32 ``x`` (N,) into ``codes`` (N,) uint8 and ``absmax`` (num_blocks,)."""
-    xn = torch.abs(x, out=scratch) if scratch is not None else x.abs()   # (N,) |x|, then x / absmax
+                   scratch: Optional[Tensor] = None, nonneg: bool = False) -> None:
+    """Quantize flat float32 ``x`` (N,) into ``codes`` (N,) uint8 and ``absmax`` (num_blocks,).
+
+    ``nonneg``: the caller guarantees x >= 0 (Adam's second moment): |x| is x, one pass less."""
+    if nonneg:
+        ax, xn = x, (scratch if scratch is not None else torch.empty_like(x))  # (N,) x / absmax
+    else:
+        xn = torch.abs(x, out=scratch) if scratch is not None else x.abs()  # |x|, then x / absmax
+        ax = xn
     row = 0
     for start, end, rows in _parts(x.numel(), block_size):
         a = absmax[row:row + rows]                                        # (rows,)
-        torch.amax(xn[start:end].view(rows, -1), dim=1, out=a)
+        torch.amax(ax[start:end].view(rows, -1), dim=1, out=a)
         scale = a.masked_fill(a == 0, 1.0)                                # all-zero block: x / 1
         torch.div(x[start:end].view(rows, -1), scale[:, None], out=xn[start:end].view(rows, -1))
         row += rows
     book.encode(xn, codes)
 
 
-def _dequantize_into(codes: Tensor, absmax: Tensor, book: _Codebook, block_size: int) -> Tensor:
-    """float32 (N,) values of flat uint8 ``codes``."""
-    out = book.decode(codes)                                              # (N,) code values
+def _dequantize_into(codes: Tensor, absmax: Tensor, book: _Codebook, block_size: int,
+                     out: Optional[Tensor] = None) -> Tensor:
+    """float32 (N,) values of flat uint8 ``codes`` (written into ``out`` when given)."""
+    out = book.decode(codes, out)                                         # (N,) code values
     row = 0
     for start, end, rows in _parts(codes.numel(), block_size):
         out[start:end].view(rows, -1).mul_(absmax[row:row + rows, None])  # (rows, block) * absmax
@@ -351,22 +360,31 @@ class QTensor:
             self.block_size, self._book
         return q
 
-    def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
-        """A new float tensor of ``shape``."""
-        out = _dequantize_into(self.codes, self.absmax, self._book, self.block_size)
+    def dequantize(self, dtype: torch.dtype = torch.float32, out: Optional[Tensor] = None) -> Tensor:
+        """A float tensor of ``shape``: new, or ``out`` (float32, ``numel`` elements) filled."""
+        if out is not None:
+            if out.dtype != torch.float32 or out.numel() != self.codes.numel():
+                raise ValueError(f"out must be float32 with {self.codes.numel()} elements, got "
+                                 f"{out.dtype} with {out.numel()}")
+            out = out.view(-1)
+        out = _dequantize_into(self.codes, self.absmax, self._book, self.block_size, out)
         return out.view(self.shape).to(dtype)
 
-    def copy_(self, x: Tensor, scratch: Optional[Tensor] = None) -> "QTensor":
+    def copy_(self, x: Tensor, scratch: Optional[Tensor] = None,
+              nonneg: bool = False) -> "QTensor":
         """Quantize ``x`` (same number of elements) into this tensor's storages, in place.
 
         ``scratch``: optional float32 buffer of ``numel`` elements that may be overwritten
-        (saves one allocation in the optimizer step)."""
+        (saves one allocation in the optimizer step). ``nonneg=True``: the caller guarantees
+        ``x >= 0`` everywhere (Adam's second moment), which skips the |x| pass; a negative
+        element then gives a wrong block."""
         flat = x.detach().reshape(-1).to(torch.float32)                   # (N,)
         if flat.numel() != self.codes.numel():
             raise ValueError(f"x must have {self.codes.numel()} elements, got {flat.numel()}")
         if scratch is not None:
             scratch = scratch.view(-1)
-        _quantize_into(flat, self._book, self.block_size, self.codes, self.absmax, scratch)
+        _quantize_into(flat, self._book, self.block_size, self.codes, self.absmax, scratch,
+                       nonneg=nonneg)
         return self
 
     quantize_ = copy_

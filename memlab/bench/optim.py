@@ -141,7 +141,47 @@ def quant_error(x: torch.Tensor, code: torch.Tensor, block_size: int) -> tuple:
     return (err.mean() / x.abs().mean()).item(), (err[nz] / x[nz].abs()).mean().item()
 
 
-def _error_rows(n: int) -> list:
+def relative_errors(x: torch.Tensor, code: torch.Tensor, block_size: int) -> torch.Tensor:
+    """|x_hat - x| / |x| of a quantize -> dequantize round trip, for the non-zero elements of x
+    (float32, flat): the per-element errors whose histogram the notebook draws."""
+    codes, absmax = quantize_blockwise(x, code, block_size)
+    x_hat = dequantize_blockwise(codes, absmax, code, block_size, shape=x.shape)
+    nz = x != 0
+    return ((x_hat - x).abs()[nz] / x[nz].abs()).reshape(-1)
+
+
+def state_memory(fast: bool = False, names=("sgd", "sgd8bit", "adam", "adam8bit")) -> List[dict]:
+    """Optimizer-state memory of each optimizer on the ResNet-like parameters of ``_shapes``.
+
+    The first ``step()`` (which creates the state) runs inside a ``MemoryMeter``; per row:
+    ``state_bytes`` -- the optimizer category alive after the step (what the meter counts as
+    ``optimizer``), ``step_peak_bytes`` -- that category's maximum during the step (includes the
+    8-bit optimizers' fp32 working pieces), ``state_nbytes`` -- the storages in
+    ``optimizer.state`` counted directly (must equal ``state_bytes``), and
+    ``bytes_per_param`` = state_bytes / parameter elements (all tensors, small ones included).
+    """
+    from memlab.memory import MemoryMeter
+    from memlab.quant import QTensor
+
+    for signed in (True, False):  # the codebooks are a global cache (~0.3 MiB each), built at
+        QTensor.zeros((1,), signed)  # first use: build them outside the metered step
+    build, rows = _builders(), []
+    for name in names:
+        ps = _params(_shapes(fast))
+        opt = build[name](ps)
+        with MemoryMeter("cpu", optimizer=opt) as meter:
+            opt.step()
+        numel = sum(p.numel() for p in ps)
+        direct = state_bytes_per_param(opt, ps, min_numel=0) * numel
+        rows.append(dict(optimizer=name, params=numel, state_bytes=meter.now()["optimizer"],
+                         step_peak_bytes=meter.category_peaks()["optimizer"],
+                         state_nbytes=int(round(direct)),
+                         bytes_per_param=round(meter.now()["optimizer"] / numel, 4)))
+    return rows
+
+
+def error_rows(n: int) -> list:
+    """quant_error rows for Adam-like states of n elements: both maps x both blockings."""
     m, v = adam_like_states(n)
     res = {}
     for state, x, signed in (("exp_avg", m, True), ("exp_avg_sq", v, False)):
@@ -164,23 +204,28 @@ def _error_rows(n: int) -> list:
     return rows
 
 
-def run(fast: bool = False, repeats: Optional[int] = None,
-        threads: Optional[int] = None) -> List[dict]:
-    """All rows: state bytes/param, step time vs torch (foreach), quantization error.
+def step_times(fast: bool = False, repeats: Optional[int] = None,
+               threads: Optional[int] = None) -> List[dict]:
+    """The ``step_time`` rows only: each 8-bit optimizer against torch's fp32 ``foreach`` one.
 
     ``threads``: torch intra-op threads for the timings (default: leave torch's setting);
     on a busy machine ``threads=1`` gives steadier ratios.
     """
-    shapes = _shapes(fast)
     repeats = repeats or (5 if fast else 15)
     before = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)
     try:
-        times = _time_rows(shapes, repeats)
+        return _time_rows(_shapes(fast), repeats)
     finally:
         torch.set_num_threads(before)
-    return _memory_rows(shapes) + times + _error_rows(2 ** 16 if fast else 2 ** 20)
+
+
+def run(fast: bool = False, repeats: Optional[int] = None,
+        threads: Optional[int] = None) -> List[dict]:
+    """All rows: state bytes/param, step time vs torch (foreach), quantization error."""
+    times = step_times(fast, repeats, threads)
+    return _memory_rows(_shapes(fast)) + times + error_rows(2 ** 16 if fast else 2 ** 20)
 
 
 if __name__ == "__main__":  # pragma: no cover
