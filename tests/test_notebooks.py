@@ -1,0 +1,72 @@
+"""Every tutorial notebook runs headless in fast mode, and is committed without outputs.
+
+Parametrized over ``notebooks/*.ipynb``, so a notebook added later is covered automatically.
+"""
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+nbformat = pytest.importorskip("nbformat")
+
+ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
+TIMEOUT_S = 120            # per notebook, fast mode, 2 CPU cores
+IDS = [p.stem for p in NOTEBOOKS]
+
+
+@pytest.mark.notebook
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=IDS)
+def test_notebook_runs_in_fast_mode(path, tmp_path, monkeypatch):
+    nbclient = pytest.importorskip("nbclient")
+    pytest.importorskip("ipykernel")
+    # The kernel inherits this environment: tiny sizes, and one intra-op thread so tiny models
+    # do not lose their time to OpenMP spin-waits on a busy 2-core machine.
+    monkeypatch.setenv("MEMLAB_FAST", "1")
+    monkeypatch.setenv("OMP_NUM_THREADS", os.environ.get("OMP_NUM_THREADS", "1"))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(
+        [str(ROOT)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
+    nb = nbformat.read(path, as_version=4)
+    client = nbclient.NotebookClient(
+        nb, timeout=TIMEOUT_S, kernel_name="python3", allow_errors=False,
+        resources={"metadata": {"path": str(tmp_path)}})   # cwd: files a notebook writes go here
+    t0 = time.perf_counter()
+    client.execute()
+    elapsed = time.perf_counter() - t0
+    assert elapsed < TIMEOUT_S, f"{path.name} took {elapsed:.0f} s in fast mode (limit {TIMEOUT_S})"
+    errors = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
+              if o.get("output_type") == "error"]
+    assert not errors
+    print(f"{path.name}: {elapsed:.1f} s")
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=IDS)
+def test_notebook_committed_clean(path):
+    """No outputs, no execution counts, no saved widget state; a tagged parameters cell."""
+    nb = nbformat.read(path, as_version=4)
+    nbformat.validate(nb)
+    dirty = [i for i, c in enumerate(nb.cells) if c.cell_type == "code"
+             and (c.get("outputs") or c.get("execution_count") is not None)]
+    assert not dirty, f"{path.name}: cells {dirty} have outputs or execution counts; clear them"
+    assert "widgets" not in nb.metadata, f"{path.name}: saved widget state in metadata"
+    params = [c for c in nb.cells if "parameters" in c.get("metadata", {}).get("tags", [])]
+    assert len(params) == 1, f"{path.name}: needs exactly one cell tagged 'parameters'"
+    assert "MEMLAB_FAST" in params[0].source
+
+
+def test_there_are_notebooks():
+    assert any(p.name.startswith("00_") for p in NOTEBOOKS)
+
+
+def test_generated_notebooks_are_current():
+    """Notebooks built by tools/make_notebook.py match their sources."""
+    tool = ROOT / "tools" / "make_notebook.py"
+    if not tool.exists():
+        pytest.skip("no tools/make_notebook.py")
+    r = subprocess.run([sys.executable, str(tool), "--check"], cwd=ROOT, capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
