@@ -194,11 +194,14 @@ def _cmd_lab(args) -> int:
                                                  " (kept your copies; --overwrite to refresh)"))
     token = secrets.token_hex(24)
     url = f"http://127.0.0.1:{args.port}/lab/tree/00_where_memory_goes.ipynb?token={token}"
-    cmd = [sys.executable, "-m", "jupyter", "lab", f"--ServerApp.root_dir={dest}",
+    # `python -m jupyterlab` is the server itself (not a launcher), so Ctrl+C stops it
+    cmd = [sys.executable, "-m", "jupyterlab", f"--ServerApp.root_dir={dest}",
            "--ServerApp.ip=127.0.0.1", f"--ServerApp.port={args.port}",
            "--ServerApp.port_retries=0", f"--IdentityProvider.token={token}"]
     if args.no_browser:
         cmd.append("--no-browser")
+    if hasattr(os, "geteuid") and os.geteuid() == 0:
+        cmd.append("--allow-root")  # containers often run as root; Jupyter refuses otherwise
     print(f"memlab lab: open this address in your browser (Ctrl+C stops the server):\n  {url}",
           flush=True)
     if args.dry_run:

@@ -340,7 +340,7 @@ class LowRankAdam(torch.optim.Optimizer):
 
         self.rank, self.merge_every, self.proj = rank, merge_every, proj
         self._generator = torch.Generator()
-        self._generator.manual_seed(int(torch.randint(2**62, ())) if seed is None else seed)
+        self._generator.manual_seed(_draw_seed() if seed is None else seed)
         self._steps = 0
         self._removed = False
         self._targets: list[_Target] = []
@@ -571,3 +571,14 @@ class LowRankAdam(torch.optim.Optimizer):
             m, n = t.matrix().shape
             out.append((t.qualname, (m, n), min(self.rank, m, n), t.attach or self.proj))
         return out
+
+
+def _draw_seed() -> int:
+    """A seed from torch's global generator (so torch.manual_seed makes runs repeatable),
+    drawn with real tensors even inside FakeTensorMode (memlab.memory.estimate)."""
+    try:
+        from torch._subclasses.fake_tensor import unset_fake_temporarily
+    except ImportError:  # pragma: no cover
+        return int(torch.randint(2**62, ()))
+    with unset_fake_temporarily():
+        return int(torch.randint(2**62, (), device="cpu"))

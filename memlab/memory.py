@@ -459,7 +459,7 @@ def estimate(step_fn: Callable[..., Any], setup: Optional[Callable[[], Any]] = N
                                       torch.randn(128, 200, 80)))
         est.peak, est.breakdown()
     """
-    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch._subclasses.fake_tensor import DataDependentOutputException, FakeTensorMode
 
     if not callable(step_fn):
         raise TypeError(f"step_fn must be callable, got {type(step_fn).__name__}")
@@ -468,7 +468,7 @@ def estimate(step_fn: Callable[..., Any], setup: Optional[Callable[[], Any]] = N
     if not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be an int >= 1, got {steps!r}")
     dev = torch.device(device)
-    with FakeTensorMode(allow_non_fake_inputs=False):
+    with FakeTensorMode(allow_non_fake_inputs=True):  # constants (e.g. codebooks) may be real
         with torch.device(dev):
             state = setup() if setup is not None else ()
             if not isinstance(state, tuple):
@@ -479,7 +479,14 @@ def estimate(step_fn: Callable[..., Any], setup: Optional[Callable[[], Any]] = N
             meter = MemoryMeter(dev, model=models, optimizer=opts, inputs=others, scan=False,
                                 _track_all_devices=True)
             with meter:
-                for _ in range(steps):
-                    step_fn(*state)
+                try:
+                    for _ in range(steps):
+                        step_fn(*state)
+                except DataDependentOutputException as e:
+                    raise NotImplementedError(
+                        "estimate cannot run a step that reads tensor values (e.g. .item() or "
+                        "a loop over lengths, as the transducer losses do): fake tensors have "
+                        "shapes but no data. Measure a smaller real step with MemoryMeter, or "
+                        "use memlab.bench.transducer.estimate_bytes for the loss.") from e
     return Estimate(meter.peak, meter.baseline, meter.peak_phase, meter.breakdown(),
                     meter.category_peaks())

@@ -160,11 +160,26 @@ _MAPS: dict = {}
 
 
 def _state_book(signed: bool, device: torch.device) -> _Codebook:
-    """The cached dynamic-map codebook the optimizers use."""
+    """The cached dynamic-map codebook the optimizers use.
+
+    Built from real tensors even inside ``FakeTensorMode`` (``memlab.memory.estimate``): the
+    codebook is a constant of a few KiB, not state that scales with the model.
+    """
     key = (signed, device.type, device.index)
     if key not in _MAPS:
-        _MAPS[key] = _codebook(dynamic_map(signed), device)
+        with _real_tensors():
+            _MAPS[key] = _codebook(dynamic_map(signed), device)
     return _MAPS[key]
+
+
+def _real_tensors():
+    """Leave fake-tensor mode for a moment (a no-op outside it)."""
+    try:
+        from torch._subclasses.fake_tensor import unset_fake_temporarily
+        return unset_fake_temporarily()
+    except ImportError:  # pragma: no cover - older torch
+        import contextlib
+        return contextlib.nullcontext()
 
 
 # ----------------------------------------------------------------------------------------------

@@ -129,23 +129,17 @@ def _reduce(losses: torch.Tensor, reduction: str) -> torch.Tensor:
 # 1. reference: the forward recursion in plain PyTorch, autograd does the backward
 
 
-def rnnt_loss_reference(logits: torch.Tensor, targets: torch.Tensor, logit_lengths: torch.Tensor,
-                        target_lengths: torch.Tensor, blank: int = 0,
-                        reduction: str = "mean") -> torch.Tensor:
-    """RNN-T loss by the alpha recursion over anti-diagonals of the lattice (for teaching/tests).
+def _alpha_diagonals(logits, targets, logit_lengths, target_lengths, blank):
+    """The alpha recursion of every sample, one anti-diagonal n = t + u per step.
 
-    Every cell on anti-diagonal n = t + u depends only on cells of diagonal n - 1, so one Python
-    iteration per diagonal (T + U of them) updates a whole diagonal for the whole batch. Computed
-    in float64 for float64 input and float32 otherwise; returned in the dtype of ``logits``.
-    Memory: like the batched loss it holds log_softmax(logits), a full (B, T, U+1, V) tensor.
+    Returns (alphas (B, T+U, U+1) indexed by (n, u), lp_blank (B, T, U+1)).
     """
-    _check_logits_args(logits, targets, logit_lengths, target_lengths, blank, reduction)
     B, T, U1, V = logits.shape
     U = U1 - 1
     dev = logits.device
     work = torch.float64 if logits.dtype == torch.float64 else torch.float32
     log_probs = logits.to(work).log_softmax(dim=-1)                          # (B, T, U+1, V)
-    in_len, tgt_len = logit_lengths.long(), target_lengths.long()
+    tgt_len = target_lengths.long()
     u_idx = torch.arange(U1, device=dev)                                       # (U+1,)
     valid = u_idx[None, :U] < tgt_len[:, None]                                 # (B, U)
     tgt = torch.where(valid, targets.long(), blank)                            # (B, U) padding -> blank
@@ -172,11 +166,51 @@ def rnnt_loss_reference(logits: torch.Tensor, targets: torch.Tensor, logit_lengt
         move = torch.where(ok_move[None], prev + e_lp, _NEG)                   # (B, U+1)
         alpha = torch.logaddexp(stay, move)                                    # (B, U+1)
         diagonals.append(alpha)
-    alphas = torch.stack(diagonals, dim=1)                                     # (B, T+U, U+1)
-    b_idx = torch.arange(B, device=dev)
+    return torch.stack(diagonals, dim=1), lp_blank                             # (B, T+U, U+1)
+
+
+def rnnt_loss_reference(logits: torch.Tensor, targets: torch.Tensor, logit_lengths: torch.Tensor,
+                        target_lengths: torch.Tensor, blank: int = 0,
+                        reduction: str = "mean") -> torch.Tensor:
+    """RNN-T loss by the alpha recursion over anti-diagonals of the lattice (for teaching/tests).
+
+    Every cell on anti-diagonal n = t + u depends only on cells of diagonal n - 1, so one Python
+    iteration per diagonal (T + U of them) updates a whole diagonal for the whole batch. Computed
+    in float64 for float64 input and float32 otherwise; returned in the dtype of ``logits``.
+    Memory: like the batched loss it holds log_softmax(logits), a full (B, T, U+1, V) tensor.
+    """
+    _check_logits_args(logits, targets, logit_lengths, target_lengths, blank, reduction)
+    B = logits.shape[0]
+    alphas, lp_blank = _alpha_diagonals(logits, targets, logit_lengths, target_lengths, blank)
+    in_len, tgt_len = logit_lengths.long(), target_lengths.long()
+    b_idx = torch.arange(B, device=logits.device)
     last = alphas[b_idx, in_len - 1 + tgt_len, tgt_len]                        # (B,) alpha(T_b-1, U_b)
     losses = -(last + lp_blank[b_idx, in_len - 1, tgt_len])                    # (B,)
     return _reduce(losses.to(logits.dtype), reduction)
+
+
+def rnnt_forward_variables(logits: torch.Tensor, targets: torch.Tensor,
+                           logit_lengths: torch.Tensor, target_lengths: torch.Tensor,
+                           blank: int = 0) -> torch.Tensor:
+    """The forward variables alpha(t, u) of every sample on its T x (U+1) lattice (for teaching).
+
+    alpha(t, u) is the log-probability of all partial paths that have reached (t, u): the first
+    u target tokens emitted in the first t+1 frames (see the module docstring). Returns a
+    (B, T, U+1) tensor in the dtype :func:`rnnt_loss_reference` computes in (float64 for float64
+    logits, float32 otherwise); cells outside sample b's lattice (t >= T_b or u > U_b) are -inf.
+    ``-(alpha[b, T_b-1, U_b] + log_softmax(logits)[b, T_b-1, U_b, blank])`` is sample b's loss.
+    No gradient is needed for a picture, but autograd flows through it like the reference.
+    """
+    _check_logits_args(logits, targets, logit_lengths, target_lengths, blank, "none")
+    B, T, U1, _ = logits.shape
+    alphas, _ = _alpha_diagonals(logits, targets, logit_lengths, target_lengths, blank)
+    dev = logits.device
+    t_idx = torch.arange(T, device=dev)[:, None]                               # (T, 1)
+    u_idx = torch.arange(U1, device=dev)[None, :]                              # (1, U+1)
+    grid = alphas[:, t_idx + u_idx, u_idx.expand(T, U1)]                       # (B, T, U+1)
+    inside = ((t_idx[None] < logit_lengths.long()[:, None, None])
+              & (u_idx[None] <= target_lengths.long()[:, None, None]))         # (B, T, U+1)
+    return grid.masked_fill(~inside, float("-inf"))
 
 
 # ----------------------------------------------------------------------------------------------

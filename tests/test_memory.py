@@ -167,3 +167,21 @@ def test_cuda_count_agrees_with_max_memory_allocated():
     counted = m.peak - m.baseline
     # the caching allocator rounds each block up to 512 B; cuBLAS may add a workspace
     assert counted <= used_by_step <= counted + 64 * 512 + 8 * 2**20
+
+
+def test_estimate_works_for_8bit_and_lowrank_optimizers():
+    from memlab.lab import Config, estimate_config
+    base = Config(blocks=(1, 1, 1, 1), width=16, batch_size=4)
+    opt = {o: estimate_config(base.replace(optimizer=o), steps=2).breakdown()["optimizer"]
+           for o in ("adam", "adam8bit", "lowrank-adam")}
+    assert opt["adam8bit"] < 0.5 * opt["adam"]
+    assert opt["lowrank-adam"] < opt["adam"]
+
+
+def test_estimate_says_why_it_cannot_read_values():
+    def step():
+        x = torch.randn(4)
+        return int(x.argmax())
+
+    with pytest.raises(NotImplementedError, match="reads tensor values"):
+        estimate(step)

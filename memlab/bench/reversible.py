@@ -20,8 +20,20 @@ as the loss, backward) with each memory strategy -- "vanilla", "checkpoint", "re
   from ``cpu_s``).
 
 Expected: vanilla activations grow linearly with depth; checkpoint grows with a smaller slope
-(one stored block input per block); reversible and reversible-full stay flat. Reversible costs
-one extra forward of the reversible blocks (theory ~4/3 of the step time); checkpoint likewise.
+(one stored block input per block) once those inputs outweigh the working set of the first,
+full-resolution stage (at the default sizes from depth ~16 on); reversible and reversible-full
+stay flat. ``peak_bytes`` (activations + gradients in flight) of checkpoint and reversible are
+close: both peak in backward at the first stage. Reversible costs one extra forward of the
+reversible blocks (theory ~4/3 of the step time); checkpoint likewise.
+
+Two companions (used by ``notebooks/01_reversible_networks.ipynb``):
+
+* ``reconstruction_error``: how far ``ReversibleSequence.inverse(forward(x))`` lands from ``x``,
+  and how far the reversible gradient lands from ordinary autograd's, against depth, in fp32
+  and fp64 (rounding piles up through the chain of subtractions).
+* ``full_size``: ``memlab.lab.estimate_config`` on fake tensors for paper-scale models
+  (wespeaker ResNet34, DF-ResNet56 / 110 / 233 at batch 128 x 200 frames, 5,994 speakers,
+  Adam) under each strategy: peak, breakdown and the phase of the peak, no memory needed.
 """
 
 from __future__ import annotations
@@ -144,6 +156,127 @@ def run(fast: bool = False, depths: Optional[Sequence[int]] = None,
     finally:
         torch.set_num_threads(old_threads)
     return rows
+
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+def reconstruction_error(fast: bool = False, depths: Optional[Sequence[int]] = None,
+                         dtypes: Sequence[str] = ("float32", "float64"),
+                         channels: Optional[int] = None, batch_size: int = 2,
+                         size: Optional[Sequence[int]] = None, seed: int = 0) -> List[dict]:
+    """One row per (depth, dtype): the error of recomputing activations instead of storing them.
+
+    A stage of ``depth`` ResNet couplings (``memlab.models.resnet.basic_coupling``, freshly
+    initialised, BatchNorm in eval mode so that forward and inverse see the same function) maps
+    ``x`` (B, channels, H, W) of unit variance to ``y``. Columns:
+
+    * ``max_abs_error``: ``max |inverse(y) - x|``; ``rel_error``: ``||inverse(y) - x|| / ||x||``.
+    * ``grad_rel_error``: ``||g_rev - g|| / ||g||`` over all parameter gradients of
+      ``(y * w).sum()`` (fixed random ``w``): the reversible backward, which computes them from
+      reconstructed activations, against ordinary autograd through the same layers.
+    * ``output_max``: ``max |y|``; the error of each subtraction is proportional to the size of
+      the numbers it subtracts, so it grows with depth as the activations do.
+    """
+    from memlab.models.resnet import basic_coupling
+    from memlab.reversible import ReversibleSequence
+
+    depths = tuple(depths) if depths is not None else ((1, 4, 16) if fast else (1, 2, 4, 8, 16, 32, 64))
+    channels = channels or (8 if fast else 16)
+    H, W = tuple(size) if size is not None else ((8, 16) if fast else (20, 50))
+    for d in dtypes:
+        if d not in DTYPES:
+            raise ValueError(f"dtypes must be drawn from {tuple(DTYPES)}, got {d!r}")
+    if not depths or any(not isinstance(d, int) or d < 1 for d in depths):
+        raise ValueError(f"depths must be ints >= 1, got {depths!r}")
+    torch.manual_seed(seed)
+    layers = [basic_coupling(channels, channels) for _ in range(max(depths))]
+    x0 = torch.randn(batch_size, channels, H, W, dtype=torch.float64)      # (B, C, H, W)
+    w0 = torch.randn(batch_size, channels, H, W, dtype=torch.float64)      # (B, C, H, W)
+    rows: List[dict] = []
+    for name in dtypes:
+        dt = DTYPES[name]
+        for depth in depths:
+            seq = ReversibleSequence([m.to(dt) for m in layers[:depth]]).eval()
+            x, w = x0.to(dt), w0.to(dt)
+            with torch.no_grad():
+                y = seq(x)                                                 # (B, C, H, W)
+                x_rec = seq.inverse(y)                                     # (B, C, H, W)
+            g_rev = _param_grads(seq, lambda: seq(x), w)                   # reversible backward
+            g_ref = _param_grads(seq, lambda: seq._plain(x), w)            # ordinary autograd
+            diff = (x_rec - x).double()
+            rows.append({
+                "depth": depth, "dtype": name, "channels": channels,
+                "max_abs_error": float(diff.abs().max()),
+                "rel_error": float(diff.norm() / x.double().norm()),
+                "grad_rel_error": float((g_rev - g_ref).norm() / g_ref.norm()),
+                "output_max": float(y.abs().max()),
+            })
+    return rows
+
+
+def _param_grads(module, forward, w) -> torch.Tensor:
+    """All parameter gradients of ``(forward() * w).sum()``, flattened into one fp64 vector."""
+    module.zero_grad(set_to_none=True)
+    (forward() * w).sum().backward()
+    grads = torch.cat([p.grad.double().flatten() for p in module.parameters()])
+    module.zero_grad(set_to_none=True)
+    return grads
+
+
+def full_size(fast: bool = False, models: Optional[Sequence[str]] = None,
+              strategies: Sequence[str] = STRATEGIES, batch_size: Optional[int] = None,
+              frames: int = 200, num_classes: int = 5994, width: int = 32,
+              steps: int = 2) -> List[dict]:
+    """Paper-scale what-if on fake tensors: one row per (model, strategy).
+
+    ``models`` are names from ``PAPER_MODELS`` (default: ResNet34 and DF-ResNet56; fast: a
+    tiny ResNet, since the cost of a fake step is per op, not per byte). Each row holds
+    ``peak_bytes``, the breakdown at the peak (``parameters`` ... ``other``), ``peak_phase``,
+    ``params`` and ``peak_ratio`` (relative to vanilla). ``steps=2`` counts Adam's state.
+    """
+    from memlab.lab import Config, build_model, estimate_config
+
+    if models is None:
+        models = ("tiny-ResNet",) if fast else ("ResNet34", "DF-ResNet56")
+    batch_size = batch_size or (16 if fast else 128)
+    for m in models:
+        if m not in PAPER_MODELS:
+            raise ValueError(f"models must be drawn from {tuple(PAPER_MODELS)}, got {m!r}")
+    for s in strategies:
+        if s not in STRATEGIES:
+            raise ValueError(f"strategies must be drawn from {STRATEGIES}, got {s!r}")
+    rows: List[dict] = []
+    for m in models:
+        arch, blocks = PAPER_MODELS[m]
+        w = 8 if m.startswith("tiny") else width
+        first = len(rows)
+        for s in strategies:
+            cfg = Config(task="speaker", model=arch, blocks=blocks, width=w, embed_dim=256,
+                         batch_size=batch_size, memory=s)
+            est = estimate_config(cfg, frames=frames, num_classes=num_classes, steps=steps)
+            backbone = build_model(cfg, num_classes=num_classes).backbone
+            rows.append({"model": m, "strategy": s, "batch_size": batch_size,
+                         "frames": frames, "width": w,
+                         "params": sum(p.numel() for p in backbone.parameters()),
+                         "peak_bytes": int(est.peak), "peak_phase": est.peak_phase,
+                         **{k: int(v) for k, v in est.breakdown().items()},
+                         "activation_peak_bytes": int(est.category_peaks()["activations"])})
+        base = next((r for r in rows[first:] if r["strategy"] == "vanilla"), rows[first])
+        for r in rows[first:]:
+            r["peak_ratio"] = r["peak_bytes"] / base["peak_bytes"]
+    return rows
+
+
+def _paper_models() -> Dict[str, tuple]:
+    from memlab.models.dfresnet import DEPTHS as DF_DEPTHS
+    out = {"tiny-ResNet": ("resnet", (1, 1, 2, 1)), "ResNet34": ("resnet", (3, 4, 6, 3))}
+    out.update({name: ("dfresnet", blocks) for name, blocks in DF_DEPTHS.items()})
+    return out
+
+
+# name -> (Config.model, blocks per stage); width 32 as in wespeaker and Liu & Qian 2024
+PAPER_MODELS = _paper_models()
 
 
 if __name__ == "__main__":  # pragma: no cover

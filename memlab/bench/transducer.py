@@ -142,6 +142,14 @@ def measure_times(problem, repeats: int = 3, max_chunk_bytes: Optional[int] = No
     return {m: (statistics.median(wall[m]), statistics.median(cpu[m])) for m in METHODS}
 
 
+def _time_fields(times, m: str) -> dict:
+    if times is None:
+        return {"time_s": None, "cpu_s": None, "time_ratio": None, "cpu_time_ratio": None}
+    return {"time_s": round(times[m][0], 4), "cpu_s": round(times[m][1], 4),
+            "time_ratio": round(times[m][0] / times["batched"][0], 3),
+            "cpu_time_ratio": round(times[m][1] / max(times["batched"][1], 1e-9), 3)}
+
+
 def run(fast: bool = False, batch_sizes: Optional[Sequence[int]] = None,
         seconds: Optional[Sequence[float]] = None, vocab_sizes: Optional[Sequence[int]] = None,
         *, device="cpu", hidden: int = 144, joint_dim: int = 144, repeats: Optional[int] = None,
@@ -152,6 +160,7 @@ def run(fast: bool = False, batch_sizes: Optional[Sequence[int]] = None,
 
     One row per (configuration, method). Defaults: B in (8, 32), seconds in (4, 8), V in (128,
     512), 3 timed repeats; ``fast`` (or MEMLAB_FAST set): B=4, 2 s, V=32, 1 repeat.
+    ``repeats=0`` measures memory only (the time fields are None).
     ``preset="paper"`` returns :func:`run_paper` instead (``memlab bench transducer --preset paper``).
     """
     if preset is not None:
@@ -164,6 +173,8 @@ def run(fast: bool = False, batch_sizes: Optional[Sequence[int]] = None,
     seconds = seconds or ((2.0,) if fast else (4.0, 8.0))
     vocab_sizes = vocab_sizes or ((32,) if fast else (128, 512))
     repeats = repeats if repeats is not None else (1 if fast else 3)
+    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 0:
+        raise ValueError(f"repeats must be an int >= 0, got {repeats!r}")
     device = torch.device(device)
     rows: List[dict] = []
     for B in batch_sizes:
@@ -173,7 +184,7 @@ def run(fast: bool = False, batch_sizes: Optional[Sequence[int]] = None,
                 problem = make_problem(B, T, U, V, hidden=hidden, joint_dim=joint_dim,
                                        length_spread=length_spread, device=device)
                 mem = {m: measure_peak(m, problem, max_chunk_bytes) for m in METHODS}
-                times = measure_times(problem, repeats, max_chunk_bytes)
+                times = measure_times(problem, repeats, max_chunk_bytes) if repeats else None
                 for m in METHODS:
                     rows.append({
                         "method": m, "device": str(device), "batch_size": B, "seconds": s,
@@ -181,15 +192,53 @@ def run(fast: bool = False, batch_sizes: Optional[Sequence[int]] = None,
                         "peak_bytes": mem[m]["peak_bytes"], "step_bytes": mem[m]["step_bytes"],
                         "peak_mib": round(mem[m]["peak_bytes"] / 2**20, 2),
                         "peak_ratio": round(mem[m]["peak_bytes"] / mem["batched"]["peak_bytes"], 4),
-                        "time_s": round(times[m][0], 4), "cpu_s": round(times[m][1], 4),
-                        "time_ratio": round(times[m][0] / times["batched"][0], 3),
-                        "cpu_time_ratio": round(times[m][1] / max(times["batched"][1], 1e-9), 3),
+                        **_time_fields(times, m),
                         "chunks": mem[m]["chunks"],
                         "max_chunk_bytes": (max_chunk_bytes or DEFAULT_MAX_CHUNK_BYTES)
                         if m == "samplewise" else None,
                         "estimated": False,
                     })
                 del problem
+    return rows
+
+
+def budget_sweep(batch_size: int = 32, seconds: float = 4.0, vocab_size: int = 512,
+                 group_sizes: Sequence[int] = (1, 2, 4, 8, 16), *, repeats: int = 2,
+                 device="cpu", hidden: int = 144, joint_dim: int = 144,
+                 length_spread: float = 0.0, frames_per_second: float = FRAMES_PER_SECOND,
+                 tokens_per_second: float = TOKENS_PER_SECOND) -> List[dict]:
+    """The sample-wise loss's one knob: peak memory and time against the group size.
+
+    For each n in ``group_sizes`` the budget is ``chunk_bytes(n, T, U, V)``, so every call of the
+    joiner and the loss takes n full-length samples. One row per group size (``method``
+    "samplewise") and a first row for the batched loss (``group_size`` = the batch). Timings are
+    side by side with the batched loss for every n (``time_ratio``, ``cpu_time_ratio``);
+    ``repeats=0`` measures memory only.
+    """
+    T, U = sizes(seconds, frames_per_second, tokens_per_second)
+    for n in group_sizes:
+        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= batch_size:
+            raise ValueError(f"group_sizes must be ints in [1, batch_size={batch_size}], got {n!r}")
+    problem = make_problem(batch_size, T, U, vocab_size, hidden=hidden, joint_dim=joint_dim,
+                           length_spread=length_spread, device=torch.device(device))
+    base = {"device": str(torch.device(device)), "batch_size": batch_size, "seconds": seconds,
+            "T": T, "U": U, "vocab_size": vocab_size}
+    bat = measure_peak("batched", problem)
+    rows = [dict(base, method="batched", group_size=batch_size, max_chunk_bytes=None,
+                 chunks=1, peak_bytes=bat["peak_bytes"], step_bytes=bat["step_bytes"],
+                 peak_mib=round(bat["peak_bytes"] / 2**20, 2), peak_ratio=1.0,
+                 time_ratio=1.0 if repeats else None, cpu_time_ratio=1.0 if repeats else None)]
+    for n in group_sizes:
+        budget = chunk_bytes(n, T, U, vocab_size)
+        sw = measure_peak("samplewise", problem, budget)
+        times = measure_times(problem, repeats, budget) if repeats else None
+        f = _time_fields(times, "samplewise")
+        rows.append(dict(base, method="samplewise", group_size=n, max_chunk_bytes=budget,
+                         chunks=sw["chunks"], peak_bytes=sw["peak_bytes"],
+                         step_bytes=sw["step_bytes"], peak_mib=round(sw["peak_bytes"] / 2**20, 2),
+                         peak_ratio=round(sw["peak_bytes"] / bat["peak_bytes"], 4),
+                         time_ratio=f["time_ratio"], cpu_time_ratio=f["cpu_time_ratio"]))
+    del problem
     return rows
 
 
@@ -214,6 +263,42 @@ def estimate_bytes(method: str, batch_size: int, T: int, U: int, vocab_size: int
     else:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     return common + chunk_bytes(n, T, U, vocab_size, e) + n * T * (U + 1) * joint_dim * e
+
+
+def loss_memory(batch_size: int, seconds: float, vocab_size: int, *, hidden: int = 144,
+                joint_dim: int = 144, max_chunk_bytes: Optional[int] = None,
+                frames_per_second: float = FRAMES_PER_SECOND,
+                tokens_per_second: float = TOKENS_PER_SECOND, bytes_per_element: int = 4) -> dict:
+    """What the transducer loss step needs for a batch of ``seconds``-long utterances (fp32).
+
+    The calculator of notebook 03: the sizes of the batch's 4-D tensors and the analytic peaks
+    of :func:`estimate_bytes` for both methods. Keys: ``T``, ``U``, ``logits_bytes`` (the
+    B x T x (U+1) x V logits), ``gradient_bytes`` (their gradient, the same size),
+    ``joiner_hidden_bytes`` (the B x T x (U+1) x joint_dim tanh output), ``group_size`` (samples
+    per sample-wise call), ``group_bytes`` (logits + gradient of one sample-wise call),
+    ``batched_bytes`` / ``samplewise_bytes`` (whole loss step) and ``ratio`` (batched over
+    sample-wise).
+    """
+    for name, v in (("batch_size", batch_size), ("vocab_size", vocab_size)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name} must be an int >= 1, got {v!r}")
+    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or seconds <= 0:
+        raise ValueError(f"seconds must be a positive number, got {seconds!r}")
+    T, U = sizes(seconds, frames_per_second, tokens_per_second)
+    e = bytes_per_element
+    cells = batch_size * T * (U + 1)
+    group = max(len(c) for c in plan_chunks([T] * batch_size, [U] * batch_size, vocab_size,
+                                            max_chunk_bytes, e))
+    kw = dict(hidden=hidden, joint_dim=joint_dim, max_chunk_bytes=max_chunk_bytes,
+              bytes_per_element=e)
+    out = {"batch_size": batch_size, "seconds": seconds, "vocab_size": vocab_size, "T": T, "U": U,
+           "logits_bytes": cells * vocab_size * e, "gradient_bytes": cells * vocab_size * e,
+           "joiner_hidden_bytes": cells * joint_dim * e, "group_size": group,
+           "group_bytes": chunk_bytes(group, T, U, vocab_size, e),
+           "batched_bytes": estimate_bytes("batched", batch_size, T, U, vocab_size, **kw),
+           "samplewise_bytes": estimate_bytes("samplewise", batch_size, T, U, vocab_size, **kw)}
+    out["ratio"] = out["batched_bytes"] / out["samplewise_bytes"]
+    return out
 
 
 def run_paper(device=None, *, batch_size: int = 1024, seconds: float = 40.0,
