@@ -291,6 +291,40 @@ def test_bench_rows():
     assert all(r["step_s"] > 0 and r["time_ratio"] > 0 for r in rows)
 
 
+def test_reconstruction_error_rows():
+    from memlab.bench.reversible import reconstruction_error
+
+    rows = reconstruction_error(depths=(1, 6), channels=4, size=(4, 6))
+    assert [(r["depth"], r["dtype"]) for r in rows] == [
+        (1, "float32"), (6, "float32"), (1, "float64"), (6, "float64")]
+    by = {(r["depth"], r["dtype"]): r for r in rows}
+    for d in (1, 6):                       # near each format's roundoff, fp64 far below fp32
+        assert by[d, "float32"]["rel_error"] < 1e-5
+        assert by[d, "float64"]["rel_error"] < 1e-13
+        assert by[d, "float64"]["grad_rel_error"] < 1e-12
+        assert by[d, "float32"]["grad_rel_error"] < 1e-3
+    with pytest.raises(ValueError, match="dtypes"):
+        reconstruction_error(depths=(1,), dtypes=("float16",))
+    with pytest.raises(ValueError, match="depths"):
+        reconstruction_error(depths=(0,))
+
+
+def test_full_size_rows():
+    from memlab.bench.reversible import full_size
+
+    rows = full_size(fast=True, strategies=("vanilla", "reversible"), batch_size=2,
+                     frames=40, num_classes=10, steps=1)
+    assert [r["strategy"] for r in rows] == ["vanilla", "reversible"]
+    van, rev = rows           # tiny: the peak is Adam's first step, so compare activations
+    assert van["peak_ratio"] == 1.0 and rev["peak_ratio"] <= 1.01
+    assert rev["activation_peak_bytes"] < 0.8 * van["activation_peak_bytes"]
+    assert abs(rev["params"] - van["params"]) / van["params"] < 0.01
+    with pytest.raises(ValueError, match="models"):
+        full_size(models=("ResNet1000",))
+    with pytest.raises(ValueError, match="strategies"):
+        full_size(fast=True, strategies=("recompute",))
+
+
 def test_identity_functions_gradients():
     # F = G = identity pass gradients through unchanged: no in-place update may alias them.
     seq = ReversibleSequence([AdditiveCoupling(nn.Identity(), nn.Identity()) for _ in range(3)])

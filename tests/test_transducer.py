@@ -6,8 +6,8 @@ import math
 import pytest
 import torch
 
-from memlab.transducer import (chunk_bytes, plan_chunks, rnnt_loss_batched, rnnt_loss_reference,
-                               samplewise_rnnt_loss)
+from memlab.transducer import (chunk_bytes, plan_chunks, rnnt_forward_variables,
+                               rnnt_loss_batched, rnnt_loss_reference, samplewise_rnnt_loss)
 
 
 class TinyJoiner(torch.nn.Module):
@@ -60,8 +60,8 @@ def rel(a, b):
 
 
 # ---------------------------------------------------------------------------------- reference
-def naive_loss(logits, targets, T, U, blank=0):
-    """Scalar alpha recursion in Python floats (float64), one sample."""
+def naive_alpha(logits, targets, T, U, blank=0):
+    """Scalar alpha recursion in Python floats (float64), one sample: (alpha [T][U+1], lp)."""
     lp = torch.log_softmax(logits.double(), -1).tolist()
     alpha = [[-math.inf] * (U + 1) for _ in range(T)]
     for t in range(T):
@@ -73,6 +73,11 @@ def naive_loss(logits, targets, T, U, blank=0):
             b = alpha[t][u - 1] + lp[t][u - 1][targets[u - 1]] if u > 0 else -math.inf
             m = max(a, b)
             alpha[t][u] = m + math.log(math.exp(a - m) + math.exp(b - m))
+    return alpha, lp
+
+
+def naive_loss(logits, targets, T, U, blank=0):
+    alpha, lp = naive_alpha(logits, targets, T, U, blank)
     return -(alpha[T - 1][U] + lp[T - 1][U][blank])
 
 
@@ -88,6 +93,27 @@ def test_reference_matches_scalar_recursion_fp64(blank):
     for b in range(B):
         want = naive_loss(logits[b], targets[b].tolist(), int(enc_len[b]), int(tgt_len[b]), blank)
         assert abs(got[b].item() - want) <= 1e-10 * abs(want)
+
+
+def test_forward_variables_match_scalar_recursion():
+    g = torch.Generator().manual_seed(4)
+    B, T, U, V = 3, 6, 3, 5
+    logits = torch.randn(B, T, U + 1, V, generator=g, dtype=torch.float64) * 2
+    targets = torch.randint(1, V, (B, U), generator=g)
+    enc_len, tgt_len = torch.tensor([6, 4, 1]), torch.tensor([3, 1, 0])
+    alpha = rnnt_forward_variables(logits, targets, enc_len, tgt_len)
+    assert alpha.shape == (B, T, U + 1) and alpha.dtype == torch.float64
+    losses = rnnt_loss_reference(logits, targets, enc_len, tgt_len, reduction="none")
+    lp = logits.log_softmax(-1)
+    for b in range(B):
+        Tb, Ub = int(enc_len[b]), int(tgt_len[b])
+        want, _ = naive_alpha(logits[b], targets[b].tolist(), Tb, Ub)
+        assert torch.allclose(alpha[b, :Tb, :Ub + 1], torch.tensor(want, dtype=torch.float64),
+                              rtol=1e-10, atol=1e-10)
+        assert torch.isneginf(alpha[b, Tb:]).all() and torch.isneginf(alpha[b, :, Ub + 1:]).all()
+        assert abs(float(-(alpha[b, Tb - 1, Ub] + lp[b, Tb - 1, Ub, 0]) - losses[b])) < 1e-10
+    with pytest.raises(ValueError, match="logit_lengths"):
+        rnnt_forward_variables(logits, targets, torch.tensor([7, 4, 1]), tgt_len)
 
 
 def test_reference_gradcheck():
@@ -350,3 +376,35 @@ def test_cuda_agreement():
     assert rel(sw_loss, bat_loss) <= 1e-5 and rel(ref_loss, bat_loss) <= 1e-5
     for a, b in zip(sw_g, bat_g):
         assert rel(a, b) <= 1e-4   # TF32 matmuls may be on
+
+
+def test_bench_memory_only_and_budget_sweep():
+    from memlab.bench.transducer import budget_sweep, run
+    rows = run(fast=True, repeats=0)
+    assert all(r["time_s"] is None and r["peak_bytes"] > 0 for r in rows)
+    with pytest.raises(ValueError, match="repeats"):
+        run(fast=True, repeats=-1)
+    rows = budget_sweep(4, 2.0, 32, (1, 2, 4), repeats=0)
+    assert [r["method"] for r in rows] == ["batched"] + ["samplewise"] * 3
+    assert [r["chunks"] for r in rows[1:]] == [4, 2, 1]
+    peaks = [r["peak_bytes"] for r in rows[1:]]
+    assert peaks == sorted(peaks) and peaks[0] < rows[0]["peak_bytes"]   # bigger groups, more memory
+    with pytest.raises(ValueError, match="group_sizes"):
+        budget_sweep(4, 2.0, 32, (8,), repeats=0)
+
+
+def test_loss_memory_calculator():
+    from memlab.bench.transducer import estimate_bytes, loss_memory
+    m = loss_memory(32, 8.0, 512)
+    assert (m["T"], m["U"]) == (200, 40)
+    assert m["logits_bytes"] == m["gradient_bytes"] == 32 * 200 * 41 * 512 * 4
+    assert m["batched_bytes"] == estimate_bytes("batched", 32, 200, 40, 512)
+    assert m["samplewise_bytes"] == estimate_bytes("samplewise", 32, 200, 40, 512)
+    assert m["group_bytes"] == chunk_bytes(m["group_size"], 200, 40, 512)
+    assert m["ratio"] > 10
+    paper = loss_memory(1024, 40.0, 1024)
+    assert paper["samplewise_bytes"] < 6 * 2**30 < paper["logits_bytes"]
+    with pytest.raises(ValueError, match="seconds"):
+        loss_memory(32, 0, 512)
+    with pytest.raises(ValueError, match="batch_size"):
+        loss_memory(0, 8.0, 512)
