@@ -181,7 +181,9 @@ def reconstruction_error(fast: bool = False, depths: Optional[Sequence[int]] = N
     from memlab.models.resnet import basic_coupling
     from memlab.reversible import ReversibleSequence
 
-    depths = tuple(depths) if depths is not None else ((1, 4, 16) if fast else (1, 2, 4, 8, 16, 32, 64))
+    if depths is None:
+        depths = (1, 4, 16) if fast else (1, 2, 4, 8, 16, 32, 64)
+    depths = tuple(depths)
     channels = channels or (8 if fast else 16)
     H, W = tuple(size) if size is not None else ((8, 16) if fast else (20, 50))
     for d in dtypes:

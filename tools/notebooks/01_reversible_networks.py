@@ -144,13 +144,14 @@ print(format_table(recon, ["depth", "dtype", "max_abs_error", "rel_error", "grad
 # |---|---|
 # | `vanilla` | every intermediate of every block |
 # | `checkpoint` | the input of every block (the block is recomputed in backward) |
-# | `reversible` | stride-1 blocks are couplings: nothing; the strided first block of a stage is ordinary |
+# | `reversible` | nothing in the couplings; the strided first block of stages 2-4 stays ordinary |
 # | `reversible-full` | nothing: the stage transitions are invertible too (space-to-depth) |
 #
-# **Look for:** vanilla grows by the same amount with every block; checkpoint grows with a much
-# smaller slope (one stored input per block); the reversible lines stay flat. Where the lines
-# start at the smallest depth is set by what no strategy removes: the stem, the first stage and the working
-# set of one block in backward.
+# **Look for:** vanilla grows by the same amount with every block. Checkpoint is flat at first
+# and then grows with a much smaller slope: its stored inputs (one per block) only count once
+# they outweigh the working set of the first, full-resolution stage in backward. The reversible
+# lines stay flat. Where the lines start is set by what no strategy removes: the stem and the
+# working set of one block in backward.
 
 # %%
 bench = study.run(fast=FAST, depths=BENCH_DEPTHS, threads=1)
