@@ -81,8 +81,13 @@ class Config:
             raise ValueError(f"task must be one of {TASKS}, got {task!r}")
         base: Dict[str, Any] = {"task": task}
         if task == "asr":
-            base.update(width=96, depth=2, batch_size=16, steps=200, eval_every=50,
+            # width 128, 300 steps: TER 0.35 on unseen utterances (an empty transcript scores
+            # 1.0); the Adam-family lr 6e-3 was chosen by a small sweep (see the ASR notes)
+            base.update(width=128, depth=2, batch_size=16, steps=300, eval_every=50,
                         optimizer="adam")
+            if overrides.get("optimizer", "adam") in ("adam", "adamw", "adam8bit", "adamw8bit",
+                                                      "lowrank-adam"):
+                base["lr"] = 6e-3
         if fast_mode():
             base.update(steps=6, eval_every=3, measure_every=3, num_speakers=6,
                         utts_per_speaker=4, eval_speakers=4, seconds=1.0, num_utts=24,

@@ -26,6 +26,9 @@ Time. Wall-clock and process CPU time of the step, median of ``repeats`` runs th
 batched / sample-wise (untimed warm-up first). ``time_ratio`` (wall) and ``cpu_time_ratio`` are
 sample-wise over batched; on a shared machine the CPU-time ratio is the steadier figure.
 
+``budget_sweep()`` measures peak and time against the group size (the sample-wise loss's one
+knob); ``loss_memory()`` is the analytic calculator of notebook 03 (:func:`estimate_bytes`).
+
 ``run_paper()`` is the headline setting of Braun et al. (batch 1024, 40 s audio): on CUDA it runs
 the sample-wise step for real (and the batched one only if it would fit); on CPU it reports the
 analytic estimate of :func:`estimate_bytes` for both, marked ``estimated=True``.
