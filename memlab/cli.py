@@ -234,7 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="memlab",
         description="memlab: a hands-on lab for memory-efficient training of speech models.",
-        epilog="Start with:  memlab compare --task speaker   (about a minute on a laptop CPU)")
+        epilog="Start with:  memlab compare --task speaker   (a minute or two on a laptop CPU)")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     c = sub.add_parser(
