@@ -11,6 +11,9 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords and not torch.cuda.is_available():
             item.add_marker(skip_gpu)
+    # Notebook and browser tests time kernels in other processes against a 2-minute limit:
+    # run them first, while the test process itself is still idle and small.
+    items.sort(key=lambda it: 0 if ("notebook" in it.keywords or "browser" in it.keywords) else 1)
 
 
 @pytest.fixture(autouse=True)
