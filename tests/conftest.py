@@ -16,6 +16,15 @@ def pytest_collection_modifyitems(config, items):
     items.sort(key=lambda it: 0 if ("notebook" in it.keywords or "browser" in it.keywords) else 1)
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny tensors: one intra-op thread is as fast, and far faster on a busy 2-core machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -14,12 +14,7 @@ MEMORY = ("vanilla", "checkpoint", "reversible", "reversible-full")
 TINY = dict(width=8, feat_dim=20, embed_dim=16)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny(cls, memory, **kw):

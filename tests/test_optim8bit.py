@@ -12,13 +12,7 @@ from memlab.optim import SGD8bit, Adam8bit, AdamW8bit
 BIG = 10 ** 9   # min_8bit_size that keeps every state fp32
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small tensors: a second thread only adds sync cost (10x on a busy 2-core machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _mlp(hidden=64, seed=0):

@@ -9,14 +9,7 @@ from torch import nn
 from memlab.reversible import AdditiveCoupling, InvertibleDownsample, ReversibleSequence
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny tensors: intra-op threads only add synchronisation (and on a shared 2-core machine
-    # they make these tests many times slower).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def block(c_in, c_out, hidden=6, p=0.0):
