@@ -15,7 +15,9 @@ References:
 How it works (factor variant, the default)
 ------------------------------------------
 Every selected weight W (m x n; a conv kernel is viewed as out x in*k, an LSTM's weight_ih_l0 /
-weight_hh_l0 / ... as they are) is frozen and gets two factors, so the module computes with
+weight_hh_l0 / ... and nn.MultiheadAttention's packed (3d x d) in_proj_weight as they are, any
+other bare nn.Parameter with two or more dimensions as shape[0] x rest) is frozen and gets two
+factors, so the module computes with
 
     W_eff = W + A @ B          A: (m, r) zeros at the start, B: (r, n) random, both trained
 
@@ -38,14 +40,21 @@ Two ways to attach the factors (`attach=`):
   the r-channel h = x B^T. Caveat: `module.weight` is W without the pending A @ B; code that reads
   `.weight` directly instead of calling the module must use attach="parametrize" (or merge() first).
   (nn.TransformerEncoderLayer checks for hooks and then skips its fused inference path.)
-- "parametrize" (auto for nn.LSTM, grouped convs and subclasses such as MultiheadAttention's
-  out_proj): torch.nn.utils.parametrize makes `module.weight_ih_l0` compute W + A @ B on access.
+- "parametrize" (auto for nn.LSTM, grouped convs, subclasses such as MultiheadAttention's
+  out_proj, and bare weight parameters such as MultiheadAttention's in_proj_weight, or
+  q/k/v_proj_weight when kdim/vdim differ): torch.nn.utils.parametrize makes
+  `module.weight_ih_l0` / `module.in_proj_weight` compute W + A @ B on access.
   Works with anything, but W_eff (m x n) is built on every forward and kept for backward, and
   autograd makes a transient m x n dL/dW_eff per layer in backward (freed once grad_A, grad_B are
   formed). nn.LSTM re-reads its parametrized weights on every forward (RNNBase notices the new
   tensors and rebuilds `_flat_weights`; on CUDA flatten_parameters() copies them into one cuDNN
   buffer as usual); a forward hook drops the LSTM's own reference to the last W_eff, so it is
   freed with the graph after backward instead of living on until the next forward.
+  nn.MultiheadAttention reads `in_proj_weight` a few times per forward (its fast-path checks
+  look at it before the real use), so W + A @ B is formed two or three times per call; the
+  extra ones are dropped at once (compute r m n each, no memory kept). In eval mode without
+  grad the fused fast path still runs (it gets W + A @ B as a plain tensor), need_weights works
+  as usual, and remove() gives back a plain nn.MultiheadAttention.
 
 Projection variant (proj="svd", GaLore-style, for comparison)
 -------------------------------------------------------------
@@ -230,12 +239,25 @@ class _Target:
         return w.view(w.shape[0], -1)                                       # (m, n)
 
 
+_NEVER = (nn.Embedding, nn.EmbeddingBag, parametrize.ParametrizationList, LowRankDelta)
+
+
 def _candidates(module):
+    """Names of the weight matrices that `module` itself owns (not its children's).
+
+    Linear / Conv: "weight"; LSTM: weight_ih_l0, weight_hh_l0, ...; any other module: every
+    parameter of its own with two or more dimensions (nn.MultiheadAttention's in_proj_weight, or
+    q/k/v_proj_weight when kdim/vdim differ; a bare nn.Parameter matrix of a custom module).
+    Embedding tables are left out (their gradient touches only the rows looked up), and so are
+    the tensors inside parametrizations (including our own factors).
+    """
     if isinstance(module, nn.LSTM):
         return [n for n in module._flat_weights_names if n.startswith("weight_")]
     if isinstance(module, _SUPPORTED):
         return ["weight"]
-    return []
+    if isinstance(module, _NEVER):
+        return []
+    return [n for n, p in module.named_parameters(recurse=False) if p.dim() >= 2]
 
 
 def _select(model, modules, min_size):
@@ -275,7 +297,7 @@ def _select(model, modules, min_size):
                    if (e if isinstance(e, str) else e.__name__) not in hits]
         if missing:
             names = [q for q, m in model.named_modules() if _candidates(m)]
-            raise ValueError(f"modules: no Linear/Conv/LSTM module matches {missing}; "
+            raise ValueError(f"modules: no module with a weight matrix matches {missing}; "
                              f"candidates are {names}")
     return out
 
@@ -297,9 +319,13 @@ class LowRankAdam(torch.optim.Optimizer):
             the decay is the exact gradient of wd/2 * ||W + A B||^2 w.r.t. A and B).
         rank: r. r >= min(m, n) for a weight means "full": exactly Adam on that weight.
         merge_every: steps between folds of A @ B into W (svd: between projection updates).
-        modules: None -> every Linear/Conv1d/2d/3d/LSTM weight with numel >= min_size; or a
-            list of fnmatch patterns on module names ("encoder.*") and/or module types
-            (nn.LSTM); min_size still applies (pass min_size=0 to adapt small ones too).
+        modules: None -> every weight matrix with numel >= min_size: Linear/Conv1d/2d/3d/LSTM
+            weights and any module's own parameters of 2+ dimensions (MultiheadAttention's
+            in_proj_weight, a custom module's bare nn.Parameter); embedding tables are left out.
+            Or a list of fnmatch patterns on module names ("encoder.*") and/or module types
+            (nn.LSTM, nn.MultiheadAttention: its own in_proj_weight; its out_proj is a Linear
+            child, named "<...>.out_proj"); min_size still applies (pass min_size=0 to adapt
+            small ones too).
             Frozen weights (requires_grad=False), weights already parametrized, weights
             shared by several modules (tied) and non-contiguous (channels_last) weights are never
             adapted.

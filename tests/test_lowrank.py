@@ -7,6 +7,7 @@ import weakref
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.utils.parametrize as parametrize
 
 from memlab.lowrank import LowRankAdam, LowRankDelta
 
@@ -458,3 +459,218 @@ def test_registry_factory():
     model = nn.Linear(64, 64)
     opt = get("optimizer", "lowrank-adam").factory(model, lr=1e-3, weight_decay=0.0, rank=3)
     assert isinstance(opt, LowRankAdam) and opt.rank == 3
+
+
+# ----------------------------------------------------------------------------- bare weights
+class Bare(nn.Module):
+    """A custom module whose weight matrix is a bare nn.Parameter (not a Linear)."""
+
+    def __init__(self, n, m):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(m, n) / n ** 0.5)       # (m, n)
+        self.b = nn.Parameter(torch.zeros(m))
+
+    def forward(self, x):
+        return torch.nn.functional.linear(x, self.w, self.b)
+
+
+class AttnNet(nn.Module):
+    """A Transformer layer (MultiheadAttention: packed in_proj_weight), a cross-attention with
+    kdim/vdim (separate q/k/v_proj_weight), a bare matrix and an embedding."""
+
+    def __init__(self, d=16):
+        super().__init__()
+        self.embed = nn.Embedding(10, d)
+        self.layer = nn.TransformerEncoderLayer(d, 2, 2 * d, dropout=0.0, batch_first=True)
+        self.cross = nn.MultiheadAttention(d, 2, kdim=6, vdim=6, batch_first=True)
+        self.bare = Bare(d, 5)
+
+    def forward(self, x, tokens):                               # x: (B, T, 6), tokens: (B, T)
+        h = self.layer(self.embed(tokens))                      # (B, T, d)
+        h = h + self.cross(h, x, x, need_weights=False)[0]      # (B, T, d)
+        return self.bare(h)                                     # (B, T, 5)
+
+
+def attn_batches(n, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [((torch.randn(3, 7, 6, generator=g), torch.randint(0, 10, (3, 7), generator=g)),
+             torch.randn(3, 7, 5, generator=g)) for _ in range(n)]
+
+
+def attn_train(model, opt, data):
+    for (x, tok), y in data:
+        opt.zero_grad()
+        (model(x, tok) - y).pow(2).mean().backward()
+        opt.step()
+
+
+ATTN_TARGETS = ["layer.self_attn.in_proj_weight", "layer.self_attn.out_proj.weight",
+                "layer.linear1.weight", "layer.linear2.weight", "cross.q_proj_weight",
+                "cross.k_proj_weight", "cross.v_proj_weight", "cross.out_proj.weight", "bare.w"]
+
+
+def test_bare_weight_matrices_are_adapted():
+    model = AttnNet()
+    opt = LowRankAdam(model, rank=2, min_size=0)
+    got = {name: how for name, _, _, how in opt.targets()}
+    assert list(got) == ATTN_TARGETS                            # the embedding keeps Adam
+    assert got["layer.self_attn.in_proj_weight"] == got["bare.w"] == "parametrize"
+    assert model.embed.weight.requires_grad
+    assert all(not p.requires_grad for m in (model.layer.self_attn, model.cross, model.bare)
+               for n, p in m.named_parameters() if n.endswith("original"))
+    attn_train(model, opt, attn_batches(2))
+    assert model.layer.self_attn.parametrizations.in_proj_weight.original.grad is None
+    (x, tok), _ = attn_batches(1, seed=5)[0]
+    f = model.layer.self_attn.parametrizations.in_proj_weight[0]
+    assert f.A.abs().sum() > 0
+    with torch.no_grad():
+        before = model(x, tok)
+        opt.merge()                                             # folds A B into W
+        assert (model(x, tok) - before).abs().max() < 1e-5 and f.A.abs().sum() == 0
+    with pytest.raises(ValueError, match="attach"):
+        LowRankAdam(AttnNet(), rank=2, min_size=0, attach="hook")
+    opt = LowRankAdam(AttnNet(), rank=2, modules=[nn.MultiheadAttention], min_size=0)
+    assert [t[0] for t in opt.targets()] == ["layer.self_attn.in_proj_weight",
+                                             "cross.q_proj_weight", "cross.k_proj_weight",
+                                             "cross.v_proj_weight"]
+
+
+def test_attention_full_rank_matches_adam():
+    torch.manual_seed(0)
+    ref_model = AttnNet()
+    model = copy.deepcopy(ref_model)
+    ref = torch.optim.Adam(ref_model.parameters(), lr=1e-2, weight_decay=0.05)
+    opt = LowRankAdam(model, lr=1e-2, weight_decay=0.05, rank=10**6, merge_every=3, min_size=0)
+    (x, tok), _ = attn_batches(1, seed=9)[0]
+    for batch in attn_batches(7):                              # merges after steps 3 and 6
+        attn_train(ref_model, ref, [batch])
+        attn_train(model, opt, [batch])
+        with torch.no_grad():
+            assert (ref_model(x, tok) - model(x, tok)).abs().max() < 1e-5
+    opt.remove()
+    for (n1, p1), (n2, p2) in zip(sorted(ref_model.named_parameters()),
+                                  sorted(model.named_parameters())):
+        if n1.endswith("in_proj_bias"):     # the key bias has a zero gradient (softmax is
+            d = p1.shape[0] // 3            # shift-invariant): Adam blows its rounding noise
+            p1, p2 = p1[[*range(d), *range(2 * d, 3 * d)]], p2[[*range(d), *range(2 * d, 3 * d)]]
+        assert n1 == n2 and (p1 - p2).abs().max() < 1e-5, n1
+
+
+@pytest.mark.parametrize("r", [1, 4])
+def test_in_proj_bytes_shrink_as_predicted(r):
+    """MultiheadAttention's packed (3d, d) in_proj_weight: r(m+n) gradient, 2 r(m+n) state,
+    no m x n gradient, and MemoryMeter agrees."""
+    meter_mod = pytest.importorskip("memlab.memory")
+    d = 64
+    m, n = 3 * d, d
+    torch.manual_seed(0)
+    seen = {}
+    for name in ("adam", "lowrank"):
+        mha = nn.MultiheadAttention(d, 4, bias=False, batch_first=True)
+        mha.out_proj.weight.requires_grad_(False)              # only in_proj_weight trains
+        opt = (torch.optim.Adam([mha.in_proj_weight]) if name == "adam" else
+               LowRankAdam(mha, rank=r))
+        x = torch.randn(2, 5, d)
+        mha(x, x, x)[0].square().sum().backward()              # warm-up: state allocated
+        opt.step()
+        with meter_mod.MemoryMeter("cpu", model=mha, optimizer=opt, inputs=[x]) as meter:
+            opt.zero_grad(set_to_none=True)
+            mha(x, x, x)[0].square().sum().backward()
+            opt.step()
+            now = meter.now()
+        params = [p for g in opt.param_groups for p in g["params"]]
+        seen[name] = (grad_and_state_bytes(opt, params), now)
+    mn, rmn = m * n * 4, r * (m + n) * 4
+    assert seen["adam"][0] == 3 * mn + 4
+    assert seen["lowrank"][0] == 3 * rmn
+    assert seen["lowrank"][0] / (seen["adam"][0] - 4) == pytest.approx(r * (m + n) / (m * n))
+    now = seen["lowrank"][1]
+    assert (now["gradients"], now["optimizer"]) == (rmn, 2 * rmn)
+    now = seen["adam"][1]
+    assert (now["gradients"], now["optimizer"]) == (mn, 2 * mn + 4)
+
+
+@pytest.mark.parametrize("need_weights", [False, True])
+def test_attention_fast_path_and_need_weights(need_weights, monkeypatch):
+    """In eval mode without grad, a wrapped MultiheadAttention still takes the fused fast path
+    (it reads in_proj_weight = W + A B) and gives the same output as a plain copy holding W_eff."""
+    torch.manual_seed(0)
+    mha = nn.MultiheadAttention(16, 2, batch_first=True)
+    opt = LowRankAdam(mha, lr=1e-2, rank=2, min_size=0, merge_every=1000)
+    x = torch.randn(3, 7, 16)
+    for _ in range(3):
+        opt.zero_grad()
+        mha(x, x, x)[0].square().mean().backward()
+        opt.step()
+    plain = nn.MultiheadAttention(16, 2, batch_first=True)
+    with torch.no_grad():
+        plain.in_proj_weight.copy_(mha.in_proj_weight)        # W + A B
+        plain.in_proj_bias.copy_(mha.in_proj_bias)
+        plain.out_proj.weight.copy_(mha.out_proj.weight)
+        plain.out_proj.bias.copy_(mha.out_proj.bias)
+    assert not torch.equal(plain.in_proj_weight, mha.parametrizations.in_proj_weight.original)
+    calls = []
+    fused = torch._native_multi_head_attention
+
+    def spy(*args, **kw):
+        calls.append(1)
+        return fused(*args, **kw)
+
+    monkeypatch.setattr(torch, "_native_multi_head_attention", spy)
+    mha.eval(), plain.eval()
+    with torch.no_grad():
+        out, w = mha(x, x, x, need_weights=need_weights)
+        ref, w_ref = plain(x, x, x, need_weights=need_weights)
+    assert calls == [1, 1]                                      # both took the fast path
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    if need_weights:
+        torch.testing.assert_close(w, w_ref, atol=1e-5, rtol=1e-5)
+    else:
+        assert w is None and w_ref is None
+
+
+def test_remove_restores_plain_attention():
+    torch.manual_seed(0)
+    model = AttnNet()
+    plain = copy.deepcopy(model)
+    keys = set(model.state_dict())
+    opt = LowRankAdam(model, lr=1e-2, rank=2, min_size=0)
+    assert type(model.layer.self_attn) is not nn.MultiheadAttention      # parametrized class
+    attn_train(model, opt, attn_batches(3))
+    (x, tok), _ = attn_batches(1, seed=5)[0]
+    with torch.no_grad():
+        before = model(x, tok)
+    opt.remove()
+    assert set(model.state_dict()) == keys
+    for name, mod in model.named_modules():
+        assert type(mod) is type(dict(plain.named_modules())[name])
+        assert not parametrize.is_parametrized(mod) and not mod._forward_hooks
+    w = model.layer.self_attn.in_proj_weight
+    assert isinstance(w, nn.Parameter) and w.requires_grad
+    assert all(p.requires_grad for p in model.parameters())
+    with torch.no_grad():
+        assert (model(x, tok) - before).abs().max() < 1e-5
+    fresh = copy.deepcopy(plain)
+    fresh.load_state_dict(model.state_dict())
+    fresh.eval(), model.eval()
+    with torch.no_grad():                                       # the fused path, plain modules
+        assert torch.equal(fresh(x, tok), model(x, tok))
+
+
+def test_attention_state_dict_round_trip():
+    torch.manual_seed(0)
+    model = AttnNet()
+    opt = LowRankAdam(model, lr=1e-2, rank=2, min_size=0, merge_every=3, weight_decay=0.01)
+    data = attn_batches(8)
+    attn_train(model, opt, data[:4])
+    saved_model = copy.deepcopy(model.state_dict())
+    saved_opt = copy.deepcopy(opt.state_dict())
+    attn_train(model, opt, data[4:])
+    torch.manual_seed(123)
+    model2 = AttnNet()
+    opt2 = LowRankAdam(model2, lr=1e-2, rank=2, min_size=0, merge_every=3, weight_decay=0.01)
+    model2.load_state_dict(saved_model)
+    opt2.load_state_dict(saved_opt)
+    attn_train(model2, opt2, data[4:])
+    for (n1, p1), (n2, p2) in zip(model.state_dict().items(), model2.state_dict().items()):
+        assert n1 == n2 and torch.equal(p1, p2), n1
