@@ -110,7 +110,7 @@ class _Codebook:
     def __init__(self, code: Tensor, device: torch.device):
         self.code = code.to(device=device, dtype=torch.float32).contiguous()  # (256,)
         self.mid = (self.code[1:] + self.code[:-1]) / 2                        # (255,)
-        self.lut = self.lut_mid = None
+        self.lut = self.lut32 = self.lut_mid = None
         self.zero_index = int(self.code.abs().argmin())
         if device.type == "cpu":
             self._build_lut()
@@ -126,6 +126,7 @@ class _Codebook:
             return                                # two midpoints share a bucket: use bucketize
         mid_ext = torch.cat([self.mid, self.mid.new_full((1,), math.inf)])  # (256,)
         self.lut = base.to(torch.uint8)                              # (65536,) lower candidate
+        self.lut32 = base.to(torch.int32)                            # the same, for C gathers
         self.lut_mid = mid_ext[base]                                 # (65536,) its upper midpoint
 
     def encode(self, xn: Tensor, out: Tensor) -> Tensor:

@@ -9,8 +9,12 @@ What is measured (one row each, ``run(fast)`` returns the list):
   fp32 (the paper's "75% less optimizer-state memory" is ratio 0.25).
 * ``step_time`` -- wall time of one ``optimizer.step()`` on the same parameters (ResNet-like conv
   and linear shapes, fixed random gradients), median over repeats, the 8-bit optimizer and
-  ``torch.optim.SGD`` / ``Adam`` with ``foreach=True`` timed alternately in one process. Reported
-  in ms with the torch thread count and the device; the ratio is what to compare across machines.
+  ``torch.optim.SGD`` / ``Adam`` with ``foreach=True`` timed alternately in one process. Rows:
+  the default 8-bit optimizers (``path``: ``fused-c`` = the C kernel of
+  :mod:`memlab._cpu_kernels` on CPU, ``compiled`` = torch.compile on CUDA, ``eager`` when neither
+  is available) and, on CPU, the eager torch-op path of the same math (``sgd8bit-eager``,
+  ``adam8bit-eager``: ``compile=False``). Reported in ms with the torch thread count and the
+  device (CUDA too when present); the ratio is what to compare across machines.
 * ``quant_error`` -- quantize -> dequantize error on Adam-like states (first and second moment of a
   simulated Adam run: per-element gradient scales log-normal, so heavy-tailed across elements),
   for the dynamic tree map vs the linear (int8) map, block-wise (256) vs per-tensor absmax
@@ -75,7 +79,17 @@ def _builders() -> Dict[str, Callable]:
     }
 
 
+def _timed_builders() -> Dict[str, Callable]:
+    """The default 8-bit optimizers (fused C kernel on CPU when a compiler exists, torch.compile
+    on CUDA), the eager torch-op path of the same math (``compile=False``), and torch's fp32."""
+    return {**_builders(),
+            "sgd8bit-eager": lambda ps: SGD8bit(ps, lr=0.01, momentum=0.9, compile=False),
+            "adam8bit-eager": lambda ps: Adam8bit(ps, lr=1e-3, compile=False)}
+
+
 PAIRS = (("sgd8bit", "sgd"), ("adam8bit", "adam"))
+TIMED = (("sgd8bit", "sgd"), ("sgd8bit-eager", "sgd"), ("adam8bit", "adam"),
+         ("adam8bit-eager", "adam"))
 
 
 def _memory_rows(shapes) -> list:
@@ -93,25 +107,52 @@ def _memory_rows(shapes) -> list:
     return rows
 
 
-def _time_rows(shapes, repeats: int) -> list:
-    rows, build = [], _builders()
-    device = "cpu"
-    for ours, ref in PAIRS:
-        opts = {n: build[n](_params(shapes)) for n in (ours, ref)}
-        times = {ours: [], ref: []}
-        for n in opts:                          # warm-up: state creation, caches
-            for _ in range(2):
-                opts[n].step()
-        for _ in range(repeats):                # alternate: both see the same machine load
-            for n, opt in opts.items():
-                t0 = time.perf_counter()
-                opt.step()
-                times[n].append(time.perf_counter() - t0)
-        a, b = statistics.median(times[ours]) * 1e3, statistics.median(times[ref]) * 1e3
-        rows.append(dict(measure="step_time", subject=ours, value=round(a, 3), unit="ms",
-                         reference=f"{ref}(foreach)", reference_value=round(b, 3),
-                         ratio=round(a / b, 3), device=device, threads=torch.get_num_threads(),
-                         numel=sum(torch.Size(s).numel() for s in shapes)))
+def _path(opt, device: str) -> str:
+    """Which implementation ran the step: 'fused-c', 'compiled', 'eager' or 'torch'."""
+    if not isinstance(opt, (SGD8bit, Adam8bit)):
+        return "torch-foreach"
+    if opt._compile is None and device == "cpu":
+        from memlab import _cpu_kernels
+        return "fused-c" if _cpu_kernels.available() else "eager"
+    if opt._compile is False:
+        return "eager"
+    return "compiled" if opt._compiled.get(device) else "eager"
+
+
+def _time_rows(shapes, repeats: int, devices=None) -> list:
+    rows, build = [], _timed_builders()
+    devices = devices or (["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+    for device in devices:
+        sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+        for ours, ref in TIMED:
+            if device == "cuda" and ours.endswith("-eager"):
+                continue
+            opts = {}
+            for n in (ours, ref):
+                ps = [torch.nn.Parameter(p.detach().to(device)) for p in _params(shapes)]
+                for p, q in zip(ps, _params(shapes)):
+                    p.grad = q.grad.to(device)
+                opts[n] = build[n](ps)
+            times = {ours: [], ref: []}
+            for n in opts:                          # warm-up: state creation, caches, compiling
+                for _ in range(3):
+                    opts[n].step()
+                sync()
+            for _ in range(repeats):                # alternate: both see the same machine load
+                for n, opt in opts.items():
+                    sync()
+                    t0 = time.perf_counter()
+                    opt.step()
+                    sync()
+                    times[n].append(time.perf_counter() - t0)
+            a, b = statistics.median(times[ours]) * 1e3, statistics.median(times[ref]) * 1e3
+            dev_name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
+            rows.append(dict(measure="step_time", subject=ours, value=round(a, 3), unit="ms",
+                             reference=f"{ref}(foreach)", reference_value=round(b, 3),
+                             ratio=round(a / b, 3), device=dev_name,
+                             path=_path(opts[ours], device),
+                             threads=torch.get_num_threads() if device == "cpu" else None,
+                             numel=sum(torch.Size(s).numel() for s in shapes)))
     return rows
 
 

@@ -197,17 +197,21 @@ fig
 # ## 4. What it costs in time
 #
 # Each step of an 8-bit optimizer does more work than torch's fp32 one: look up the code values,
-# update, find each block's absmax, round to the nearest code. `study.step_times` times
-# `optimizer.step()` of the 8-bit optimizers and of torch's `foreach` fp32 optimizers on the same
-# parameters, alternately in one process (`TIME_THREADS` torch threads). **Look for:** the
-# `ratio` column (8-bit time / fp32 time), which is what to compare across machines; absolute
-# milliseconds depend on the CPU and on what else runs on it. On a GPU, where the step is
-# compiled and memory-bound, the ratio is much closer to 1.
+# update, find each block's absmax, round to the nearest code. Done as separate torch ops (the
+# `-eager` rows, `compile=False`) that is 15-30 passes over memory where torch's `foreach`
+# optimizer makes 3-7, so it is several times slower. By default memlab runs the step on CPU as
+# one small C kernel (compiled with the system C compiler on first use, `path` = `fused-c`) that
+# touches each byte once per block of 256, and on CUDA through `torch.compile`.
+# `study.step_times` times `optimizer.step()` of each against torch's `foreach` fp32 optimizer
+# on the same parameters, alternately in one process (`TIME_THREADS` torch threads).
+# **Look for:** the `ratio` column (8-bit time / fp32 time), which is what to compare across
+# machines -- the fused rows should sit within about 2x, the eager ones far above; absolute
+# milliseconds depend on the CPU and on what else runs on it.
 
 # %%
 timing = study.step_times(fast=FAST, repeats=TIME_REPEATS, threads=TIME_THREADS)
-print(format_table(timing, ["subject", "value", "reference", "reference_value", "ratio",
-                            "threads", "numel", "device"]))
+print(format_table(timing, ["subject", "path", "value", "reference", "reference_value",
+                            "ratio", "threads", "numel", "device"]))
 
 # %% [markdown]
 # ## 5. Live: train a speaker model with Adam and with Adam8bit
