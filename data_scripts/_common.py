@@ -18,6 +18,14 @@ def check_root(root):
     return os.path.abspath(root)
 
 
+def walk_files(root):
+    """(folder, file name) of every file below ``root``, in a stable sorted order."""
+    for folder, dirs, files in os.walk(root):
+        dirs.sort()
+        for f in sorted(files):
+            yield folder, f
+
+
 def duration(path):
     frames, rate = audio_info(path)
     return round(frames / rate, 3)

@@ -13,7 +13,7 @@ Reference: Panayotov et al., "LibriSpeech: an ASR corpus based on public domain 
 import argparse
 import os
 
-from _common import check_root, duration, write
+from _common import check_root, duration, walk_files, write
 
 
 def find_subsets(root):
@@ -31,22 +31,20 @@ def find_subsets(root):
 
 def subset_entries(folder, limit=None):
     entries = []
-    for d, dirs, files in os.walk(folder):
-        dirs.sort()
-        for f in sorted(files):
-            if not f.endswith(".trans.txt"):
-                continue
-            with open(os.path.join(d, f), encoding="utf-8") as fh:
-                for line in fh:
-                    if not line.strip():
-                        continue
-                    utt, text = line.rstrip("\n").split(" ", 1)
-                    path = os.path.join(d, utt + ".flac")
-                    if not os.path.isfile(path):
-                        continue
-                    entries.append({"path": path, "duration": duration(path), "speaker": utt.split("-")[0], "text": text})
-                    if limit is not None and len(entries) >= limit:
-                        return entries
+    for d, f in walk_files(folder):
+        if not f.endswith(".trans.txt"):
+            continue
+        with open(os.path.join(d, f), encoding="utf-8") as fh:
+            for line in fh:
+                if not line.strip():
+                    continue
+                utt, text = line.rstrip("\n").split(" ", 1)
+                path = os.path.join(d, utt + ".flac")
+                if not os.path.isfile(path):
+                    continue
+                entries.append({"path": path, "duration": duration(path), "speaker": utt.split("-")[0], "text": text})
+                if limit is not None and len(entries) >= limit:
+                    return entries
     return entries
 
 

@@ -15,7 +15,7 @@ import json
 import os
 import re
 
-from _common import check_root, duration, write
+from _common import check_root, duration, walk_files, write
 
 SPEAKER = re.compile(r"^id\d{5}$")
 TEST_SPEAKERS = {f"id{n}" for n in range(10270, 10310)}
@@ -25,17 +25,15 @@ def find_utterances(root, limit=None):
     """[(path, speaker, key)] of every .wav below a folder named like id10001, sorted; key is
     the path from the speaker folder on ("id10270/x6uYqmx31kE/00001.wav"), as in the trial lists."""
     found = []
-    for folder, dirs, files in os.walk(root):
-        dirs.sort()
+    for folder, f in walk_files(root):
+        if not f.lower().endswith(".wav"):
+            continue
         parts = os.path.relpath(folder, root).split(os.sep)
         at = next((i for i, p in enumerate(parts) if SPEAKER.match(p)), None)
-        if at is None:
-            continue
-        for f in sorted(files):
-            if f.lower().endswith(".wav"):
-                found.append((os.path.join(folder, f), parts[at], "/".join(parts[at:] + [f])))
-                if limit is not None and len(found) >= limit:
-                    return found
+        if at is not None:
+            found.append((os.path.join(folder, f), parts[at], "/".join(parts[at:] + [f])))
+            if limit is not None and len(found) >= limit:
+                return found
     return found
 
 
