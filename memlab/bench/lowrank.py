@@ -84,7 +84,11 @@ from memlab.lab import Config, Experiment, _batches, fast_mode
 from memlab.memory import CATEGORIES, MemoryMeter
 
 ADAPT_SPEAKER = 1000          # unseen: pretraining uses TokenCorpus speakers 0..7
-PRESET_SPEAKERS = (1000, 1001, 1002, 1003, 1004)
+# The study adapts to each of these unseen speakers in turn (from the same pretrained model) and
+# reports the mean TER, its spread and the paired difference to momentum per speaker.
+SPEAKERS = (1000, 1001, 1002, 1003, 1004, 1005, 1006, 1007)
+SPEAKERS_FAST = (1000, 1001)
+PRESET_SPEAKERS = SPEAKERS    # --preset speakers: the default (kept for old command lines)
 METHODS = ("sgd", "adam", "lowrank-adam")
 
 # Pretraining on the default ASR corpus (8 speakers). About 1-2 min on a laptop CPU.
@@ -93,7 +97,7 @@ PRETRAIN = dict(width=256, depth=2, batch_size=16, steps=300, lr=6e-3, num_utts=
 PRETRAIN_FAST = dict(width=128, depth=1, batch_size=8, steps=12, lr=6e-3, num_utts=32,
                      eval_utts=8, vocab_size=12, seed=0)
 # Adaptation to ADAPT_SPEAKER (same model sizes as pretraining).
-ADAPT = dict(batch_size=2, steps=100, num_utts=60, eval_utts=60, seed=0)
+ADAPT = dict(batch_size=2, steps=100, num_utts=60, eval_utts=100, seed=0)
 ADAPT_FAST = dict(batch_size=2, steps=4, num_utts=8, eval_utts=4, seed=0)
 # lr per method, chosen by sweep_lr (see the module docstring); lowrank-adam: every rank.
 LRS = {"sgd": 3e-3, "adam": 1e-4, "lowrank-adam": 1e-3}
@@ -101,8 +105,9 @@ SWEEP_LRS = {"sgd": (1e-3, 3e-3, 1e-2), "adam": (3e-5, 1e-4, 3e-4, 1e-3),
              "lowrank-adam": (3e-4, 1e-3, 3e-3)}
 
 COLUMNS = ("method", "rank", "lr", "peak_bytes", "peak_vs_adam", *CATEGORIES, "grad_opt_bytes",
-           "ter_before", "ter_after", "pretrain_ter", "final_loss", "steps", "batch_size",
-           "speakers")
+           "ter_before", "ter_after", "ter_after_std", "vs_momentum", "vs_momentum_se",
+           "wins_vs_momentum", "ter_per_speaker", "pretrain_ter", "final_loss", "steps",
+           "batch_size", "speakers")
 
 _PRETRAINED: Dict[str, Tuple[str, Dict[str, float]]] = {}
 _LOCK = threading.Lock()
@@ -256,48 +261,74 @@ class _DevSplit(Experiment):
 
 
 def sweep_lr(method: str, rank: Optional[int] = 4, lrs: Optional[Sequence[float]] = None, *,
-             fast: Optional[bool] = None, **overrides) -> List[Dict[str, Any]]:
+             fast: Optional[bool] = None, speakers: Optional[Sequence[int]] = None,
+             **overrides) -> List[Dict[str, Any]]:
     """Dev TER of ``method`` for each lr, trained and evaluated on the adaptation training split.
 
+    For each speaker in ``speakers`` (default: ``overrides["adapt_speaker"]`` or
+    ``ADAPT_SPEAKER``) the model is adapted on the first 3/4 of that speaker's training split and
+    evaluated on its last 1/4; ``dev_ter`` is the mean over the speakers (``dev_ters`` each).
     Returns one row per lr, the chosen one (lowest dev TER, then lowest final loss) marked
     ``chosen=True``. The held-out test utterances are not touched.
     """
     lrs = tuple(lrs or SWEEP_LRS[method])
+    if speakers is None:
+        speakers = (overrides.pop("adapt_speaker", ADAPT_SPEAKER),)
     rows = []
     quiet = {"eval_at_start": False, "eval_every": 10 ** 6, "measure_every": 10 ** 6}
     quiet.update(overrides)
     for lr in lrs:
-        cfg = personalization_config(method, rank, fast=fast, lr=lr, **quiet)
-        exp = _DevSplit(cfg)
-        records = list(exp.run())
-        tail = [r.loss for r in records[-10:]]
+        ters, losses = [], []
+        for spk in speakers:
+            cfg = personalization_config(method, rank, fast=fast, lr=lr, adapt_speaker=spk,
+                                         **quiet)
+            exp = _DevSplit(cfg)
+            records = list(exp.run())
+            tail = [r.loss for r in records[-10:]]
+            ters.append(float(records[-1].metrics["ter"]))
+            losses.append(sum(tail) / len(tail))
         rows.append({"method": method, "rank": rank if method == "lowrank-adam" else None,
-                     "lr": lr, "dev_ter": float(records[-1].metrics["ter"]),
-                     "final_loss": sum(tail) / len(tail)})
+                     "lr": lr, "dev_ter": sum(ters) / len(ters), "dev_ters": ters,
+                     "final_loss": sum(losses) / len(losses)})
     best = min(rows, key=lambda r: (r["dev_ter"], r["final_loss"]))
     for r in rows:
         r["chosen"] = r is best
     return rows
 
 
+def _std(xs: Sequence[float]) -> float:
+    """Sample standard deviation (n - 1); nan for fewer than two values."""
+    if len(xs) < 2:
+        return float("nan")
+    mean = sum(xs) / len(xs)
+    return (sum((x - mean) ** 2 for x in xs) / (len(xs) - 1)) ** 0.5
+
+
 def run(fast: bool = False, ranks: Iterable[int] = (1, 4, 16), methods: Sequence[str] = METHODS,
         *, lrs: Optional[Dict[str, float]] = None, sweep: bool = False,
-        speakers: Sequence[int] = (ADAPT_SPEAKER,), steps: Optional[int] = None,
+        speakers: Optional[Sequence[int]] = None, steps: Optional[int] = None,
         batch_size: Optional[int] = None, merge_every: Optional[int] = None,
         device: str = "cpu", preset: Optional[str] = None) -> List[Dict[str, Any]]:
     """The personalization study: one row per method (lowrank-adam: per rank).
 
+    ``speakers``: the unseen speakers to adapt to, one after another from the same pretrained
+    model, every method with the same batches (default ``SPEAKERS``, eight; fast mode
+    ``SPEAKERS_FAST``). Per row: ``ter_before`` / ``ter_after`` are means over the speakers,
+    ``ter_after_std`` the spread between speakers, ``ter_per_speaker`` each speaker's TER after
+    adaptation; ``vs_momentum`` is the mean paired difference (TER after - momentum's TER after
+    on the same speaker; negative: better than momentum), ``vs_momentum_se`` its standard error
+    (std of the differences / sqrt(speakers)), ``wins_vs_momentum`` "better/equal/worse" speaker
+    counts. Memory is that of the first speaker.
+
     ``lrs`` overrides ``LRS``; ``sweep=True`` chooses each method's lr with :func:`sweep_lr`
-    first (on the first speaker; lowrank-adam at the middle rank). ``speakers``: unseen speakers
-    to adapt to, one after another from the same pretrained model; TERs are means over them
-    (``speakers`` column: how many), memory is that of the first. ``steps`` / ``batch_size`` /
-    ``merge_every`` override the adaptation settings. ``preset="speakers"`` (``memlab bench
-    lowrank --preset speakers``): the five unseen speakers of ``PRESET_SPEAKERS``.
+    first (on the same speakers' training splits; lowrank-adam at the middle rank).
+    ``steps`` / ``batch_size`` / ``merge_every`` override the adaptation settings.
+    ``preset="speakers"``: the default (kept for ``memlab bench lowrank --preset speakers``).
     """
     if preset is not None:
         if preset != "speakers":
             raise ValueError(f"preset must be None or 'speakers', got {preset!r}")
-        speakers = PRESET_SPEAKERS
+        speakers = PRESET_SPEAKERS if speakers is None else speakers
     ranks = tuple(ranks)
     for r in ranks:
         if isinstance(r, bool) or not isinstance(r, int) or r < 1:
@@ -305,6 +336,8 @@ def run(fast: bool = False, ranks: Iterable[int] = (1, 4, 16), methods: Sequence
     for m in methods:
         if m not in METHODS:
             raise ValueError(f"methods must be drawn from {METHODS}, got {m!r}")
+    if speakers is None:
+        speakers = SPEAKERS_FAST if fast else SPEAKERS
     speakers = tuple(speakers)
     if not speakers or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 8
                                for s in speakers):
@@ -320,46 +353,75 @@ def run(fast: bool = False, ranks: Iterable[int] = (1, 4, 16), methods: Sequence
     if sweep:
         for m in methods:
             r = ranks[len(ranks) // 2] if m == "lowrank-adam" else None
-            rows = sweep_lr(m, r, fast=fast, merge_every=merge_every,
-                            adapt_speaker=speakers[0], **over)
+            rows = sweep_lr(m, r, fast=fast, merge_every=merge_every, speakers=speakers, **over)
             chosen[m] = next(x["lr"] for x in rows if x["chosen"])
     _, info = pretrained(fast)
     jobs = [(m, r) for m in methods for r in (ranks if m == "lowrank-adam" else (None,))]
+    results: Dict[Tuple[str, Optional[int]], List[Dict[str, Any]]] = {j: [] for j in jobs}
+    before: Dict[int, float] = {}
+    for spk in speakers:
+        for m, r in jobs:
+            # the TER before adaptation is the same for every method: evaluate it once
+            cfg = personalization_config(m, r, fast=fast, lr=chosen[m], merge_every=merge_every,
+                                         adapt_speaker=spk, eval_at_start=spk not in before,
+                                         eval_every=10 ** 6, **over)
+            res = adapt(cfg)
+            before.setdefault(spk, res["ter_before"])
+            res["ter_before"] = before[spk]
+            results[(m, r)].append(res)
     rows = []
     for m, r in jobs:
-        results = []
-        for spk in speakers:
-            cfg = personalization_config(m, r, fast=fast, lr=chosen[m], merge_every=merge_every,
-                                         adapt_speaker=spk, **over)
-            results.append(adapt(cfg))
+        res = results[(m, r)]
+        ters = [x["ter_after"] for x in res]
         row = {"method": "momentum" if m == "sgd" else m, "rank": r, "lr": chosen[m],
-               "steps": cfg.steps, "batch_size": cfg.batch_size, **results[0]}
+               "steps": cfg.steps, "batch_size": cfg.batch_size, **res[0]}
         for k in ("ter_before", "ter_after", "final_loss"):
-            row[k] = sum(x[k] for x in results) / len(results)
+            row[k] = sum(x[k] for x in res) / len(res)
+        row["ter_after_std"] = _std(ters)
+        row["ter_per_speaker"] = [round(t, 4) for t in ters]
         row["speakers"] = len(speakers)
         row["pretrain_ter"] = info["ter"]
         rows.append(row)
+    mom = next((x for x in rows if x["method"] == "momentum"), None)
     adam = next((x for x in rows if x["method"] == "adam"), None)
     for x in rows:
         x["peak_vs_adam"] = x["peak_bytes"] / adam["peak_bytes"] if adam else float("nan")
+        if mom is None:
+            x["vs_momentum"] = x["vs_momentum_se"] = float("nan")
+            x["wins_vs_momentum"] = None
+            continue
+        diff = [a - b for a, b in zip(x["ter_per_speaker"], mom["ter_per_speaker"])]
+        x["vs_momentum"] = sum(diff) / len(diff)
+        x["vs_momentum_se"] = _std(diff) / len(diff) ** 0.5
+        x["wins_vs_momentum"] = (f"{sum(d < 0 for d in diff)}/{sum(d == 0 for d in diff)}/"
+                                 f"{sum(d > 0 for d in diff)}")
     return [{k: x[k] for k in COLUMNS} for x in rows]
 
 
 def check(rows: Sequence[Dict[str, Any]], saving: float = 0.30) -> List[Dict[str, Any]]:
     """The acceptance criteria, one row per low-rank row: peak at least ``saving`` below Adam's,
-    peak relative to momentum's, TER after adaptation no worse than momentum's."""
+    peak relative to momentum's, TER after adaptation no worse than momentum's.
+
+    ``ter_ok``: the mean TER after adaptation over the speakers is <= momentum's.
+    ``ter_ok_within_noise``: the mean paired difference to momentum is at most two standard
+    errors above zero (not worse beyond the speaker-to-speaker noise).
+    """
     by = {x["method"]: x for x in rows if x["method"] != "lowrank-adam"}
     adam, mom = by.get("adam"), by.get("momentum")
     out = []
     for x in rows:
         if x["method"] != "lowrank-adam" or adam is None or mom is None:
             continue
+        se = x.get("vs_momentum_se", float("nan"))
+        diff = x.get("vs_momentum", x["ter_after"] - mom["ter_after"])
         out.append({"rank": x["rank"],
                     "saving_vs_adam": 1 - x["peak_bytes"] / adam["peak_bytes"],
                     "memory_ok": x["peak_bytes"] <= (1 - saving) * adam["peak_bytes"],
                     "peak_vs_momentum": x["peak_bytes"] / mom["peak_bytes"],
                     "ter_after": x["ter_after"], "momentum_ter_after": mom["ter_after"],
-                    "ter_ok": x["ter_after"] <= mom["ter_after"]})
+                    "vs_momentum": diff, "vs_momentum_se": se,
+                    "ter_ok": x["ter_after"] <= mom["ter_after"],
+                    "ter_ok_within_noise": diff <= 2 * (0.0 if se != se else se)})
     return out
 
 
