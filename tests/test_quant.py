@@ -236,7 +236,18 @@ def test_bitsandbytes_agrees():
         pytest.skip(f"bitsandbytes has no CPU blockwise quantization here: {e}")
     codes, absmax = quantize_blockwise(x, code, 256)
     assert torch.allclose(state.absmax.float().cpu(), absmax)
-    # same nearest value except at exact ties (none expected on random data)
-    assert (q.cpu().view(-1) != codes).float().mean().item() < 1e-3
-    y = bnb_f.dequantize_blockwise(q, state).float().cpu().view(-1)
+    # Same code for nearly every element. Measured with bitsandbytes 0.50.2's CPU backend: 0.15%
+    # differ, always by one index, and in every such case our code is the nearer value (theirs
+    # is an approximate search, e.g. -8.93e-5 -> -6.63e-5 instead of -8.87e-5), so the test
+    # pins "ours is nearest" rather than equality.
+    theirs = q.cpu().view(-1)
+    differ = theirs != codes
+    assert differ.float().mean().item() < 1e-2
+    assert (theirs.int() - codes.int()).abs().max().item() <= 1
+    xn = (x.view(-1, 256) / absmax[:, None]).view(-1)
+    ours_err, their_err = (code[codes.long()] - xn).abs(), (code[theirs.long()] - xn).abs()
+    assert bool((ours_err[differ] <= their_err[differ]).all())
+    # dequantization is the same function of the codes
+    state.code = code.clone()
+    y = bnb_f.dequantize_blockwise(codes.view(q.shape).to(q.device), state).float().cpu().view(-1)
     assert torch.allclose(y, dequantize_blockwise(codes, absmax, code, 256), atol=1e-6)
