@@ -27,9 +27,11 @@ ordinary training (forward 1 + backward 2 becomes forward 1 + recompute 1 + back
 Memory behaviour
 ----------------
 Between forward and backward the sequence holds its output and nothing else (plus, only when a
-block contains dropout, one RNG state of a few KiB per F/G call). During backward it holds the
-current ``(y, dy)``, the reconstructed ``(x, dx)`` and the recorded graph of *one* F or G at a
-time. Activation memory of a stage is therefore independent of its depth; with ordinary autograd
+block contains dropout, one RNG state of a few KiB per F/G call, and per BatchNorm call its batch
+mean and inverse std). During backward it holds the saved output, the current halves and their
+gradients, and the recorded graph of *one* F or G at a time; each half (``y2`` once ``x2`` is
+rebuilt, ``dy1``/``dy2`` once folded into the new gradients) is dropped as soon as it is used up,
+and the first block does not rebuild ``x1`` unless the input needs a gradient. Activation memory of a stage is therefore independent of its depth; with ordinary autograd
 it is linear in depth, and with ``torch.utils.checkpoint`` per block it is linear in depth with a
 smaller slope (one stored input per block). Liu & Qian 2024 ("Memory-Efficient Training for
 Deep Speaker Embedding Learning in Speaker Verification", arXiv 2412.01195) apply this to
@@ -44,8 +46,13 @@ What is taken care of
   when F/G call ``torch.rand`` & co. directly), ``False`` turns it off.
 * BatchNorm inside F/G: the recomputation must normalize with the *batch* statistics (as forward
   did) but must not update ``running_mean``/``running_var``/``num_batches_tracked`` a second
-  time. During recomputation every ``_BatchNorm`` in training mode is switched to
-  ``track_running_stats=False``, which makes it use batch statistics and leave its buffers alone.
+  time. For plain ``nn.BatchNorm1d/2d/3d`` on CPU (fp32/fp64, no autocast) forward records the
+  batch mean and inverse std that ``native_batch_norm`` computes anyway (2 x C numbers per call)
+  and the recomputation normalizes with them (one pass instead of a statistics pass plus a
+  normalization pass; computing the statistics is most of a training-mode BatchNorm's cost on a
+  CPU) and back-propagates with the ordinary training-mode BatchNorm backward. Every other
+  ``_BatchNorm`` in training mode is switched to ``track_running_stats=False`` for the
+  recomputation, which makes it use batch statistics and leave its buffers alone.
 * Autocast: the autocast state of forward is re-entered for the recomputation; the carried
   tensors (the two halves) stay in fp32 -- a reduced-precision input is upcast on entry -- and
   the reconstruction subtractions run with autocast disabled, so rounding errors do not pile up
@@ -216,21 +223,134 @@ def _params(m: nn.Module) -> List[nn.Parameter]:
     return [p for p in m.parameters() if p.requires_grad]
 
 
+# BatchNorm with the forward's batch statistics. A BatchNorm in training mode normalizes with the
+# mean and variance of its input batch; computing them is most of its cost on a CPU (several
+# times the cost of the normalization itself). The reconstructed input of the recomputation
+# equals the forward's up to rounding, so the recomputation may reuse the forward's statistics
+# (two vectors of C numbers per call, as ``native_batch_norm`` returns them for its own backward)
+# instead of computing them again. Its backward is the training-mode BatchNorm backward (the
+# statistics' dependence on the input included), i.e. what ordinary autograd computes from the
+# same saved statistics. Only for the plain ``nn.BatchNorm1d/2d/3d`` classes on CPU tensors of
+# fp32/fp64 without autocast, where ``F.batch_norm`` runs ``native_batch_norm`` itself (so the
+# output and the running-buffer update are bit-identical to the module's own forward); anything
+# else (subclasses, CUDA/cuDNN, autocast, reduced precision) takes the ordinary path.
+_REUSE_BN_STATS = True          # switch for A/B timing and tests
+_PLAIN_BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
+def _bn_fast_ok(m: _BatchNorm, x: torch.Tensor) -> bool:
+    return (m.training and x.device.type == "cpu" and x.layout == torch.strided
+            and x.dtype in (torch.float32, torch.float64) and m.eps > 0
+            and x.numel() > x.shape[1]      # more than one value per channel
+            and (m.weight is None or m.weight.dtype == x.dtype))
+
+
+def _bn_capture(m: _BatchNorm, store: list):
+    """A stand-in for ``m.forward`` (training mode) that also records the batch statistics."""
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        if not _bn_fast_ok(m, x):
+            return type(m).forward(m, x)
+        m._check_input_dim(x)
+        factor = 0.0 if m.momentum is None else m.momentum        # as _BatchNorm.forward
+        track = m.track_running_stats
+        if track and m.num_batches_tracked is not None:
+            m.num_batches_tracked.add_(1)
+            factor = 1.0 / float(m.num_batches_tracked) if m.momentum is None else m.momentum
+        out, mean, invstd = torch.native_batch_norm(
+            x, m.weight, m.bias, m.running_mean if track else None,
+            m.running_var if track else None, True, factor, m.eps)
+        store.append((m, mean, invstd))
+        return out
+
+    return forward
+
+
+def _bn_replay(m: _BatchNorm, queue: list):
+    """A stand-in for ``m.forward`` in the recomputation: normalize with the recorded statistics
+    (in call order); without a record, the ordinary forward (buffers frozen by the caller)."""
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        if not queue or not m.training:
+            return type(m).forward(m, x)
+        mean, invstd = queue.pop(0)
+        if (mean.dtype != x.dtype or mean.device != x.device or mean.shape[0] != x.shape[1]):
+            return type(m).forward(m, x)
+        return _BatchNormReplay.apply(x, m.weight, m.bias, mean, invstd, m.eps)
+
+    return forward
+
+
+class _BatchNormReplay(torch.autograd.Function):
+    """Training-mode BatchNorm with given batch statistics ``mean``, ``invstd`` (per channel)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, mean, invstd, eps):
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        alpha = invstd if weight is None else invstd * weight            # (C,)
+        beta = -mean * alpha if bias is None else bias - mean * alpha    # (C,)
+        ctx.eps = eps
+        ctx.save_for_backward(x, weight, mean, invstd)
+        return torch.addcmul(beta.view(shape), x, alpha.view(shape))     # x * alpha + beta
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        x, weight, mean, invstd = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        mask = [need[0], weight is not None and need[1], need[2]]
+        gx, gw, gb = torch.ops.aten.native_batch_norm_backward(
+            grad, x, weight, None, None, mean, invstd, True, ctx.eps, mask)
+        return (gx if need[0] else None, gw if mask[1] else None, gb if mask[2] else None,
+                None, None, None)
+
+
+@contextlib.contextmanager
+def _swapped_forwards(swaps):
+    """Temporarily replace ``module.forward`` (an instance attribute, so hooks still run)."""
+    for m, fn in swaps:
+        m.__dict__["forward"] = fn
+    try:
+        yield
+    finally:
+        for m, _ in swaps:
+            m.__dict__.pop("forward", None)
+
+
 class _Unit:
     """One function call that the backward recomputes: a coupling's f or g, or a whole layer."""
 
-    __slots__ = ("module", "params", "has_params", "norms", "stochastic")
+    __slots__ = ("module", "params", "has_params", "norms", "plain_norms", "stochastic")
 
     def __init__(self, module: nn.Module):
         self.module = module
         self.params = _params(module)
         self.has_params = any(True for _ in module.parameters())
         self.norms = [m for m in module.modules() if isinstance(m, _BatchNorm)]
+        # BatchNorms whose statistics the recomputation can reuse (see _BatchNormReplay)
+        self.plain_norms = [m for m in self.norms
+                            if type(m) in _PLAIN_BN and "forward" not in m.__dict__]
         self.stochastic = _has_dropout(module)
 
-    def recompute(self, x: torch.Tensor, rng, device) -> Tuple[torch.Tensor, torch.Tensor]:
+    def run(self, x: torch.Tensor, stats: Optional[list]) -> torch.Tensor:
+        """The forward call (no grad); records BatchNorm statistics into ``stats`` if given."""
+        if stats is None or not self.plain_norms:
+            return self.module(x)
+        swaps = [(m, _bn_capture(m, stats)) for m in self.plain_norms if m.training]
+        with _swapped_forwards(swaps):
+            return self.module(x)
+
+    def recompute(self, x: torch.Tensor, rng, device,
+                  stats: Optional[list]) -> Tuple[torch.Tensor, torch.Tensor]:
         """(leaf input that requires grad, output with its graph)."""
-        with torch.enable_grad(), _replay_rng(rng, device), frozen_running_stats(self.norms):
+        swaps = []
+        if stats:
+            queues: dict = {}
+            for m, mean, invstd in stats:
+                queues.setdefault(m, []).append((mean, invstd))
+            swaps = [(m, _bn_replay(m, q)) for m, q in queues.items()]
+        with torch.enable_grad(), _replay_rng(rng, device), frozen_running_stats(self.norms), \
+                _swapped_forwards(swaps):
             x = x.detach().requires_grad_(True)
             return x, self.module(x)
 
@@ -249,34 +369,42 @@ class _ReversibleFunction(torch.autograd.Function):
             ctx.autocast = (dev_type, torch.is_autocast_enabled(dev_type),
                             torch.get_autocast_dtype(dev_type))
         else:
-            ctx.autocast = (dev_type, None, False)
+            ctx.autocast = (dev_type, False, None)
+        # BatchNorm statistics are recorded (and reused in backward) only without autocast
+        keep_stats = not ctx.autocast[1] and dev_type == "cpu" and _REUSE_BN_STATS
         rngs: List[object] = []      # per unit call, None where not recorded
+        stats: List[object] = []     # per unit call, recorded BatchNorm statistics or None
         sizes: List[object] = []     # per layer, the input's spatial size for non-couplings
 
-        def rec(unit: _Unit):
+        def run(unit: _Unit, inp):
             want = rng_mode if rng_mode is not None else unit.stochastic
             rngs.append(_capture_rng(device) if want else None)
+            st = [] if keep_stats and unit.plain_norms else None
+            stats.append(st)
+            return unit.run(inp, st)
 
         h: object = x                # a tensor, or a (half1, half2) pair between couplings
         for layer, lu in zip(seq.layers, units):
             if isinstance(layer, AdditiveCoupling):
-                x1, x2 = h if isinstance(h, tuple) else _halves(h, "x")
-                rec(lu[0])
-                y1 = x1 + layer.f(x2)                      # (B, C1, ...)
-                rec(lu[1])
-                y2 = x2 + layer.g(y1)                      # (B, C2, ...)
+                if isinstance(h, tuple):
+                    x1, x2 = h
+                else:            # F's input: a contiguous copy of the half (see _halves)
+                    x1, x2 = _halves(h, "x")
+                    x2 = x2.contiguous()
+                y1 = x1 + run(lu[0], x2)                   # (B, C1, ...)
+                y2 = x2 + run(lu[1], y1)                   # (B, C2, ...)
                 h = (y1, y2)
                 sizes.append(None)
             else:
                 if isinstance(h, tuple):
                     h = torch.cat(h, dim=1)
                 sizes.append(tuple(h.shape[2:]))
-                rec(lu[0])
-                h = layer(h)
+                h = run(lu[0], h)
         out = torch.cat(h, dim=1) if isinstance(h, tuple) else h
         if out is x:                 # an identity-like last layer: never hand back the input
             out = x.clone()
         ctx.rngs = rngs
+        ctx.stats = stats
         ctx.sizes = sizes
         ctx.save_for_backward(out)
         return out
@@ -291,6 +419,7 @@ class _ReversibleFunction(torch.autograd.Function):
         params = ctx.params
         grads = {id(p): None for p in params}
         need_x = ctx.needs_input_grad[0]
+        rngs, stats = ctx.rngs, ctx.stats
 
         def add(ps, gs):
             for p, g in zip(ps, gs):
@@ -298,46 +427,61 @@ class _ReversibleFunction(torch.autograd.Function):
                     k = id(p)
                     grads[k] = g if grads[k] is None else grads[k] + g
 
-        rng_i = len(ctx.rngs)
+        # The reconstruction subtractions run in fp32 with autocast off; when forward ran
+        # without autocast there is nothing to switch (and no context to enter per block).
+        if ac_enabled or _autocast_on(dev_type):
+            outer = _autocast(dev_type, ac_dtype, ac_enabled)
+            exact = lambda: _autocast(dev_type, None, False)        # noqa: E731
+        else:
+            outer = contextlib.nullcontext()
+            exact = contextlib.nullcontext
+        call = len(rngs)
         h, dh = y.detach(), dy       # carried state and its gradient
         del y, dy                    # only h/dh keep them alive from here on
-        with _autocast(dev_type, ac_dtype, ac_enabled):
-            n = len(seq.layers)
-            for i in range(n - 1, -1, -1):
+        with outer:
+            for i in range(len(seq.layers) - 1, -1, -1):
                 layer, units = seq.layers[i], ctx.units[i]
                 first = i == 0
                 if isinstance(layer, AdditiveCoupling):
                     uf, ug = units
-                    rng_i -= 2
+                    call -= 2
                     y1, y2 = h if isinstance(h, tuple) else _halves(h, "y")
                     dy1, dy2 = dh if isinstance(dh, tuple) else dh.chunk(2, dim=1)
+                    del h, dh        # from here on each map is freed as soon as it is done
                     # G: recompute once with grad, backprop dy2 into y1 and G's parameters.
-                    y1_, gy = ug.recompute(y1, ctx.rngs[rng_i + 1], device)
+                    y1_, gy = ug.recompute(y1, rngs[call + 1], device, stats[call + 1])
                     res = torch.autograd.grad(gy, [y1_] + ug.params, dy2.to(gy.dtype),
                                               allow_unused=True)
-                    dy1 = _acc(res[0], dy1, dy2)
+                    del y1_
                     add(ug.params, res[1:])
-                    with torch.enable_grad(), _autocast(dev_type, None, False):
+                    with exact():
                         x2 = y2 - gy.detach().to(y2.dtype)     # (B, C2, ...) fp32 reconstruction
-                    del y1_, gy, res
+                    del gy, y2
+                    dy1 = _acc(res[0], dy1, dy2)               # dL/dy1 in total
+                    del res
                     # F: recompute once with grad, backprop dy1 into x2 and F's parameters.
                     want_x = need_x or not first
-                    x2_, fx = uf.recompute(x2, ctx.rngs[rng_i], device)
+                    x2_, fx = uf.recompute(x2, rngs[call], device, stats[call])
                     inputs = ([x2_] if want_x else []) + uf.params
                     res = torch.autograd.grad(fx, inputs, dy1.to(fx.dtype), allow_unused=True)
+                    del x2_
+                    dx2 = None
                     if want_x:
                         dx2 = _acc(res[0], dy2, dy1)
                         res = res[1:]
-                    else:
-                        dx2 = None
+                    del dy2
                     add(uf.params, res)
-                    with torch.enable_grad(), _autocast(dev_type, None, False):
-                        x1 = y1 - fx.detach().to(y1.dtype)     # (B, C1, ...)
-                    del x2_, fx, res
-                    h, dh = (x1, x2.detach()), (dy1, dx2)
+                    del res
+                    x1 = None
+                    if want_x:   # the first block's input is needed only for its gradient
+                        with exact():
+                            x1 = y1 - fx.detach().to(y1.dtype)     # (B, C1, ...)
+                    del fx, y1
+                    h, dh = (x1, x2), (dy1, dx2)
+                    del x1, x2, dy1, dx2
                 else:
                     (u,) = units
-                    rng_i -= 1
+                    call -= 1
                     if isinstance(h, tuple):
                         h = torch.cat(h, dim=1)
                         dh = torch.cat(dh, dim=1)
@@ -346,7 +490,8 @@ class _ReversibleFunction(torch.autograd.Function):
                     grad_mode = torch.enable_grad() if not u.has_params else torch.no_grad()
                     with grad_mode, _autocast(dev_type, None, False):
                         x = _invert(layer, h.detach(), ctx.sizes[i])
-                    x_, out = u.recompute(x, ctx.rngs[rng_i], device)
+                    del h
+                    x_, out = u.recompute(x, rngs[call], device, stats[call])
                     want_x = need_x or not first
                     inputs = ([x_] if want_x else []) + u.params
                     if inputs:
@@ -354,14 +499,16 @@ class _ReversibleFunction(torch.autograd.Function):
                                                   allow_unused=True)
                     else:
                         res = ()
+                    del dh, out, x_
                     if want_x:
                         dx = res[0] if res[0] is not None else torch.zeros_like(x)
                         res = res[1:]
                     else:
                         dx = None
                     add(u.params, res)
-                    del x_, out
+                    del res
                     h, dh = x, dx
+                    del x, dx
         dx = None
         if need_x:
             dx = torch.cat(dh, dim=1) if isinstance(dh, tuple) else dh

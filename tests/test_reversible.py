@@ -104,6 +104,42 @@ def test_gradients_match_autograd_with_dropout_and_batchnorm():
     _compare(seq, (3, 4, 7, 9))                             # odd sizes through the downsample
 
 
+class _SubclassBN(nn.BatchNorm2d):
+    """A BatchNorm subclass: takes the ordinary path (batch statistics computed again)."""
+
+
+def _bn_seq(bn):
+    def half(c_in, c_out):
+        return nn.Sequential(nn.Conv2d(c_in, 6, 3, padding=1, bias=False), bn(6), nn.ReLU(),
+                             nn.Dropout(0.2), nn.Conv2d(6, c_out, 3, padding=1, bias=False), bn(c_out))
+    return ReversibleSequence([AdditiveCoupling(half(2, 2), half(2, 2))
+                               for _ in range(3)]).double()
+
+
+@pytest.mark.parametrize("kind", ["default", "momentum=None", "affine=False",
+                                  "track_running_stats=False", "subclass"])
+def test_batchnorm_statistics_reused_in_recomputation(monkeypatch, kind):
+    # The recomputation normalizes with the batch statistics recorded in forward (no second
+    # statistics pass) for plain nn.BatchNorm*d; gradients and buffers still equal ordinary
+    # autograd's for every flavour, and no stand-in forward is left on the modules.
+    from memlab import reversible as rv
+
+    kw = {"default": {}, "momentum=None": {"momentum": None}, "affine=False": {"affine": False},
+          "track_running_stats=False": {"track_running_stats": False}, "subclass": {}}[kind]
+    bn_cls = _SubclassBN if kind == "subclass" else nn.BatchNorm2d
+    calls = []
+    replay = rv._BatchNormReplay.apply
+    monkeypatch.setattr(rv._BatchNormReplay, "apply",
+                        lambda *a: calls.append(1) or replay(*a))
+    torch.manual_seed(0)
+    seq = _bn_seq(lambda c: bn_cls(c, **kw))
+    for _ in range(2):                                      # num_batches_tracked moves on
+        _compare(seq, (3, 4, 5, 6))
+        seq.zero_grad(set_to_none=True)
+    assert len(calls) == (0 if kind == "subclass" else 2 * 2 * 3 * 2)
+    assert not any("forward" in m.__dict__ for m in seq.modules())
+
+
 def test_gradients_two_steps_and_accumulation():
     seq = make_seq(p=0.2)
     ref = copy.deepcopy(seq)
