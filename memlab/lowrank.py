@@ -334,6 +334,10 @@ class LowRankAdam(torch.optim.Optimizer):
         proj: None (factors) or "svd" (GaLore-style projection of the full gradient).
         attach: "auto", "hook" (Linear/Conv with groups=1 only) or "parametrize".
         seed: seed of the optimizer's own generator for B (None: drawn from torch's global RNG).
+        other_lr: lr of the plain-Adam group (param_groups[1]: biases, norms, embeddings,
+            weights below min_size); None: lr. The factors usually want a larger lr than Adam on
+            full tensors (a rank-r step moves W in r directions only), while the plain group is
+            ordinary Adam: give it the lr that suits Adam on the same model.
 
     param_groups[0] holds the low-rank parameters (factors, or the projected weights for
     proj="svd"; "lowrank": True), param_groups[1] everything else; either is left out if empty.
@@ -341,14 +345,15 @@ class LowRankAdam(torch.optim.Optimizer):
 
     def __init__(self, model: nn.Module, lr=1e-3, betas=(0.9, 0.999), eps=1e-8,
                  weight_decay=0.0, rank=4, merge_every=100, modules=None, min_size=4096,
-                 proj=None, attach="auto", seed=None):
+                 proj=None, attach="auto", seed=None, other_lr=None):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
         for name, v, lo in (("rank", rank, 1), ("merge_every", merge_every, 1),
                             ("min_size", min_size, 0)):
             if isinstance(v, bool) or not isinstance(v, int) or v < lo:
                 raise ValueError(f"{name} must be an int >= {lo}, got {v!r}")
-        for name, v in (("lr", lr), ("eps", eps), ("weight_decay", weight_decay)):
+        for name, v in (("lr", lr), ("eps", eps), ("weight_decay", weight_decay),
+                        ("other_lr", lr if other_lr is None else other_lr)):
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0:
                 raise ValueError(f"{name} must be a number >= 0, got {v!r}")
         if (not isinstance(betas, (tuple, list)) or len(betas) != 2
@@ -392,8 +397,10 @@ class LowRankAdam(torch.optim.Optimizer):
         lowrank = list(self._roles)
         chosen = set(lowrank)
         other = [p for p in model.parameters() if p.requires_grad and p not in chosen]
-        groups = [g for g in ({"params": lowrank, "lowrank": True},
-                              {"params": other, "lowrank": False}) if g["params"]]
+        plain = {"params": other, "lowrank": False}
+        if other_lr is not None:
+            plain["lr"] = other_lr
+        groups = [g for g in ({"params": lowrank, "lowrank": True}, plain) if g["params"]]
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
         super().__init__(groups, defaults)
 

@@ -440,6 +440,7 @@ def test_cuda_lstm_and_autocast():
     (dict(betas=(0.9, 1.0)), "betas"), (dict(eps=-1), "eps"),
     (dict(weight_decay=-1), "weight_decay"),
     (dict(min_size=-1), "min_size"), (dict(attach="x"), "attach"), (dict(seed="a"), "seed"),
+    (dict(other_lr=-1e-3), "other_lr"), (dict(other_lr="a"), "other_lr"),
 ])
 def test_bad_args_raise(kw, name):
     with pytest.raises(ValueError, match=name):
@@ -674,3 +675,24 @@ def test_attention_state_dict_round_trip():
     attn_train(model2, opt2, data[4:])
     for (n1, p1), (n2, p2) in zip(model.state_dict().items(), model2.state_dict().items()):
         assert n1 == n2 and torch.equal(p1, p2), n1
+
+
+def test_other_lr_sets_the_plain_group():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64), nn.LayerNorm(64))
+    ref_model = copy.deepcopy(model)
+    opt = LowRankAdam(model, lr=1e-3, rank=2, other_lr=1e-2)
+    assert [g["lr"] for g in opt.param_groups] == [1e-3, 1e-2]
+    assert [g["lowrank"] for g in opt.param_groups] == [True, False]
+    ref = torch.optim.Adam([ref_model[0].bias, *ref_model[1].parameters()], lr=1e-2)
+    x = torch.randn(4, 64)
+    for mod, o in ((model, opt), (ref_model, ref)):
+        mod(x).pow(3).mean().backward()
+        o.step()
+    # the plain group (bias, LayerNorm) is plain Adam at other_lr
+    torch.testing.assert_close(model[1].weight, ref_model[1].weight)
+    torch.testing.assert_close(model[0].bias, ref_model[0].bias)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 ** s)
+    sched.step()                                                # each group scaled on its own
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([5e-4, 5e-3])
+    assert LowRankAdam(nn.Linear(64, 64), lr=1e-3).param_groups[1]["lr"] == 1e-3
