@@ -386,11 +386,7 @@ class _ReversibleFunction(torch.autograd.Function):
         h: object = x                # a tensor, or a (half1, half2) pair between couplings
         for layer, lu in zip(seq.layers, units):
             if isinstance(layer, AdditiveCoupling):
-                if isinstance(h, tuple):
-                    x1, x2 = h
-                else:            # F's input: a contiguous copy of the half (see _halves)
-                    x1, x2 = _halves(h, "x")
-                    x2 = x2.contiguous()
+                x1, x2 = h if isinstance(h, tuple) else _halves(h, "x")
                 y1 = x1 + run(lu[0], x2)                   # (B, C1, ...)
                 y2 = x2 + run(lu[1], y1)                   # (B, C2, ...)
                 h = (y1, y2)
