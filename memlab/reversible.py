@@ -268,15 +268,15 @@ def _bn_capture(m: _BatchNorm, store: list):
 
 def _bn_replay(m: _BatchNorm, queue: list):
     """A stand-in for ``m.forward`` in the recomputation: normalize with the recorded statistics
-    (in call order); without a record, the ordinary forward (buffers frozen by the caller)."""
+    (in call order); without a usable record, the ordinary forward with frozen buffers."""
 
     def forward(x: torch.Tensor) -> torch.Tensor:
-        if not queue or not m.training:
+        if queue and m.training:
+            mean, invstd = queue.pop(0)
+            if mean.dtype == x.dtype and mean.device == x.device and mean.shape[0] == x.shape[1]:
+                return _BatchNormReplay.apply(x, m.weight, m.bias, mean, invstd, m.eps)
+        with frozen_running_stats([m]):
             return type(m).forward(m, x)
-        mean, invstd = queue.pop(0)
-        if (mean.dtype != x.dtype or mean.device != x.device or mean.shape[0] != x.shape[1]):
-            return type(m).forward(m, x)
-        return _BatchNormReplay.apply(x, m.weight, m.bias, mean, invstd, m.eps)
 
     return forward
 
@@ -343,13 +343,14 @@ class _Unit:
     def recompute(self, x: torch.Tensor, rng, device,
                   stats: Optional[list]) -> Tuple[torch.Tensor, torch.Tensor]:
         """(leaf input that requires grad, output with its graph)."""
-        swaps = []
+        swaps, norms = [], self.norms
         if stats:
             queues: dict = {}
             for m, mean, invstd in stats:
                 queues.setdefault(m, []).append((mean, invstd))
             swaps = [(m, _bn_replay(m, q)) for m, q in queues.items()]
-        with torch.enable_grad(), _replay_rng(rng, device), frozen_running_stats(self.norms), \
+            norms = [m for m in norms if m not in queues]   # the stand-ins freeze their own
+        with torch.enable_grad(), _replay_rng(rng, device), frozen_running_stats(norms), \
                 _swapped_forwards(swaps):
             x = x.detach().requires_grad_(True)
             return x, self.module(x)
@@ -588,8 +589,11 @@ class ReversibleSequence(nn.Module):
     def _units(self) -> List[Tuple[_Unit, ...]]:
         # Built on first use and rebuilt when the parameters (or their requires_grad flags)
         # change, so that module surgery after construction is picked up.
-        key = (tuple(id(m) for m in self.modules()),
-               tuple((id(p), p.requires_grad) for p in self.parameters()))
+        # (one walk over the modules: this runs on every training forward)
+        mods = list(self.modules())
+        key = (tuple(map(id, mods)),
+               tuple((id(p), p.requires_grad) for m in mods for p in m._parameters.values()
+                     if p is not None))
         if self._units_cache is None or self._units_cache[0] != key:
             units = [(_Unit(m.f), _Unit(m.g)) if isinstance(m, AdditiveCoupling) else (_Unit(m),)
                      for m in self.layers]
