@@ -5,7 +5,20 @@ What is measured
 A small speaker ResNet (or DF-ResNet) whose third stage has ``depth`` blocks
 (``num_blocks=(1, 1, depth, 1)``) is trained for one step (forward, ``emb.square().mean()``
 as the loss, backward) with each memory strategy -- "vanilla", "checkpoint", "reversible",
-"reversible-full" -- on the same random fbank batch, side by side in one process:
+"reversible-full" -- on the same random fbank batch, side by side in one process.
+
+Workload (default): the widths of the paper's ResNet34 and of memlab's ``ResNet`` defaults --
+first-stage width 32 (stages of 32/64/128/256 channels) on 80-dim fbank -- with a batch of 2
+utterances of 100 frames, so that a run takes about 1-1.5 minutes on one CPU thread. Earlier
+versions used width 16 on 40-dim fbank with batch 8: the same number of activation elements (so
+the same memory figures) but half the channels everywhere, which made the couplings' F and G,
+which see half the channels, unrepresentatively narrow -- 8 channels in the full-resolution
+first stage, where oneDNN's CPU convolutions are least efficient. Measured on one thread, a
+coupling there cost 1.6-1.9x a BasicBlock (1.5-1.65x at width 32), and in the third stage the
+same couplings under plain autograd cost 1.11-1.17x the BasicBlocks at 64 channels against
+1.07-1.08x at 128, while the reversible backward itself costs ~1.3-1.36x plain autograd through
+the same couplings at both widths. Pass ``width=16, feat_dim=40, batch_size=8`` to get the
+old workload back. Columns:
 
 * ``activation_bytes``: the peak of the *activations* category of ``memlab.memory.MemoryMeter``
   over the step (tensors saved for backward, live forward intermediates and the recomputation
@@ -24,7 +37,10 @@ Expected: vanilla activations grow linearly with depth; checkpoint grows with a 
 full-resolution stage (at the default sizes from depth ~16 on); reversible and reversible-full
 stay flat. ``peak_bytes`` (activations + gradients in flight) of checkpoint and reversible are
 close: both peak in backward at the first stage. Reversible costs one extra forward of the
-reversible blocks (theory ~4/3 of the step time); checkpoint likewise.
+reversible blocks (theory ~4/3 of the step time); checkpoint likewise. On a CPU the reversible
+ratio to vanilla is that 4/3 times what the couplings themselves cost against BasicBlocks of
+the same parameter count (half-width convolutions, three BatchNorms' worth of channels instead
+of two): it grows with depth towards ~1.4-1.5 as the couplings take over the step.
 
 Two companions (used by ``notebooks/01_reversible_networks.ipynb``):
 
@@ -95,24 +111,25 @@ def run(fast: bool = False, depths: Optional[Sequence[int]] = None,
         batch_size: Optional[int] = None, model: str = "resnet", frames: Optional[int] = None,
         width: Optional[int] = None, steps: Optional[int] = None,
         strategies: Sequence[str] = STRATEGIES, threads: Optional[int] = None,
-        seed: int = 0) -> List[dict]:
+        seed: int = 0, feat_dim: Optional[int] = None) -> List[dict]:
     """One row per (depth, strategy); see the module docstring for the columns.
 
     Args:
         fast: tiny sizes (seconds on a laptop CPU).
         depths: blocks in the third stage (default (4, 8, 16, 32); fast: (2, 8)).
-        batch_size, frames, width: input batch, frames per utterance, first-stage width.
+        batch_size, frames, width, feat_dim: input batch (default 2; fast 2), frames per
+            utterance (100; fast 32), first-stage width (32; fast 8), fbank bins (80; fast 40).
         model: "resnet" or "dfresnet".
         steps: timed steps per strategy (median reported).
         threads: ``torch.set_num_threads`` for the run (restored afterwards); on a loaded
             machine 1 thread gives the steadiest ratios.
     """
     depths = tuple(depths) if depths is not None else ((2, 8) if fast else (4, 8, 16, 32))
-    batch_size = batch_size or (2 if fast else 8)
+    batch_size = batch_size or 2
     frames = frames or (32 if fast else 100)
-    width = width or (8 if fast else 16)
+    width = width or (8 if fast else 32)
     steps = steps or (2 if fast else 5)
-    feat_dim = 40
+    feat_dim = feat_dim or (40 if fast else 80)
     for s in strategies:
         if s not in STRATEGIES:
             raise ValueError(f"strategies must be drawn from {STRATEGIES}, got {s!r}")
@@ -142,7 +159,7 @@ def run(fast: bool = False, depths: Optional[Sequence[int]] = None,
                 row = {
                     "model": model, "depth": depth, "strategy": s,
                     "params": sum(p.numel() for p in nets[s].parameters()),
-                    "batch_size": batch_size, "frames": frames, "width": width,
+                    "batch_size": batch_size, "frames": frames, "feat_dim": feat_dim, "width": width,
                     "activation_bytes": int(act),
                     "peak_bytes": int(peak) if peak is not None else None,
                     "step_s": statistics.median(wall[s]), "cpu_s": statistics.median(cpu[s]),

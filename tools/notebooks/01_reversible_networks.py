@@ -218,8 +218,12 @@ for memory, records in runs.items():
 # back-propagate), so the theory says about 4/3 of the compute of ordinary training; a
 # checkpointed block is also recomputed once. The bench timed every strategy round-robin in one
 # process (one thread), so the ratios compare like with like. **Look for:** ratios above 1 for
-# every memory-saving strategy; with these small models Python overhead also counts, so expect
-# more than 4/3 here and closer to it for wide models on a GPU.
+# every memory-saving strategy. The reversible backward itself costs about 4/3 of plain autograd
+# through the *same* couplings; on a CPU the couplings also cost a little more than the
+# BasicBlocks they replace (F and G convolve half the channels, and there are three BatchNorms'
+# worth of channels instead of two), so expect up to ~1.5x vanilla at depth 32 here, less at
+# small depth where the ordinary blocks and the stem dilute it. The full-size bench run
+# (`memlab bench reversible`) uses the paper's widths (32, 80 fbank); fast mode is tiny.
 
 # %%
 print(format_table([{"depth": r["depth"], "strategy": r["strategy"], "params": r["params"],
