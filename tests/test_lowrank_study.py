@@ -94,6 +94,16 @@ def test_sweep_uses_the_training_split_only(cache):
     ids = {id(x) for x in train}
     assert all(id(x) in ids for x in exp._train + exp._test)          # never the test split
     assert not any(id(x) in ids for x in test)
+    cfg = study.personalization_config("sgd", None, fast=True)
+    folds = []
+    for fold in range(4):                                             # rotating dev quarters
+        exp = study._DevSplit(cfg, fold=fold)
+        exp._setup()
+        dev = {tuple(x["tokens"].tolist()) for x in exp._test}
+        assert not dev & {tuple(x["tokens"].tolist()) for x in exp._train}
+        assert len(exp._train) + len(exp._test) == cfg.num_utts
+        folds.append(dev)
+    assert all(not a & b for i, a in enumerate(folds) for b in folds[i + 1:])
 
 
 def test_bad_study_args():
