@@ -685,6 +685,7 @@ def test_other_lr_sets_the_plain_group():
     assert [g["lr"] for g in opt.param_groups] == [1e-3, 1e-2]
     assert [g["lowrank"] for g in opt.param_groups] == [True, False]
     ref = torch.optim.Adam([ref_model[0].bias, *ref_model[1].parameters()], lr=1e-2)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 ** s)
     x = torch.randn(4, 64)
     for mod, o in ((model, opt), (ref_model, ref)):
         mod(x).pow(3).mean().backward()
@@ -692,7 +693,6 @@ def test_other_lr_sets_the_plain_group():
     # the plain group (bias, LayerNorm) is plain Adam at other_lr
     torch.testing.assert_close(model[1].weight, ref_model[1].weight)
     torch.testing.assert_close(model[0].bias, ref_model[0].bias)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 ** s)
     sched.step()                                                # each group scaled on its own
     assert [g["lr"] for g in opt.param_groups] == pytest.approx([5e-4, 5e-3])
     assert LowRankAdam(nn.Linear(64, 64), lr=1e-3).param_groups[1]["lr"] == 1e-3
