@@ -163,8 +163,10 @@ _MAPS: dict = {}
 def _state_book(signed: bool, device: torch.device) -> _Codebook:
     """The cached dynamic-map codebook the optimizers use.
 
-    Built from real tensors even inside ``FakeTensorMode`` (``memlab.memory.estimate``): the
-    codebook is a constant of a few KiB, not state that scales with the model.
+    Built from real tensors outside any dispatch mode, even inside ``FakeTensorMode``
+    (``memlab.memory.estimate``) or a ``MemoryMeter``: the codebook (value table, 16-bit lookup
+    tables; ~0.6 MiB per map and device) is a constant shared by all optimizers, not state that
+    scales with the model.
     """
     key = (signed, device.type, device.index)
     if key not in _MAPS:
@@ -174,13 +176,15 @@ def _state_book(signed: bool, device: torch.device) -> _Codebook:
 
 
 def _real_tensors():
-    """Leave fake-tensor mode for a moment (a no-op outside it)."""
+    """Step outside every dispatch mode for a moment: fake tensors (``estimate``) and
+    ``MemoryMeter``, so the cached codebook tables (~0.6 MiB of constants shared by every
+    optimizer, never freed) are neither fake nor counted as one run's optimizer state."""
     try:
+        from torch.utils._python_dispatch import _disable_current_modes
+        return _disable_current_modes()
+    except ImportError:  # pragma: no cover - older torch
         from torch._subclasses.fake_tensor import unset_fake_temporarily
         return unset_fake_temporarily()
-    except ImportError:  # pragma: no cover - older torch
-        import contextlib
-        return contextlib.nullcontext()
 
 
 # ----------------------------------------------------------------------------------------------
