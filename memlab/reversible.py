@@ -239,10 +239,11 @@ _PLAIN_BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 
 def _bn_fast_ok(m: _BatchNorm, x: torch.Tensor) -> bool:
+    w = m._parameters.get("weight")          # (not through Module.__getattr__: per call)
     return (m.training and x.device.type == "cpu" and x.layout == torch.strided
             and x.dtype in (torch.float32, torch.float64) and m.eps > 0
             and x.numel() > x.shape[1]      # more than one value per channel
-            and (m.weight is None or m.weight.dtype == x.dtype))
+            and (w is None or w.dtype == x.dtype))
 
 
 def _bn_capture(m: _BatchNorm, store: list):
@@ -350,8 +351,15 @@ class _Unit:
                 queues.setdefault(m, []).append((mean, invstd))
             swaps = [(m, _bn_replay(m, q)) for m, q in queues.items()]
             norms = [m for m in norms if m not in queues]   # the stand-ins freeze their own
-        with torch.enable_grad(), _replay_rng(rng, device), frozen_running_stats(norms), \
-                _swapped_forwards(swaps):
+        # Only the contexts that have something to do are entered (this runs per F/G call).
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(torch.enable_grad())
+            if rng is not None:
+                stack.enter_context(_replay_rng(rng, device))
+            if norms:
+                stack.enter_context(frozen_running_stats(norms))
+            if swaps:
+                stack.enter_context(_swapped_forwards(swaps))
             x = x.detach().requires_grad_(True)
             return x, self.module(x)
 
