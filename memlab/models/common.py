@@ -161,6 +161,16 @@ class SpeakerBackbone(nn.Module):
     feat_dim: int
     memory: str
 
+    def _check_sizes(self, width, feat_dim, embed_dim, memory) -> None:
+        """Validate and store the constructor arguments every speaker backbone shares."""
+        self.width = check_positive_int("width", width)
+        self.feat_dim = check_positive_int("feat_dim", feat_dim)
+        self.embed_dim = check_positive_int("embed_dim", embed_dim)
+        self.memory = check_memory(memory)
+        if self.memory.startswith("reversible") and width % 2:
+            raise ValueError(f"width must be even for memory={memory!r} (couplings split the "
+                             f"channels in halves), got {width}")
+
     def _build_head(self, channels: int, freq: int, embed_dim: int) -> None:
         self.pool = StatsPool()
         self.pool_dim = 2 * channels * freq

@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from memlab.models.common import (Blocks, FactorOut, SpeakerBackbone, check_int_tuple,
-                                  check_memory, check_positive_int, halve,
+                                  halve,
                                   solve_width)
 from memlab.reversible import AdditiveCoupling, InvertibleDownsample, ReversibleSequence
 
@@ -112,13 +112,7 @@ class DFResNet(SpeakerBackbone):
                  embed_dim: int = 256, memory: str = "vanilla"):
         super().__init__()
         self.depths = check_int_tuple("depths", depths, 4)
-        self.width = check_positive_int("width", width)
-        self.feat_dim = check_positive_int("feat_dim", feat_dim)
-        self.embed_dim = check_positive_int("embed_dim", embed_dim)
-        self.memory = check_memory(memory)
-        if memory.startswith("reversible") and width % 2:
-            raise ValueError(f"width must be even for memory={memory!r} (couplings split the "
-                             f"channels in halves), got {width}")
+        self._check_sizes(width, feat_dim, embed_dim, memory)
 
         self.stem = nn.Sequential(nn.Conv2d(1, width, 3, padding=1, bias=False),
                                   nn.BatchNorm2d(width), nn.ReLU())
