@@ -971,6 +971,30 @@ def _random_batch(cfg: Config, batch_size: int, frames: int, num_classes: Option
             targets, torch.full((batch_size,), U, dtype=torch.long, device=cfg.device))
 
 
+def run_summary(name: str, records: List[Record], category: Optional[str] = None) -> str:
+    """One line for a finished run: its peak (metered steps), ``category``'s bytes at that peak,
+    the final loss and the metrics of the last evaluation (first -> last when it evaluated more
+    than once), e.g. for printing the runs of ``MemoryLab.run(block=True)`` side by side."""
+    if not records:
+        raise ValueError(f"records of run {name!r} is empty: the run did not take a step")
+    if category is not None and category not in CATEGORIES:
+        raise ValueError(f"category must be one of {CATEGORIES}, got {category!r}")
+    parts = [f"{name:17s}"]
+    metered = [r for r in records if r.metered]
+    if metered:
+        peak = max(metered, key=lambda r: r.peak)
+        parts.append(f"peak {format_bytes(peak.peak):>10s}")
+        if category is not None:
+            parts.append(f"{category} at the peak {format_bytes(peak.breakdown[category]):>10s}")
+    parts.append(f"final loss {records[-1].loss:.3f}")
+    evals = [r.metrics for r in records if r.metrics]
+    if evals:
+        first, last = evals[0], evals[-1]
+        parts += [f"{k} {first[k]:.3f} -> {v:.3f}" if len(evals) > 1 and k in first
+                  else f"{k} {v:.3f}" for k, v in last.items()]
+    return ", ".join(parts)
+
+
 def measure_step(config: Config, frames: Optional[int] = None, steps: int = 2,
                  num_classes: Optional[int] = None):
     """Train ``steps`` steps of ``config``'s model on random input; meter the last one.

@@ -239,3 +239,20 @@ def test_asr_run_plots_ter():
     assert [t.name for t in lab.fig_curves.data] == ["#1 loss", "#1 TER"]
     assert len(lab.fig_curves.data[1].y) == 1 and bars(lab) == 1
     assert "TER" in lab.fig_curves.layout.yaxis2.title.text
+
+
+def test_run_summary_line():
+    from memlab.lab import Record
+    from memlab.widgets import run_summary
+    recs = [Record(step=0, loss=2.0, seconds=0.1, lr=1e-3, metrics={"ter": 0.9},
+                   peak=3 * 2**20, metered=True,
+                   breakdown={"optimizer": 2**20, "activations": 0, "parameters": 0,
+                              "gradients": 0, "other": 0}),
+            Record(step=1, loss=1.5, seconds=0.1, lr=1e-3, metrics={"ter": 0.4})]
+    line = run_summary("adam", recs, "optimizer")
+    assert "peak   3.00 MiB" in line and "optimizer at the peak   1.00 MiB" in line
+    assert "final loss 1.500" in line and "ter 0.900 -> 0.400" in line
+    with pytest.raises(ValueError, match="category"):
+        run_summary("adam", recs, "weights")
+    with pytest.raises(ValueError, match="records"):
+        run_summary("adam", [])

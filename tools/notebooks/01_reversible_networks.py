@@ -47,9 +47,8 @@ from torch import nn
 
 from memlab.bench import reversible as study
 from memlab.cli import format_table
-from memlab.memory import format_bytes
 from memlab.reversible import AdditiveCoupling
-from memlab.widgets import MemoryLab, breakdown_figure, timeline_figure
+from memlab.widgets import MemoryLab, breakdown_figure, run_summary, timeline_figure
 
 torch.manual_seed(0)
 torch.set_num_threads(1)     # tiny models: one thread is as fast, and steadier on a shared CPU
@@ -194,10 +193,7 @@ runs = {}
 for memory in ("vanilla", "reversible"):
     runs[memory] = lab.run(block=True, memory=memory)
 for memory, records in runs.items():
-    metered = [r for r in records if r.metered]
-    peak = max(metered, key=lambda r: r.peak)
-    print(f"{memory:11s} peak {format_bytes(peak.peak)}, activations at the peak "
-          f"{format_bytes(peak.breakdown['activations'])}, final {records[-1].metrics}")
+    print(run_summary(memory, records, "activations"))
 
 # %% [markdown]
 # The timeline of the last metered step of each run, side by side. **Look for:** in vanilla,

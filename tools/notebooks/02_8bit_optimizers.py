@@ -42,9 +42,8 @@ import plotly.graph_objects as go
 
 from memlab.bench import optim as study
 from memlab.cli import format_table
-from memlab.memory import format_bytes
 from memlab.quant import dynamic_map, linear_map, quantize_blockwise, dequantize_blockwise
-from memlab.widgets import MemoryLab
+from memlab.widgets import MemoryLab, run_summary
 
 torch.manual_seed(0)
 
@@ -237,11 +236,7 @@ runs = {}
 for name in ("adam", "adam8bit"):
     runs[name] = lab.run(block=True, optimizer=name)
 for name, records in runs.items():
-    peak = max((r for r in records if r.metered), key=lambda r: r.peak)
-    final = next(r.metrics for r in reversed(records) if r.metrics)
-    print(f"{name:9s} peak {format_bytes(peak.peak):>10s}, optimizer state at the peak "
-          f"{format_bytes(peak.breakdown['optimizer']):>10s}, final loss "
-          f"{records[-1].loss:.3f}, " + ", ".join(f"{k} {v:.3f}" for k, v in final.items()))
+    print(run_summary(name, records, "optimizer"))
 
 # %% [markdown]
 # ## Exercises

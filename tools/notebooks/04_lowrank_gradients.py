@@ -46,7 +46,7 @@ import plotly.graph_objects as go
 from memlab.bench import lowrank as study
 from memlab.cli import format_table
 from memlab.memory import format_bytes
-from memlab.widgets import MemoryLab, breakdown_figure
+from memlab.widgets import MemoryLab, breakdown_figure, run_summary
 
 torch.manual_seed(0)
 
@@ -218,9 +218,7 @@ runs["adam"] = lab.run(block=True, optimizer="adam", optimizer_kwargs={}, lr=stu
 runs["momentum"] = lab.run(block=True, optimizer="sgd", optimizer_kwargs={},
                            lr=study.LRS["sgd"])
 for name, recs in runs.items():
-    peak = max(r.peak for r in recs if r.metered)
-    print(f"{name:17s} peak {format_bytes(peak):>10s}   TER {recs[0].metrics['ter']:.3f} -> "
-          f"{recs[-1].metrics['ter']:.3f}")
+    print(run_summary(name, recs))
 
 # %% [markdown]
 # ## Exercises
