@@ -35,7 +35,10 @@ References: PyTorch "Understanding CUDA memory usage"; torch.utils._python_dispa
 from __future__ import annotations
 
 import gc
+import math
+import numbers
 import weakref
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
@@ -113,7 +116,9 @@ class MemoryMeter:
         inputs: pre-existing tensors to count as "other" (e.g. the batch).
         scan: also find pre-existing tensors, modules and optimizers by scanning live objects
             (default: only when neither model nor optimizer is given).
-        budget: bytes; going past it raises ``MemoryBudgetExceeded`` from the allocating op.
+        budget: bytes (an int or float >= 1); going past it raises ``MemoryBudgetExceeded``
+            from the allocating op. ``None`` or ``math.inf`` means no limit (``meter.budget``
+            is then None); NaN, negative, zero and bool budgets are refused.
         timeline: keep a point per allocation and free (default True).
     """
 
@@ -122,15 +127,13 @@ class MemoryMeter:
                  _track_all_devices: bool = False):
         self.device_type = _device_type(device)
         self.device = torch.device(device) if not isinstance(device, torch.device) else device
-        if budget is not None:
-            if isinstance(budget, bool) or not isinstance(budget, (int, float)):
-                raise TypeError(f"budget must be a number of bytes, got {type(budget).__name__}")
-            if budget <= 0:
-                raise ValueError(f"budget must be > 0 bytes, got {budget}")
-            budget = int(budget)
-        self.budget = budget
+        self.budget = _check_budget(budget)
         self._models = _as_list(model, nn.Module, "model")
         self._optimizers = _as_list(optimizer, torch.optim.Optimizer, "optimizer")
+        for i, m in enumerate(self._models):       # half-built objects: say so now, not at entry
+            _module_tensors(m, _where("model", model, i))
+        for i, o in enumerate(self._optimizers):
+            _optimizer_tensors(o, _where("optimizer", optimizer, i))
         self._inputs = list(inputs)
         self._scan = scan if scan is not None else (not self._models and not self._optimizers)
         self._keep_timeline = timeline
@@ -264,24 +267,24 @@ class MemoryMeter:
                     optimizers.append(obj)
                 elif issubclass(cls, torch.Tensor):
                     loose.append(obj)
-        for m in models:
-            for p in m.parameters():
-                cats.append((p, "parameters"))
-            for b in m.buffers():
-                cats.append((b, "parameters"))
-        for m in models:
-            for p in m.parameters():
-                if p.grad is not None:
-                    cats.append((p.grad, "gradients"))
-        for opt in optimizers:
-            for group in opt.param_groups:
-                for p in group["params"]:
-                    cats.append((p, "parameters"))
-                    if p.grad is not None:
-                        cats.append((p.grad, "gradients"))
-            for st in opt.state.values():
-                for v in _tensors_in(st):
-                    cats.append((v, "optimizer"))
+        # Given objects are checked (a half-built one raises a TypeError naming the argument);
+        # scanned ones that are half-built (a constructor that raised, kept alive by a
+        # traceback or a cycle) are skipped.
+        n_models, n_opts = len(self._models), len(self._optimizers)
+        model_cats: List[Tuple[torch.Tensor, str]] = []
+        grad_cats: List[Tuple[torch.Tensor, str]] = []
+        for i, m in enumerate(models):
+            found = _module_tensors(m, _where("model", self._models, i) if i < n_models else None)
+            if found is None:
+                continue
+            model_cats += found[0]
+            grad_cats += found[1]
+        cats += model_cats + grad_cats
+        for i, opt in enumerate(optimizers):
+            found = _optimizer_tensors(
+                opt, _where("optimizer", self._optimizers, i) if i < n_opts else None)
+            if found is not None:
+                cats += found
         for t in self._inputs:
             for v in _tensors_in(t):
                 cats.append((v, "other"))
@@ -408,6 +411,96 @@ def _as_list(obj, cls, name) -> list:
     return items
 
 
+def _check_budget(budget) -> Optional[int]:
+    """``budget=`` of MemoryMeter: None or inf -> no limit; otherwise an int >= 1 (bytes)."""
+    if budget is None:
+        return None
+    if isinstance(budget, bool) or not isinstance(budget, numbers.Real):
+        raise TypeError(f"budget must be a number of bytes (int or float) or None, got "
+                        f"{budget!r} of type {type(budget).__name__}")
+    budget = float(budget) if not isinstance(budget, int) else budget
+    if isinstance(budget, float) and math.isnan(budget):
+        raise ValueError(f"budget must be a number of bytes >= 1 (or inf/None for no limit), "
+                         f"got {budget!r}")
+    if budget == math.inf:
+        return None
+    if budget < 1:
+        raise ValueError(f"budget must be a number of bytes >= 1 (or inf/None for no limit), "
+                         f"got {budget!r}")
+    return int(budget)
+
+
+def _where(name: str, given, i: int) -> str:
+    """``optimizer`` or ``optimizer[1]``: how to name item i of an argument in a message."""
+    return f"{name}[{i}]" if isinstance(given, (list, tuple)) else name
+
+
+def _module_tensors(m, where: Optional[str]):
+    """(parameters and buffers, gradients) of a module as (tensor, category) pairs.
+
+    A half-built module (its ``nn.Module.__init__`` never ran) gives None when it was found by
+    the scan (``where`` None) and a TypeError naming the argument when it was given.
+    """
+    d = getattr(m, "__dict__", {})
+    if not all(isinstance(d.get(k), dict) for k in ("_parameters", "_buffers", "_modules")):
+        if where is None:
+            return None
+        raise TypeError(f"{where} must be a constructed nn.Module, got a half-built "
+                        f"{type(m).__name__} (its nn.Module.__init__ did not run: did its "
+                        f"constructor raise?)")
+    try:
+        params = list(m.parameters())
+        buffers = list(m.buffers())
+    except Exception as e:  # a broken submodule deeper down
+        if where is None:
+            return None
+        raise TypeError(f"{where}: cannot list the parameters of {type(m).__name__} "
+                        f"({type(e).__name__}: {e})") from e
+    main = [(p, "parameters") for p in params] + [(b, "parameters") for b in buffers]
+    grads = [(p.grad, "gradients") for p in params if p.grad is not None]
+    return main, grads
+
+
+def _optimizer_tensors(opt, where: Optional[str]):
+    """(tensor, category) pairs of an optimizer's parameters, their gradients and its state.
+
+    A half-built optimizer (no ``param_groups`` list of dicts with "params", or no ``state``
+    mapping, e.g. after its constructor raised) gives None when found by the scan (``where``
+    None) and a TypeError naming the argument when it was given.
+    """
+    try:  # (getattr, not __dict__: wrappers may define them as properties)
+        groups = getattr(opt, "param_groups", None)
+        state = getattr(opt, "state", None)
+    except Exception:  # a property that fails on a half-built object
+        groups = state = None
+
+    def bad(what):
+        if where is None:
+            return None
+        raise TypeError(f"{where} must be a constructed torch.optim.Optimizer, got a half-built "
+                        f"{type(opt).__name__} ({what}: did its constructor raise?)")
+
+    if not isinstance(groups, list):
+        return bad("no param_groups list")
+    if not isinstance(state, Mapping):
+        return bad("no state mapping")
+    out: List[Tuple[torch.Tensor, str]] = []
+    for group in groups:
+        params = group.get("params") if isinstance(group, dict) else None
+        if not isinstance(params, (list, tuple)):
+            return bad("a param group without a 'params' list")
+        for p in params:
+            if not isinstance(p, torch.Tensor):
+                return bad(f"a parameter of type {type(p).__name__}")
+            out.append((p, "parameters"))
+            if p.grad is not None:
+                out.append((p.grad, "gradients"))
+    for st in list(state.values()):
+        for v in _tensors_in(st):
+            out.append((v, "optimizer"))
+    return out
+
+
 def _tensors_in(obj) -> List[torch.Tensor]:
     flat, _ = tree_flatten(obj)
     out = []
@@ -465,7 +558,7 @@ def estimate(step_fn: Callable[..., Any], setup: Optional[Callable[[], Any]] = N
         raise TypeError(f"step_fn must be callable, got {type(step_fn).__name__}")
     if setup is not None and not callable(setup):
         raise TypeError(f"setup must be callable or None, got {type(setup).__name__}")
-    if not isinstance(steps, int) or steps < 1:
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
         raise ValueError(f"steps must be an int >= 1, got {steps!r}")
     dev = torch.device(device)
     with FakeTensorMode(allow_non_fake_inputs=True):  # constants (e.g. codebooks) may be real

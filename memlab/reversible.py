@@ -113,15 +113,78 @@ class AdditiveCoupling(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x1, x2 = _halves(x, "x")                           # (B, C1, ...), (B, C2, ...)
-        y1 = x1 + self.f(x2)                               # (B, C1, ...)
-        y2 = x2 + self.g(y1)                               # (B, C2, ...)
+        y1 = x1 + _half_out(self, "f", self.f(x2), x2, x1, ("x2", "x1"))   # (B, C1, ...)
+        y2 = x2 + _half_out(self, "g", self.g(y1), y1, x2, ("y1", "x2"))   # (B, C2, ...)
         return torch.cat([y1, y2], dim=1)                  # (B, C, ...)
 
     def inverse(self, y: torch.Tensor) -> torch.Tensor:
+        """The input of ``forward``. Leaves the buffers alone: BatchNorm running statistics are
+        neither used nor updated in training mode (batch statistics, as forward used)."""
         y1, y2 = _halves(y, "y")
-        x2 = y2 - self.g(y1)                               # (B, C2, ...)
-        x1 = y1 - self.f(x2)                               # (B, C1, ...)
+        with _buffers_kept(self):
+            x2 = y2 - _half_out(self, "g", self.g(y1), y1, y2, ("y1", "y2"))   # (B, C2, ...)
+            x1 = y1 - _half_out(self, "f", self.f(x2), x2, y1, ("x2", "y1"))   # (B, C1, ...)
         return torch.cat([x1, x2], dim=1)                  # (B, C, ...)
+
+
+class CouplingShapeError(ValueError):
+    """``f`` or ``g`` of a coupling returned a tensor of the wrong shape (see ``_half_out``)."""
+
+    def __init__(self, message: str, coupling: nn.Module, where: Optional[str] = None):
+        super().__init__(f"{where or type(coupling).__name__}: {message}")
+        self.coupling, self.where, self.detail = coupling, where, message
+
+    def located(self, where: str) -> "CouplingShapeError":
+        return CouplingShapeError(self.detail, self.coupling, where)
+
+
+def _half_out(coupling: nn.Module, fn: str, out, inp: torch.Tensor, like: torch.Tensor,
+              names: Tuple[str, str], where: Optional[str] = None) -> torch.Tensor:
+    """Check that ``fn`` (``"f"`` or ``"g"``) mapped half ``inp`` to a tensor shaped like ``like``
+    (the half it is added to) and return it; otherwise a ValueError saying which coupling, what
+    shape was expected and what came back (instead of a broadcast error deep in torch)."""
+    if isinstance(out, torch.Tensor) and out.shape == like.shape:
+        return out
+    got = (f"shape {tuple(out.shape)}" if isinstance(out, torch.Tensor)
+           else f"a {type(out).__name__}")
+    msg = (f"{fn} must map {names[0]} of shape {tuple(inp.shape)} to a tensor of the shape of "
+           f"{names[1]}, {tuple(like.shape)}, got {got}")
+    c1, c2 = (like.shape[1], inp.shape[1]) if fn == "f" else (inp.shape[1], like.shape[1])
+    if c1 != c2:
+        msg += (f"; with an odd channel count ({c1 + c2}) the halves (x.chunk(2, dim=1)) have "
+                f"{c1} and {c2} channels, so f must map {c2} channels to {c1} and g {c1} to {c2}")
+    raise CouplingShapeError(msg, coupling, where)
+
+
+def _coupling_name(i: int, layer: nn.Module) -> str:
+    return f"layers[{i}] ({type(layer).__name__})"
+
+
+@contextlib.contextmanager
+def _buffers_kept(module: nn.Module):
+    """Run the body without changing ``module``'s buffers.
+
+    BatchNorms in training mode normalize with batch statistics and leave their running buffers
+    alone (``frozen_running_stats``); any other buffer that the body changes in place or
+    replaces is put back bit for bit (only those whose version counter moved are copied back,
+    so a buffer saved for a pending backward is not touched).
+    """
+    norms = [m for m in module.modules() if isinstance(m, _BatchNorm)]
+    frozen = {id(b) for m in norms if m.training and m.track_running_stats
+              for b in m._buffers.values() if b is not None}
+    saved = [(m, name, b, b._version, b.clone())
+             for m in module.modules() for name, b in m._buffers.items()
+             if b is not None and id(b) not in frozen]
+    try:
+        with frozen_running_stats(norms):
+            yield
+    finally:
+        with torch.no_grad():
+            for m, name, b, version, copy in saved:
+                if m._buffers.get(name) is not b:
+                    m._buffers[name] = b
+                if b._version != version:
+                    b.copy_(copy)
 
 
 class InvertibleDownsample(nn.Module):
@@ -393,11 +456,14 @@ class _ReversibleFunction(torch.autograd.Function):
             return unit.run(inp, st)
 
         h: object = x                # a tensor, or a (half1, half2) pair between couplings
-        for layer, lu in zip(seq.layers, units):
+        for i, (layer, lu) in enumerate(zip(seq.layers, units)):
             if isinstance(layer, AdditiveCoupling):
                 x1, x2 = h if isinstance(h, tuple) else _halves(h, "x")
-                y1 = x1 + run(lu[0], x2)                   # (B, C1, ...)
-                y2 = x2 + run(lu[1], y1)                   # (B, C2, ...)
+                where = _coupling_name(i, layer)
+                y1 = x1 + _half_out(layer, "f", run(lu[0], x2), x2, x1, ("x2", "x1"),
+                                    where)                 # (B, C1, ...)
+                y2 = x2 + _half_out(layer, "g", run(lu[1], y1), y1, x2, ("y1", "x2"),
+                                    where)                 # (B, C2, ...)
                 h = (y1, y2)
                 sizes.append(None)
             else:
@@ -633,31 +699,42 @@ class ReversibleSequence(nn.Module):
         return _ReversibleFunction.apply(x, self, units, self.preserve_rng_state, *params)
 
     def _plain(self, x: torch.Tensor) -> torch.Tensor:
-        for layer in self.layers:
-            x = layer(x)
+        for i, layer in enumerate(self.layers):
+            try:
+                x = layer(x)
+            except CouplingShapeError as e:
+                if e.coupling is not layer or e.where is not None:
+                    raise
+                raise e.located(_coupling_name(i, layer)) from None
         return x
 
     @torch.no_grad()
     def inverse(self, y: torch.Tensor, sizes: Optional[Sequence] = None) -> torch.Tensor:
         """Reconstruct the input from the output (``sizes``: spatial input sizes per layer,
-        needed only for an ``InvertibleDownsample`` that saw odd sizes)."""
+        needed only for an ``InvertibleDownsample`` that saw odd sizes).
+
+        The model is left as it was: in training mode BatchNorms normalize with batch statistics
+        (as forward did) without updating their running buffers, and any other buffer a layer
+        changes is restored."""
         dev_type = y.device.type
         if y.dtype in (torch.float16, torch.bfloat16) and _autocast_on(dev_type):
             y = y.float()
-        for i in range(len(self.layers) - 1, -1, -1):
-            layer = self.layers[i]
-            if isinstance(layer, AdditiveCoupling):
-                y1, y2 = _halves(y, "y")
-                gy = layer.g(y1)
-                with _autocast(dev_type, None, False):
-                    x2 = y2 - gy.to(y2.dtype)
-                fx = layer.f(x2)
-                with _autocast(dev_type, None, False):
-                    x1 = y1 - fx.to(y1.dtype)
-                y = torch.cat([x1, x2], dim=1)
-            else:
-                size = sizes[i] if sizes is not None else None
-                y = _invert(layer, y, size)
+        with _buffers_kept(self):    # an inverse must not change the model (BN buffers & co.)
+            for i in range(len(self.layers) - 1, -1, -1):
+                layer = self.layers[i]
+                if isinstance(layer, AdditiveCoupling):
+                    where = _coupling_name(i, layer)
+                    y1, y2 = _halves(y, "y")
+                    gy = _half_out(layer, "g", layer.g(y1), y1, y2, ("y1", "y2"), where)
+                    with _autocast(dev_type, None, False):
+                        x2 = y2 - gy.to(y2.dtype)
+                    fx = _half_out(layer, "f", layer.f(x2), x2, y1, ("x2", "y1"), where)
+                    with _autocast(dev_type, None, False):
+                        x1 = y1 - fx.to(y1.dtype)
+                    y = torch.cat([x1, x2], dim=1)
+                else:
+                    size = sizes[i] if sizes is not None else None
+                    y = _invert(layer, y, size)
         return y
 
     def extra_repr(self) -> str:

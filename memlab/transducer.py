@@ -34,6 +34,9 @@ The sample-wise loss runs the joiner itself, so it takes the joiner and its two 
 
 from __future__ import annotations
 
+import contextlib
+import math
+import numbers
 import warnings
 from typing import Callable, Dict, List, Optional, Sequence
 
@@ -108,6 +111,19 @@ def _check_target_values(targets, target_lengths, blank: int, vocab_size: int) -
         b, u = (int(i) for i in bad.nonzero()[0])
         raise ValueError(f"targets must not contain the blank index {blank} within target_lengths, "
                          f"got targets[{b}, {u}] = {blank}")
+
+
+def _check_max_chunk_bytes(value) -> Optional[float]:
+    """``max_chunk_bytes``: None (default budget), inf (no limit: one call) or a number >= 1."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"max_chunk_bytes must be a number of bytes (int or float) or None, got "
+                        f"{value!r} of type {type(value).__name__}")
+    if math.isnan(value) or value < 1:
+        raise ValueError(f"max_chunk_bytes must be a number of bytes >= 1, inf (no limit) or "
+                         f"None, got {value!r}")
+    return math.inf if value == math.inf else int(value)
 
 
 def _check_logits_args(logits, targets, logit_lengths, target_lengths, blank, reduction) -> None:
@@ -268,7 +284,8 @@ def plan_chunks(enc_lengths: Sequence[int], target_lengths: Sequence[int], vocab
     Samples are sorted longest first by (T_i, U_i) and packed greedily; each group is padded only
     to its own longest member. A sample that alone exceeds the budget forms its own group.
     """
-    limit = DEFAULT_MAX_CHUNK_BYTES if max_chunk_bytes is None else int(max_chunk_bytes)
+    limit = _check_max_chunk_bytes(max_chunk_bytes)
+    limit = DEFAULT_MAX_CHUNK_BYTES if limit is None else limit
     T = [int(t) for t in enc_lengths]
     U = [int(u) for u in target_lengths]
     order = sorted(range(len(T)), key=lambda i: (T[i], U[i]), reverse=True)
@@ -394,11 +411,31 @@ class _EagerJoinerLoss(_StoredGradLoss):
         return _stored_backward(ctx, grad_output)
 
 
+def _capture_rng(device: torch.device):
+    """The CPU (and, for a CUDA device, that device's) RNG state a joiner call may consume."""
+    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    return torch.get_rng_state(), cuda
+
+
+@contextlib.contextmanager
+def _replay_rng(state, device: torch.device):
+    """Run the body from the recorded RNG state; the current state is restored afterwards."""
+    cpu, cuda = state
+    devices = [device] if cuda is not None else []
+    with torch.random.fork_rng(devices=devices, device_type="cuda"):
+        torch.set_rng_state(cpu)
+        if cuda is not None:
+            torch.cuda.set_rng_state(cuda, device)
+        yield
+
+
 class _RecomputeLoss(torch.autograd.Function):
     """reduction="none": per-sample weights are known only in backward, so recompute there.
 
     Inputs: (losses (B,), spec, enc_out, pred_out, *joiner params); ``spec`` holds the rest of
-    the arguments of _run_chunks.
+    the arguments of _run_chunks and the RNG state before the forward's joiner calls, which the
+    recomputation replays (as the reversible blocks do), so a stochastic joiner (dropout) draws
+    the same masks and the gradient is that of the returned losses.
     """
 
     @staticmethod
@@ -411,10 +448,11 @@ class _RecomputeLoss(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_output):
         enc_out, pred_out, *params = ctx.saved_tensors
-        joiner, targets, enc_lengths, target_lengths, blank, chunks = ctx.spec
-        _, enc_grad, pred_grad, param_grads = _run_chunks(
-            joiner, enc_out, pred_out, targets, enc_lengths, target_lengths, blank, chunks,
-            grad_output, ctx.needs_input_grad[2], ctx.needs_input_grad[3], params, None)
+        joiner, targets, enc_lengths, target_lengths, blank, chunks, rng = ctx.spec
+        with _replay_rng(rng, enc_out.device):
+            _, enc_grad, pred_grad, param_grads = _run_chunks(
+                joiner, enc_out, pred_out, targets, enc_lengths, target_lengths, blank, chunks,
+                grad_output, ctx.needs_input_grad[2], ctx.needs_input_grad[3], params, None)
         return (None, None, enc_grad, pred_grad, *param_grads)
 
 
@@ -433,7 +471,8 @@ def samplewise_rnnt_loss(joiner: Callable[[torch.Tensor, torch.Tensor], torch.Te
         targets (B, U), enc_lengths (B,), target_lengths (B,): as in :func:`rnnt_loss_batched`.
         max_chunk_bytes: budget of one joiner/loss call, estimated as the logits + their gradient
             (:func:`chunk_bytes`; the joiner's hidden activations come on top). Short utterances
-            are grouped up to this budget so they run in parallel. None -> 64 MiB.
+            are grouped up to this budget so they run in parallel. None -> 64 MiB; ``math.inf``
+            -> no limit (one call for the whole batch); NaN, bool and values < 1 are refused.
         accumulate_joiner_grads: see "Joiner gradients" below.
         stats: optional dict, filled with "chunks" (the sample indices of each call) and
             "chunk_shapes" ((N, T, U+1) of each call) -- for tests and teaching.
@@ -461,7 +500,8 @@ def samplewise_rnnt_loss(joiner: Callable[[torch.Tensor, torch.Tensor], torch.Te
     Under ``torch.no_grad()``, or when neither the inputs nor the joiner require grad, only the
     loss is computed. reduction="none" returns per-sample losses whose backward weights are known
     only in backward, so there the joiner and the loss are recomputed in backward (about twice the
-    joiner compute; same memory); ``accumulate_joiner_grads`` must then be False.
+    joiner compute; same memory), replaying the CPU/CUDA RNG state of the forward so that dropout
+    draws the same masks; ``accumulate_joiner_grads`` must then be False.
     """
     _check_tensor("enc_out", enc_out, 3, "float")
     _check_tensor("pred_out", pred_out, 3, "float")
@@ -476,12 +516,7 @@ def samplewise_rnnt_loss(joiner: Callable[[torch.Tensor, torch.Tensor], torch.Te
                          f"{tuple(pred_out.shape)}")
     _check_common(B, T, pred_out.shape[1] - 1, targets, enc_lengths, target_lengths, blank,
                   reduction, enc_out.device, "enc_lengths", None)
-    if max_chunk_bytes is not None:
-        if isinstance(max_chunk_bytes, bool) or not isinstance(max_chunk_bytes, (int, float)) \
-                or max_chunk_bytes <= 0:
-            raise ValueError(f"max_chunk_bytes must be a positive number of bytes or None, "
-                             f"got {max_chunk_bytes!r}")
-        max_chunk_bytes = int(max_chunk_bytes)
+    max_chunk_bytes = _check_max_chunk_bytes(max_chunk_bytes)
 
     # vocabulary size and element size from a 1 x 1 x 1 probe of the joiner
     with torch.no_grad():
@@ -507,8 +542,9 @@ def samplewise_rnnt_loss(joiner: Callable[[torch.Tensor, torch.Tensor], torch.Te
         if accumulate_joiner_grads:
             raise ValueError("accumulate_joiner_grads=True needs reduction 'mean' or 'sum' (with "
                              "'none' the per-sample weights are known only in backward), got 'none'")
+        rng = _capture_rng(enc_out.device)    # backward replays it: same dropout masks
         losses, _, _, _ = _run_chunks(*args, None, False, False, [], stats)
-        spec = (joiner, targets, enc_lengths, target_lengths, blank, chunks)
+        spec = (joiner, targets, enc_lengths, target_lengths, blank, chunks, rng)
         return _RecomputeLoss.apply(losses, spec, enc_out, pred_out, *params)
 
     scale = 1.0 / B if reduction == "mean" else 1.0
