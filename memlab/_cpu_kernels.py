@@ -9,18 +9,18 @@ inductor's code for this gather-heavy step measured no faster than eager. So the
 loop per block of ``block_size`` elements: read the codes, decode, update the parameter and the
 states in fp32, take the block's new absmax, and encode, touching each byte of memory once.
 
-The math is the same as the eager functions' (the eager path stays the reference: a test runs
-both and compares): dequantize ``code[c] * absmax``; torch's update rules in float32
-(``lerp`` as ``m + w * (g - m)`` for w < 0.5, else ``g - (g - m) * (1 - w)``; ``addcmul`` as
-``v + value * g * g``; ``p - step_size * m / (sqrt(v) / sqrt(bc2) + eps)``); quantize by dividing
-by the block's absmax (1 for an all-zero block) and rounding to the nearest code with the same
-16-bit table + one comparison as :class:`memlab.quant._Codebook` (ties go to the lower code). A
-NaN anywhere in a block makes that block's absmax NaN, like ``torch.amax``. The results are not
-bit-identical to the eager path: torch's vectorized kernels use fused multiply-adds where this
-code (compiled with ``-ffp-contract=off``) rounds each product, so a parameter can differ in its
-last bit and a state element whose value lies within that rounding of a midpoint can get the
-neighbouring code. Within one path, results are deterministic: splitting a tensor across
-threads (whole blocks each) gives the same bits as one thread.
+The math is the same as the eager functions', operation for operation and rounding for rounding
+(the eager path stays the reference; tests run both and require the same bits): dequantize
+``code[c] * absmax``; torch's CPU update rules in float32, which fuse some multiply-adds (checked
+against torch element by element): ``add(x, alpha=a)`` is ``fma(x, a, self)``, ``lerp`` is
+``fma(w, g - m, m)`` for w < 0.5 else ``fma(-(g - m), 1 - w, g)``, ``addcmul`` is
+``fma(value * g, g, v)``, ``addcdiv`` is ``p + (value * m) / denom`` (no fusion); every other
+product is rounded on its own (``-ffp-contract=off``, explicit ``fmaf`` where torch fuses).
+Quantize by dividing by the block's absmax (1 for an all-zero block) and rounding to the nearest
+code with the same 16-bit table + one comparison as :class:`memlab.quant._Codebook` (ties go to
+the lower code); a positive second moment never gets the zero code (see :mod:`memlab.quant`).
+A NaN anywhere in a block makes that block's absmax NaN, like ``torch.amax``. Splitting a tensor
+across threads (whole blocks each) gives the same bits as one thread.
 
 Building: ``cc -O3 -march=native -ffp-contract=off -shared -fPIC`` (``$CC`` if set) into
 ``$MEMLAB_CACHE`` (default ``~/.cache/memlab``)/kernels, keyed by a hash of the source and the
@@ -73,15 +73,17 @@ static float block_absmax(const float *x, int64_t len) {
 }
 
 /* x / scale rounded to the nearest code: 16-bit table of the lower candidate (sign, exponent,
-   7 mantissa bits) plus the one midpoint that can fall in that range */
+   7 mantissa bits) plus the one midpoint that can fall in that range. keep: the index of the
+   zero code that a positive value must not get (it gets the next code up), or -1 for none */
 static void encode_block(const float *x, int64_t len, float amax, uint8_t *codes,
-                         const int32_t *lut, const float *lut_mid, float *tmp) {
+                         const int32_t *lut, const float *lut_mid, float *tmp, int32_t keep) {
     float scale = (amax == 0.0f) ? 1.0f : amax;
     int32_t *idx = (int32_t *)tmp;                      /* 32-bit lanes: gathers vectorize */
     for (int64_t i = 0; i < len; i++) {
         float xn = x[i] / scale;
         int32_t key = ((int32_t)bits_of(xn) >> 16) + 32768;     /* 0..65535 */
-        idx[i] = lut[key] + (xn > lut_mid[key]);
+        int32_t c = lut[key] + (xn > lut_mid[key]);
+        idx[i] = c + ((c == keep) & (xn > 0.0f));
     }
     for (int64_t i = 0; i < len; i++) codes[i] = (uint8_t)idx[i];
 }
@@ -102,14 +104,14 @@ void memlab_sgd8bit(float *p, const float *g, uint8_t *codes, float *absmax, int
         const uint8_t *restrict cs = codes + s;
         for (int64_t i = 0; i < len; i++) {
             float gi = sign * gs[i];
-            if (wd != 0.0f) gi = gi + wd * ps[i];
-            float m = first ? gi : code[cs[i]] * am * momentum + keep * gi;
-            float u = nesterov ? gi + momentum * m : m;
-            ps[i] = ps[i] + (-lr) * u;
+            if (wd != 0.0f) gi = fmaf(ps[i], wd, gi);                 /* g.add(p, alpha=wd) */
+            float m = first ? gi : fmaf(gi, keep, code[cs[i]] * am * momentum);
+            float u = nesterov ? fmaf(m, momentum, gi) : m;
+            ps[i] = fmaf(u, -lr, ps[i]);                              /* p.add_(u, alpha=-lr) */
             buf[i] = m;
         }
         float amax = block_absmax(buf, len);
-        encode_block(buf, len, amax, codes + s, lut, lut_mid, tmp);
+        encode_block(buf, len, amax, codes + s, lut, lut_mid, tmp, -1);
         absmax[b] = amax;
     }
     free(buf);
@@ -121,7 +123,8 @@ void memlab_adam8bit(float *p, const float *g, uint8_t *cm, float *am_, uint8_t 
                      const float *restrict code_m, const int32_t *lut_m, const float *mid_m,
                      const float *restrict code_v, const int32_t *lut_v, const float *mid_v,
                      float w, float beta2, float w2, float eps, float wd, float decay,
-                     int decoupled, int maximize, float step_size, float bc2_sqrt) {
+                     int decoupled, int maximize, float step_size, float bc2_sqrt,
+                     int32_t zero_v) {
     float *buf = (float *)malloc(sizeof(float) * 3 * block);
     if (!buf) return;
     float *restrict bm = buf, *restrict bv = buf + block, *tmp = buf + 2 * block;
@@ -142,19 +145,19 @@ void memlab_adam8bit(float *p, const float *g, uint8_t *cm, float *am_, uint8_t 
         for (int64_t i = 0; i < len; i++) {              /* update (contiguous arithmetic) */
             float pk = ps[i] * decay;                     /* decay == 1 unless AdamW: exact */
             float g0 = sign * gs[i];
-            float gi = l2 ? g0 + wd * pk : g0;
+            float gi = l2 ? fmaf(pk, wd, g0) : g0;
             float m = bm[i], v = bv[i];
-            float lo = m + w * (gi - m), hi = gi - (gi - m) * (1.0f - w);
-            m = lerp_low ? lo : hi;
-            v = v * beta2 + w2 * gi * gi;
+            float d = gi - m;                                 /* m.lerp_(g, w), as torch: */
+            m = lerp_low ? fmaf(w, d, m) : fmaf(-d, 1.0f - w, gi);
+            v = fmaf(w2 * gi, gi, v * beta2);                 /* v.mul_(b2).addcmul_(g, g, w2) */
             float denom = sqrtf(v) / bc2_sqrt + eps;
-            ps[i] = pk + (-step_size) * (m / denom);
+            ps[i] = pk + ((-step_size) * m) / denom;         /* p.addcdiv_(m, denom, -lr') */
             bm[i] = m;
             bv[i] = v;
         }
         float mmax = block_absmax(bm, len), vmax = block_absmax(bv, len);
-        encode_block(bm, len, mmax, cm + s, lut_m, mid_m, tmp);
-        encode_block(bv, len, vmax, cv + s, lut_v, mid_v, tmp);
+        encode_block(bm, len, mmax, cm + s, lut_m, mid_m, tmp, -1);
+        encode_block(bv, len, vmax, cv + s, lut_v, mid_v, tmp, zero_v);  /* v > 0 never 0 */
         am_[b] = mmax;
         av_[b] = vmax;
     }
@@ -215,7 +218,7 @@ def _declare(lib) -> None:
     lib.memlab_sgd8bit.restype = None
     lib.memlab_adam8bit.argtypes = [f32p, f32p, u8p, f32p, u8p, f32p, i64, i64, i64, i64,
                                     f32p, u8p, f32p, f32p, u8p, f32p,
-                                    f, f, f, f, f, f, i, i, f, f]
+                                    f, f, f, f, f, f, i, i, f, f, ctypes.c_int32]
     lib.memlab_adam8bit.restype = None
 
 
@@ -314,5 +317,6 @@ def adam8bit(p: Tensor, grad: Tensor, exp_avg, exp_avg_sq, *, step: int, lr: flo
                  _ptr(exp_avg_sq.codes), _ptr(exp_avg_sq.absmax), n, block),
                 (*_book_ptrs(exp_avg), *_book_ptrs(exp_avg_sq), float(1 - beta1), float(beta2),
                  float(1 - beta2), float(eps), float(weight_decay), float(1 - lr * weight_decay),
-                 int(decoupled), int(maximize), float(step_size), float(bc2_sqrt)))
+                 int(decoupled), int(maximize), float(step_size), float(bc2_sqrt),
+                 int(exp_avg_sq._book.zero_index)))
     _bump(p, exp_avg.codes, exp_avg.absmax, exp_avg_sq.codes, exp_avg_sq.absmax)

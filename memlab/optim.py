@@ -145,7 +145,13 @@ def _adam8bit_step(p: Tensor, grad: Tensor, exp_avg: State, exp_avg_sq: State, *
         denom = (v.sqrt() / bias_correction2 ** 0.5).add_(eps)     # (*S,)
         p.sub_(m / denom * step_size)
     else:                                                           # eager: same ops, in place
-        denom = v.sqrt().div_(bias_correction2 ** 0.5).add_(eps)   # (*S,)
+        if isinstance(exp_avg_sq, QTensor) and v.device.type == "cpu":
+            # correctly rounded sqrt, as the fused C kernel's sqrtf (torch's vectorized float
+            # sqrt is not on every CPU, e.g. AVX-512): the two paths give the same bits
+            root = v.double().sqrt_().float()                      # (*S,)
+        else:                                                       # fp32 states: torch's bits
+            root = v.sqrt()                                         # (*S,)
+        denom = root.div_(bias_correction2 ** 0.5).add_(eps)       # (*S,)
         p.addcdiv_(m, denom, value=-step_size)
     _store(exp_avg, m, scratch=denom)                               # denom is free now: scratch
     _store(exp_avg_sq, v, scratch=denom, nonneg=True)               # v >= 0: no |v| pass

@@ -174,6 +174,91 @@ def adam_like_states(n: int, steps: int = 30, seed: int = 0, betas=(0.9, 0.999))
     return m, v
 
 
+def heavy_tailed_gradients(n: int, steps: int, sigma: float = 1.5, seed: int = 0):
+    """The gradient stream of :func:`drift_to_fp32`: ``steps`` float32 (n,) gradients, each
+    element with its own log-normal scale (spread ``sigma``) and a small persistent mean, as in
+    :func:`adam_like_states`. Deterministic in ``seed``; yields one gradient at a time."""
+    g = torch.Generator().manual_seed(seed)
+    scale = torch.exp(sigma * torch.randn(n, generator=g))                # (n,)
+    mean = 0.3 * torch.randn(n, generator=g)                              # (n,)
+    for _ in range(steps):
+        yield scale * (mean + torch.randn(n, generator=g))               # (n,)
+
+
+def _stored_second_moment(opt, p) -> Optional[torch.Tensor]:
+    """Adam's second moment as the optimizer stores it (dequantized), for memlab's 8-bit
+    optimizers, bitsandbytes' (``state2``/``absmax2``/``qmap2``) and fp32 ones; else None."""
+    st = opt.state[p]
+    if "exp_avg_sq_codes" in st:
+        from memlab.quant import QTensor
+        return QTensor(st["exp_avg_sq_codes"], st["exp_avg_sq_absmax"], p.shape, False,
+                       opt.param_groups[0]["block_size"]).dequantize().reshape(-1)
+    if "state2" in st and "qmap2" in st:                                  # bitsandbytes
+        codes, absmax = st["state2"].reshape(-1), st["absmax2"].reshape(-1)
+        vals = st["qmap2"].float()[codes.long()]                          # (n,)
+        block = -(-codes.numel() // absmax.numel())
+        return (vals.view(-1, block) * absmax.float()[:, None]).reshape(-1)
+    if "exp_avg_sq" in st:
+        return st["exp_avg_sq"].reshape(-1).float()
+    return None
+
+
+def drift_to_fp32(make: Callable, sigma: float = 1.5, n: int = 2 ** 20, steps: int = 50,
+                  seed: int = 0) -> dict:
+    """How far an Adam variant drifts from fp32 Adam on the same heavy-tailed gradient stream.
+
+    One parameter tensor of ``n`` elements (start ``0.05 * randn``), ``steps`` steps of ``make``
+    (a function params -> optimizer) and of ``torch.optim.Adam`` at the same lr (``make``'s)
+    fed identical gradients. Returns ``distance`` = ||p - p_fp32|| / ||p_fp32 - p_0|| (the
+    drift in units of the whole fp32 update) and ``zero_fraction`` = the share of elements whose
+    stored second moment is 0 while fp32 Adam's is not (each such element steps by
+    m / eps instead of m / sqrt(v)).
+    """
+    p0 = 0.05 * torch.randn(n, generator=torch.Generator().manual_seed(seed + 1))  # (n,)
+    p = torch.nn.Parameter(p0.clone())
+    ref = torch.nn.Parameter(p0.clone())
+    opt = make([p])
+    lr = opt.param_groups[0]["lr"]
+    ref_opt = torch.optim.Adam([ref], lr=lr, foreach=False)
+    for grad in heavy_tailed_gradients(n, steps, sigma, seed):
+        p.grad, ref.grad = grad.clone(), grad.clone()
+        opt.step()
+        ref_opt.step()
+    with torch.no_grad():
+        distance = ((p - ref).norm() / (ref - p0).norm()).item()
+    v_hat, v_ref = _stored_second_moment(opt, p), ref_opt.state[ref]["exp_avg_sq"]
+    zeros = None if v_hat is None else ((v_hat == 0) & (v_ref > 0)).float().mean().item()
+    return dict(distance=distance, zero_fraction=zeros)
+
+
+def drift_makers() -> Dict[str, Callable]:
+    """The Adam variants :func:`drift_rows` compares: memlab's (fused and eager paths) and,
+    when installed, bitsandbytes' and torchao's 8-bit Adam (CPU)."""
+    makers = {"adam8bit": lambda ps: Adam8bit(ps, lr=1e-3),
+              "adam8bit-eager": lambda ps: Adam8bit(ps, lr=1e-3, compile=False)}
+    try:
+        import bitsandbytes as bnb  # noqa: F401
+        makers["bitsandbytes"] = lambda ps: bnb.optim.Adam8bit(ps, lr=1e-3)
+    except Exception:  # not installed, or no CPU backend
+        pass
+    return makers
+
+
+def drift_rows(sigmas=(0.5, 1.0, 1.5, 2.0), n: int = 2 ** 20, steps: int = 50,
+               names: Optional[List[str]] = None) -> List[dict]:
+    """``drift`` rows: :func:`drift_to_fp32` per Adam variant and spread of gradient scales."""
+    makers = drift_makers()
+    rows = []
+    for name in names or list(makers):
+        for sigma in sigmas:
+            r = drift_to_fp32(makers[name], sigma=sigma, n=n, steps=steps)
+            rows.append(dict(measure="drift_to_fp32", subject=name, sigma=sigma, steps=steps,
+                             value=round(r["distance"], 4), unit="|p-p32|/|dp32|",
+                             zero_fraction=None if r["zero_fraction"] is None
+                             else round(r["zero_fraction"], 5), numel=n))
+    return rows
+
+
 def quant_error(x: torch.Tensor, code: torch.Tensor, block_size: int) -> tuple:
     """(mean |x_hat - x| / mean |x|, mean |x_hat - x| / |x| over x != 0) of a round trip."""
     codes, absmax = quantize_blockwise(x, code, block_size)
