@@ -464,3 +464,7 @@ def test_bench_optim_rows():
                                                    else "eager")
     for state in ("exp_avg", "exp_avg_sq"):
         assert by["quant_error", f"{state} dynamic block256"]["ratio"] < 1   # beats linear
+    drift = [r for r in rows if r["measure"] == "drift_to_fp32"]
+    assert {(r["subject"], r["sigma"]) for r in drift} >= {
+        ("adam8bit", 0.5), ("adam8bit", 1.5), ("adam8bit-eager", 1.5)}
+    assert all(r["zero_fraction"] == 0 for r in drift if r["subject"].startswith("adam8bit"))

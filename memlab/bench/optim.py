@@ -21,6 +21,11 @@ What is measured (one row each, ``run(fast)`` returns the list):
   (block_size = numel): ``value`` = mean |x_hat - x| / mean |x| (normalised absolute error),
   ``rel_error`` = mean |x_hat - x| / |x| over non-zero x. Reference: the linear map with the same
   blocking (for the dynamic rows) or per-tensor blocking with the same map (for the linear rows).
+* ``drift_to_fp32`` -- distance to fp32 Adam after N steps on heavy-tailed gradients
+  (:func:`drift_to_fp32`; per-element gradient scales log-normal with spread ``sigma``):
+  ``value`` = ||p - p_fp32|| / ||p_fp32 - p_0||, ``zero_fraction`` = share of second moments
+  stored as 0 while fp32 Adam's are not; memlab's fused and eager paths and, when installed,
+  bitsandbytes' Adam8bit.
 """
 
 from __future__ import annotations
@@ -231,6 +236,18 @@ def drift_to_fp32(make: Callable, sigma: float = 1.5, n: int = 2 ** 20, steps: i
     return dict(distance=distance, zero_fraction=zeros)
 
 
+def nearest_zero_fraction(sigma: float = 1.5, n: int = 2 ** 20, steps: int = 50,
+                          seed: int = 0, betas=(0.9, 0.999)) -> float:
+    """Share of fp32 Adam's (positive) second moments that plain nearest rounding to the
+    unsigned dynamic map (blocks of 256) would store as 0, on :func:`heavy_tailed_gradients`:
+    what the zero rule of :class:`memlab.quant.QTensor` prevents."""
+    v = torch.zeros(n)
+    for grad in heavy_tailed_gradients(n, steps, sigma, seed):
+        v.mul_(betas[1]).addcmul_(grad, grad, value=1 - betas[1])
+    codes, _ = quantize_blockwise(v, dynamic_map(False), 256)
+    return ((codes == 0) & (v > 0)).float().mean().item()
+
+
 def drift_makers() -> Dict[str, Callable]:
     """The Adam variants :func:`drift_rows` compares: memlab's (fused and eager paths) and,
     when installed, bitsandbytes' and torchao's 8-bit Adam (CPU)."""
@@ -351,7 +368,10 @@ def run(fast: bool = False, repeats: Optional[int] = None,
         threads: Optional[int] = None) -> List[dict]:
     """All rows: state bytes/param, step time vs torch (foreach), quantization error."""
     times = step_times(fast, repeats, threads)
-    return _memory_rows(_shapes(fast)) + times + error_rows(2 ** 16 if fast else 2 ** 20)
+    drift = drift_rows(sigmas=(0.5, 1.5) if fast else (0.5, 1.0, 1.5, 2.0),
+                       n=2 ** 16 if fast else 2 ** 20, steps=20 if fast else 50)
+    return (_memory_rows(_shapes(fast)) + times + error_rows(2 ** 16 if fast else 2 ** 20)
+            + drift)
 
 
 if __name__ == "__main__":  # pragma: no cover
