@@ -9,7 +9,7 @@ except ImportError:  # running from a checkout without `pip install -e .`
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from memlab.data.audio import audio_info  # noqa: E402
-from memlab.data.manifest import write_manifest  # noqa: E402
+from memlab.data.manifest import text_lines, write_manifest  # noqa: E402,F401 - text_lines for the scripts
 
 
 def check_root(root):
@@ -36,3 +36,12 @@ def write(out_dir, name, entries):
     n = write_manifest(path, entries)
     print(f"wrote {n} entries to {path}")
     return path
+
+
+def run(main):
+    """Run a script's main(); a bad corpus file (a ValueError/TypeError naming the file and line)
+    becomes one line on stderr and exit status 1, not a traceback."""
+    try:
+        main()
+    except (ValueError, TypeError) as e:
+        raise SystemExit(f"error: {e}") from None

@@ -12,8 +12,25 @@ Reference: Panayotov et al., "LibriSpeech: an ASR corpus based on public domain 
 
 import argparse
 import os
+import re
 
-from _common import check_root, duration, walk_files, write
+from _common import check_root, duration, run, text_lines, walk_files, write
+
+UTTERANCE = re.compile(r"^[^\s-]+-[^\s-]+-[^\s-]+$")  # <speaker>-<chapter>-<utterance>
+
+
+def read_transcripts(path):
+    """[(utterance id, text)] of a <speaker>-<chapter>.trans.txt; a malformed line is a
+    ValueError naming path:lineno."""
+    out = []
+    for lineno, line in text_lines(path):
+        if not line.strip():
+            continue
+        utt, _, text = line.strip().partition(" ")
+        if not UTTERANCE.match(utt) or not text.strip():
+            raise ValueError(f"{path}:{lineno}: expected '<speaker>-<chapter>-<utterance> <TEXT>', got {line!r:.80}")
+        out.append((utt, text.strip()))
+    return out
 
 
 def find_subsets(root):
@@ -34,17 +51,13 @@ def subset_entries(folder, limit=None):
     for d, f in walk_files(folder):
         if not f.endswith(".trans.txt"):
             continue
-        with open(os.path.join(d, f), encoding="utf-8") as fh:
-            for line in fh:
-                if not line.strip():
-                    continue
-                utt, text = line.rstrip("\n").split(" ", 1)
-                path = os.path.join(d, utt + ".flac")
-                if not os.path.isfile(path):
-                    continue
-                entries.append({"path": path, "duration": duration(path), "speaker": utt.split("-")[0], "text": text})
-                if limit is not None and len(entries) >= limit:
-                    return entries
+        for utt, text in read_transcripts(os.path.join(d, f)):
+            path = os.path.join(d, utt + ".flac")
+            if not os.path.isfile(path):
+                continue
+            entries.append({"path": path, "duration": duration(path), "speaker": utt.split("-")[0], "text": text})
+            if limit is not None and len(entries) >= limit:
+                return entries
     return entries
 
 
@@ -77,4 +90,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -12,14 +12,13 @@ Reference: Warden, "Speech Commands: A Dataset for Limited-Vocabulary Speech Rec
 import argparse
 import os
 
-from _common import check_root, duration, write
+from _common import check_root, duration, run, text_lines, write
 
 
 def read_list(path):
     if not os.path.isfile(path):
         return set()
-    with open(path) as f:
-        return {line.strip().replace("\\", "/") for line in f if line.strip()}
+    return {line.strip().replace("\\", "/") for _, line in text_lines(path) if line.strip()}
 
 
 def main(argv=None):
@@ -53,4 +52,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -15,7 +15,7 @@ import json
 import os
 import re
 
-from _common import check_root, duration, walk_files, write
+from _common import check_root, duration, run, text_lines, walk_files, write
 
 SPEAKER = re.compile(r"^id\d{5}$")
 TEST_SPEAKERS = {f"id{n}" for n in range(10270, 10310)}
@@ -37,6 +37,20 @@ def find_utterances(root, limit=None):
     return found
 
 
+def read_trials(path):
+    """[(target, enroll key, test key)] of a VoxCeleb trial list ("1 id10270/x/00001.wav
+    id10270/y/00002.wav"); a malformed line is a ValueError naming path:lineno."""
+    out = []
+    for lineno, line in text_lines(path):
+        if not line.strip():
+            continue
+        parts = line.split()
+        if len(parts) != 3 or parts[0] not in ("0", "1"):
+            raise ValueError(f"{path}:{lineno}: expected '<0|1> <enroll path> <test path>', got {line!r:.80}")
+        out.append((parts[0] == "1", parts[1], parts[2]))
+    return out
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--root", required=True, help="folder holding the id*/ speaker folders (or wav/id*/)")
@@ -45,6 +59,8 @@ def main(argv=None):
     p.add_argument("--limit", type=int, default=None, help="stop after this many files (for a quick look)")
     args = p.parse_args(argv)
     root = check_root(args.root)
+    if args.trials is not None and not os.path.isfile(args.trials):
+        raise SystemExit(f"--trials must be an existing file (e.g. veri_test2.txt), got {args.trials!r}")
     utts = find_utterances(root, args.limit)
     if not utts:
         raise SystemExit(f"no .wav files under speaker folders (id12345/...) found in {root}")
@@ -58,15 +74,11 @@ def main(argv=None):
     if args.trials:
         by_rel = {key: path for path, _, key in utts}
         trials, missing = [], 0
-        with open(args.trials) as f:
-            for line in f:
-                if not line.strip():
-                    continue
-                label, a, b = line.split()
-                if a in by_rel and b in by_rel:
-                    trials.append({"target": label == "1", "enroll": by_rel[a], "test": by_rel[b]})
-                else:
-                    missing += 1
+        for target, a, b in read_trials(args.trials):
+            if a in by_rel and b in by_rel:
+                trials.append({"target": target, "enroll": by_rel[a], "test": by_rel[b]})
+            else:
+                missing += 1
         os.makedirs(args.out_dir, exist_ok=True)
         with open(os.path.join(args.out_dir, "trials.jsonl"), "w") as f:
             f.writelines(json.dumps(t) + "\n" for t in trials)
@@ -75,4 +87,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -10,6 +10,8 @@ import numpy as np
 import torch
 from torchaudio.compliance import kaldi
 
+from ._checks import check_float, check_int
+
 SAMPLE_RATE = 16000
 NUM_MEL_BINS = 80
 MIN_SAMPLES = 400  # one 25 ms frame at 16 kHz
@@ -21,7 +23,11 @@ def fbank(wave, sample_rate=SAMPLE_RATE, num_mel_bins=NUM_MEL_BINS):
     wave: (N,) or (1, N) float audio in [-1, 1] at `sample_rate` (tensor or numpy).
     Returns (T, num_mel_bins) float32 with T = 1 + (N - 400) // 160 at 16 kHz.
     """
+    sample_rate = check_float("sample_rate", sample_rate, minimum=1000, maximum=768000)
+    num_mel_bins = check_int("num_mel_bins", num_mel_bins, minimum=3, maximum=1024)
     if isinstance(wave, np.ndarray):
+        if not np.issubdtype(wave.dtype, np.number):
+            raise TypeError(f"wave must hold numbers, got a numpy array of dtype {wave.dtype}")
         wave = torch.from_numpy(np.ascontiguousarray(wave))
     if not isinstance(wave, torch.Tensor):
         raise TypeError(f"wave must be a torch.Tensor or numpy array, got {type(wave).__name__}")
@@ -38,7 +44,7 @@ def fbank(wave, sample_rate=SAMPLE_RATE, num_mel_bins=NUM_MEL_BINS):
         raise TypeError(f"wave must be floating point, got {wave.dtype}")
     x = wave.detach().to(torch.float32).cpu()[None] * 32768.0  # (1, N) Kaldi's int16 scale
     feats = kaldi.fbank(
-        x, num_mel_bins=num_mel_bins, sample_frequency=float(sample_rate), dither=0.0
+        x, num_mel_bins=num_mel_bins, sample_frequency=sample_rate, dither=0.0
     )  # (T, F)
     return (feats - feats.mean(0, keepdim=True)).contiguous()  # (T, F)
 

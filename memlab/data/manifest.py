@@ -17,14 +17,15 @@ from a local copy of VoxCeleb1, LibriSpeech or Speech Commands.
 """
 
 import json
+import math
 import numbers
 import os
 
 import torch
 from torch.utils.data import Dataset
 
-from ._checks import check_float
-from .audio import load_audio
+from ._checks import check_float, check_int
+from .audio import MAX_RATE, MIN_RATE, load_audio
 from .features import SAMPLE_RATE, fbank
 
 # Character vocabulary for transcripts: index 0 is the blank, then space, apostrophe, a..z.
@@ -38,17 +39,32 @@ def _check_entry(entry, where):
     if not isinstance(entry.get("path"), str) or not entry["path"]:
         raise ValueError(f"{where}: 'path' must be a non-empty string, got {entry.get('path')!r}")
     d = entry.get("duration")
-    if isinstance(d, bool) or not isinstance(d, numbers.Real) or not d >= 0:
-        raise ValueError(f"{where}: 'duration' must be a number of seconds >= 0, got {d!r}")
+    if isinstance(d, bool) or not isinstance(d, numbers.Real) or not (d >= 0 and math.isfinite(d)):
+        raise ValueError(f"{where}: 'duration' must be a number of seconds >= 0 and finite, got {d!r}")
     if "text" in entry and not isinstance(entry["text"], str):
         raise ValueError(f"{where}: 'text' must be a string, got {entry['text']!r}")
     if "tokens" in entry:
         t = entry["tokens"]
-        if not isinstance(t, list) or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 1 for x in t):
+        if not isinstance(t, list) or not all(isinstance(x, int) and not isinstance(x, bool) and 1 <= x < 2**63
+                                              for x in t):
             raise ValueError(f"{where}: 'tokens' must be a list of ints >= 1 (0 is the blank), got {t!r:.80}")
-    if "speaker" in entry and not isinstance(entry["speaker"], (str, int)):
+    if "speaker" in entry and (isinstance(entry["speaker"], bool) or not isinstance(entry["speaker"], (str, int))):
         raise ValueError(f"{where}: 'speaker' must be a string or an int, got {entry['speaker']!r}")
     return entry
+
+
+def text_lines(path):
+    """(line number, line without its newline) of a UTF-8 text file (a leading byte-order mark is
+    dropped); a line that is not UTF-8 is a ValueError naming ``path:lineno``."""
+    path = os.fspath(path)
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at column "
+                                 f"{e.start + 1}); expected UTF-8 text") from None
+            yield lineno, line.rstrip("\r\n")
 
 
 def write_manifest(path, entries):
@@ -74,17 +90,17 @@ def read_manifest(path):
         raise FileNotFoundError(f"manifest does not exist: {path}")
     root = os.path.dirname(os.path.abspath(path))
     entries = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                entry = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-            _check_entry(entry, f"{path}:{lineno}")
-            entry["path"] = os.path.join(root, entry["path"])  # no-op for absolute paths
-            entries.append(entry)
+    for lineno, line in text_lines(path):
+        if not line.strip():
+            continue
+        try:
+            entry = json.loads(line)
+        except (json.JSONDecodeError, RecursionError) as e:
+            raise ValueError(f"{path}:{lineno}: not valid JSON ({getattr(e, 'msg', 'nested too deeply')}); "
+                             f"expected one JSON object per line") from None
+        _check_entry(entry, f"{path}:{lineno}")
+        entry["path"] = os.path.join(root, entry["path"])  # no-op for absolute paths
+        entries.append(entry)
     return entries
 
 
@@ -112,7 +128,7 @@ class ManifestDataset(Dataset):
         if not self.entries:
             raise ValueError("manifest must hold at least one entry, got 0")
         self.task = task
-        self.sample_rate = int(sample_rate)
+        self.sample_rate = check_int("sample_rate", sample_rate, minimum=MIN_RATE, maximum=MAX_RATE)
         self.max_seconds = None if max_seconds is None else check_float("max_seconds", max_seconds, minimum=0.025)
         self.vocab = tuple(vocab)
         if len(self.vocab) < 2:
@@ -141,6 +157,8 @@ class ManifestDataset(Dataset):
 
     def encode(self, text):
         """Token ids (int64 tensor) of a transcript's characters."""
+        if not isinstance(text, str):
+            raise TypeError(f"text must be a str, got {type(text).__name__} {text!r:.80}")
         ids = []
         for ch in text.lower():
             if ch not in self._char_to_id:
@@ -153,13 +171,19 @@ class ManifestDataset(Dataset):
         wave = load_audio(e["path"], self.sample_rate)  # (N,)
         if self.max_seconds is not None:
             wave = wave[: int(self.max_seconds * self.sample_rate)]
-        item = {"feats": fbank(wave, self.sample_rate)}  # (T, 80)
+        try:
+            item = {"feats": fbank(wave, self.sample_rate)}  # (T, 80)
+        except ValueError as err:  # e.g. shorter than one frame: say which file
+            raise ValueError(f"{e['path']}: {err}") from None
         if "speaker" in e:
             item["label"] = item["speaker"] = self._speaker_to_label[str(e["speaker"])]
         if "tokens" in e:
             item["tokens"] = torch.tensor(e["tokens"], dtype=torch.int64)  # (U,)
         elif "text" in e:
-            item["tokens"] = self.encode(e["text"])
+            try:
+                item["tokens"] = self.encode(e["text"])
+            except ValueError as err:
+                raise ValueError(f"{e['path']}: {err}") from None
         return item
 
 
