@@ -81,6 +81,7 @@ in ``InvertibleDownsample`` and ``memlab.models.resnet``.
 from __future__ import annotations
 
 import contextlib
+import operator
 from typing import Iterable, List, Optional, Sequence, Tuple
 
 import torch
@@ -91,7 +92,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.dropout import _DropoutNd
 
 __all__ = ["AdditiveCoupling", "InvertibleDownsample", "ReversibleSequence",
-           "frozen_running_stats"]
+           "ReversibleLayerError", "frozen_running_stats"]
 
 
 # ----------------------------------------------------------------------------- layers
@@ -113,8 +114,10 @@ class AdditiveCoupling(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x1, x2 = _halves(x, "x")                           # (B, C1, ...), (B, C2, ...)
-        y1 = x1 + _half_out(self, "f", self.f(x2), x2, x1, ("x2", "x1"))   # (B, C1, ...)
-        y2 = x2 + _half_out(self, "g", self.g(y1), y1, x2, ("y1", "x2"))   # (B, C2, ...)
+        fx = _call(self, "f", self.f, x2, "x2", "x")
+        y1 = x1 + _half_out(self, "f", fx, x2, x1, ("x2", "x1"))           # (B, C1, ...)
+        gy = _call(self, "g", self.g, y1, "y1", "x")
+        y2 = x2 + _half_out(self, "g", gy, y1, x2, ("y1", "x2"))           # (B, C2, ...)
         return torch.cat([y1, y2], dim=1)                  # (B, C, ...)
 
     def inverse(self, y: torch.Tensor) -> torch.Tensor:
@@ -122,20 +125,41 @@ class AdditiveCoupling(nn.Module):
         neither used nor updated in training mode (batch statistics, as forward used)."""
         y1, y2 = _halves(y, "y")
         with _buffers_kept(self):
-            x2 = y2 - _half_out(self, "g", self.g(y1), y1, y2, ("y1", "y2"))   # (B, C2, ...)
-            x1 = y1 - _half_out(self, "f", self.f(x2), x2, y1, ("x2", "y1"))   # (B, C1, ...)
+            gy = _call(self, "g", self.g, y1, "y1", "y")
+            x2 = y2 - _half_out(self, "g", gy, y1, y2, ("y1", "y2"))           # (B, C2, ...)
+            fx = _call(self, "f", self.f, x2, "x2", "y")
+            x1 = y1 - _half_out(self, "f", fx, x2, y1, ("x2", "y1"))           # (B, C1, ...)
         return torch.cat([x1, x2], dim=1)                  # (B, C, ...)
 
 
-class CouplingShapeError(ValueError):
-    """``f`` or ``g`` of a coupling returned a tensor of the wrong shape (see ``_half_out``)."""
+class ReversibleLayerError(ValueError):
+    """A layer of a reversible chain could not take its input, or a coupling's ``f``/``g``
+    returned a tensor of the wrong shape. The message starts with the layer (``layers[i] (Class)``
+    inside a ``ReversibleSequence``) and says what was expected and what was received."""
 
-    def __init__(self, message: str, coupling: nn.Module, where: Optional[str] = None):
-        super().__init__(f"{where or type(coupling).__name__}: {message}")
-        self.coupling, self.where, self.detail = coupling, where, message
+    def __init__(self, message: str, layer: nn.Module, where: Optional[str] = None):
+        super().__init__(f"{where or type(layer).__name__}: {message}")
+        self.layer, self.where, self.detail = layer, where, message
 
-    def located(self, where: str) -> "CouplingShapeError":
-        return CouplingShapeError(self.detail, self.coupling, where)
+    def located(self, where: str) -> "ReversibleLayerError":
+        return ReversibleLayerError(self.detail, self.layer, where)
+
+
+def _call(layer: nn.Module, fn: str, module, inp: torch.Tensor, inp_name: str, arg: str,
+          where: Optional[str] = None, call=None):
+    """``module(inp)`` (or ``call()``); an error of torch on the way (a channel count or dtype the
+    module cannot take) becomes a ReversibleLayerError naming the layer, its input's shape and
+    the argument ``arg`` it came from. Out-of-memory errors pass unchanged."""
+    try:
+        return module(inp) if call is None else call()
+    except ReversibleLayerError:
+        raise
+    except torch.OutOfMemoryError:
+        raise
+    except (RuntimeError, ValueError, IndexError, NotImplementedError) as e:
+        raise ReversibleLayerError(
+            f"{fn} cannot take {inp_name} of shape {tuple(inp.shape)} and dtype {inp.dtype} "
+            f"(from the argument {arg}): {type(e).__name__}: {e}", layer, where) from e
 
 
 def _half_out(coupling: nn.Module, fn: str, out, inp: torch.Tensor, like: torch.Tensor,
@@ -153,7 +177,7 @@ def _half_out(coupling: nn.Module, fn: str, out, inp: torch.Tensor, like: torch.
     if c1 != c2:
         msg += (f"; with an odd channel count ({c1 + c2}) the halves (x.chunk(2, dim=1)) have "
                 f"{c1} and {c2} channels, so f must map {c2} channels to {c1} and g {c1} to {c2}")
-    raise CouplingShapeError(msg, coupling, where)
+    raise ReversibleLayerError(msg, coupling, where)
 
 
 def _coupling_name(i: int, layer: nn.Module) -> str:
@@ -211,25 +235,53 @@ class InvertibleDownsample(nn.Module):
     factor = 2
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
         if x.dim() != 4:
             raise ValueError(f"x must be 4-D (B, C, H, W), got shape {tuple(x.shape)}")
         H, W = x.shape[-2:]
         if H % 2 or W % 2:
             x = F_.pad(x, (0, W % 2, 0, H % 2))            # (B, C, H+H%2, W+W%2)
+        if x.numel() == 0:           # pixel_unshuffle returns empty inputs unchanged
+            B, C, H, W = x.shape
+            return (x.reshape(B, C, H // 2, 2, W // 2, 2).permute(0, 1, 3, 5, 2, 4)
+                    .reshape(B, 4 * C, H // 2, W // 2))
         return F_.pixel_unshuffle(x, 2)                    # (B, 4C, ceil(H/2), ceil(W/2))
 
     def inverse(self, y: torch.Tensor, size: Optional[Tuple[int, int]] = None) -> torch.Tensor:
         """The input of ``forward``: pixel shuffle, then crop to ``size=(H, W)`` if given."""
-        x = F_.pixel_shuffle(y, 2)                         # (B, C, 2H', 2W')
+        if not isinstance(y, torch.Tensor):
+            raise TypeError(f"y must be a torch.Tensor, got {type(y).__name__}")
+        if y.dim() != 4 or y.shape[1] % 4:
+            raise ValueError(f"y must be 4-D (B, 4C, H', W') with a channel count divisible by 4, "
+                             f"got shape {tuple(y.shape)}")
+        if y.numel() == 0:           # pixel_shuffle returns empty inputs unchanged
+            B, C4, H2, W2 = y.shape
+            x = (y.reshape(B, C4 // 4, 2, 2, H2, W2).permute(0, 1, 4, 2, 5, 3)
+                 .reshape(B, C4 // 4, 2 * H2, 2 * W2))
+        else:
+            x = F_.pixel_shuffle(y, 2)                     # (B, C, 2H', 2W')
         if size is not None:
-            H, W = int(size[0]), int(size[1])
+            try:
+                H, W = (operator.index(v) for v in size)
+            except (TypeError, ValueError):
+                raise TypeError(f"size must be a pair of ints (H, W) or None, got {size!r}") from None
             if H > x.shape[-2] or W > x.shape[-1] or H < x.shape[-2] - 1 or W < x.shape[-1] - 1:
                 raise ValueError(f"size must be within one of {tuple(x.shape[-2:])}, got {size}")
             x = x[..., :H, :W]
         return x
 
 
+def _check_input(x, name: str) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if not (x.is_floating_point() and x.layout == torch.strided):
+        raise TypeError(f"{name} must be a dense floating-point tensor, got dtype {x.dtype} "
+                        f"and layout {x.layout}")
+
+
 def _halves(x: torch.Tensor, name: str):
+    _check_input(x, name)
     if x.dim() < 2 or x.shape[1] < 2:
         raise ValueError(f"{name} must have at least 2 channels in dim 1 to be split in halves, "
                          f"got shape {tuple(x.shape)}")
@@ -272,6 +324,11 @@ def frozen_running_stats(norms: Iterable[_BatchNorm]):
     ``F.batch_norm``. (It changes which tensors the op saves, so ``torch.utils.checkpoint``,
     which checks that, needs another trick: see ``memlab.models.common``.)
     """
+    norms = list(norms)
+    for i, m in enumerate(norms):
+        if not isinstance(m, _BatchNorm):
+            raise TypeError(f"norms[{i}] must be a BatchNorm module (_BatchNorm), got "
+                            f"{type(m).__name__}")
     changed = [m for m in norms if m.training and m.track_running_stats]
     for m in changed:
         m.track_running_stats = False
@@ -448,29 +505,30 @@ class _ReversibleFunction(torch.autograd.Function):
         stats: List[object] = []     # per unit call, recorded BatchNorm statistics or None
         sizes: List[object] = []     # per layer, the input's spatial size for non-couplings
 
-        def run(unit: _Unit, inp):
+        def run(unit: _Unit, inp, layer, fn, inp_name, where):
             want = rng_mode if rng_mode is not None else unit.stochastic
             rngs.append(_capture_rng(device) if want else None)
             st = [] if keep_stats and unit.plain_norms else None
             stats.append(st)
-            return unit.run(inp, st)
+            return _call(layer, fn, None, inp, inp_name, "x", where,
+                         call=lambda: unit.run(inp, st))
 
         h: object = x                # a tensor, or a (half1, half2) pair between couplings
         for i, (layer, lu) in enumerate(zip(seq.layers, units)):
             if isinstance(layer, AdditiveCoupling):
                 x1, x2 = h if isinstance(h, tuple) else _halves(h, "x")
                 where = _coupling_name(i, layer)
-                y1 = x1 + _half_out(layer, "f", run(lu[0], x2), x2, x1, ("x2", "x1"),
-                                    where)                 # (B, C1, ...)
-                y2 = x2 + _half_out(layer, "g", run(lu[1], y1), y1, x2, ("y1", "x2"),
-                                    where)                 # (B, C2, ...)
+                fx = run(lu[0], x2, layer, "f", "x2", where)
+                y1 = x1 + _half_out(layer, "f", fx, x2, x1, ("x2", "x1"), where)   # (B, C1, ...)
+                gy = run(lu[1], y1, layer, "g", "y1", where)
+                y2 = x2 + _half_out(layer, "g", gy, y1, x2, ("y1", "x2"), where)   # (B, C2, ...)
                 h = (y1, y2)
                 sizes.append(None)
             else:
                 if isinstance(h, tuple):
                     h = torch.cat(h, dim=1)
                 sizes.append(tuple(h.shape[2:]))
-                h = run(lu[0], h)
+                h = run(lu[0], h, layer, "the layer", "its input", _coupling_name(i, layer))
         out = torch.cat(h, dim=1) if isinstance(h, tuple) else h
         if out is x:                 # an identity-like last layer: never hand back the input
             out = x.clone()
@@ -686,8 +744,7 @@ class ReversibleSequence(nn.Module):
         return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+        _check_input(x, "x")
         if x.dtype in (torch.float16, torch.bfloat16) and _autocast_on(x.device.type):
             x = x.float()            # carry the halves in fp32 under autocast
         if not torch.is_grad_enabled():
@@ -701,11 +758,11 @@ class ReversibleSequence(nn.Module):
     def _plain(self, x: torch.Tensor) -> torch.Tensor:
         for i, layer in enumerate(self.layers):
             try:
-                x = layer(x)
-            except CouplingShapeError as e:
-                if e.coupling is not layer or e.where is not None:
+                x = _call(layer, "the layer", layer, x, "its input", "x")
+            except ReversibleLayerError as e:
+                if e.layer is not layer or e.where is not None:
                     raise
-                raise e.located(_coupling_name(i, layer)) from None
+                raise e.located(_coupling_name(i, layer)) from e.__cause__
         return x
 
     @torch.no_grad()
@@ -716,6 +773,12 @@ class ReversibleSequence(nn.Module):
         The model is left as it was: in training mode BatchNorms normalize with batch statistics
         (as forward did) without updating their running buffers, and any other buffer a layer
         changes is restored."""
+        _check_input(y, "y")
+        if sizes is not None:
+            if isinstance(sizes, (str, bytes)) or not hasattr(sizes, "__len__") \
+                    or len(sizes) != len(self.layers):
+                raise ValueError(f"sizes must be None or hold one entry per layer "
+                                 f"({len(self.layers)}), got {sizes!r}")
         dev_type = y.device.type
         if y.dtype in (torch.float16, torch.bfloat16) and _autocast_on(dev_type):
             y = y.float()
@@ -725,16 +788,19 @@ class ReversibleSequence(nn.Module):
                 if isinstance(layer, AdditiveCoupling):
                     where = _coupling_name(i, layer)
                     y1, y2 = _halves(y, "y")
-                    gy = _half_out(layer, "g", layer.g(y1), y1, y2, ("y1", "y2"), where)
+                    gy = _call(layer, "g", layer.g, y1, "y1", "y", where)
+                    gy = _half_out(layer, "g", gy, y1, y2, ("y1", "y2"), where)
                     with _autocast(dev_type, None, False):
                         x2 = y2 - gy.to(y2.dtype)
-                    fx = _half_out(layer, "f", layer.f(x2), x2, y1, ("x2", "y1"), where)
+                    fx = _call(layer, "f", layer.f, x2, "x2", "y", where)
+                    fx = _half_out(layer, "f", fx, x2, y1, ("x2", "y1"), where)
                     with _autocast(dev_type, None, False):
                         x1 = y1 - fx.to(y1.dtype)
                     y = torch.cat([x1, x2], dim=1)
                 else:
                     size = sizes[i] if sizes is not None else None
-                    y = _invert(layer, y, size)
+                    y = _call(layer, "its inverse", None, y, "its input", "y",
+                              _coupling_name(i, layer), call=lambda: _invert(layer, y, size))
         return y
 
     def extra_repr(self) -> str:

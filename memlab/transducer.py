@@ -37,6 +37,7 @@ from __future__ import annotations
 import contextlib
 import math
 import numbers
+import operator
 import warnings
 from typing import Callable, Dict, List, Optional, Sequence
 
@@ -55,6 +56,11 @@ _NEG = -1e30                           # "log 0" that keeps gradients finite (un
 def _check_tensor(name: str, x, ndim: int, kind: str) -> None:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.layout != torch.strided:
+        raise TypeError(f"{name} must be a dense (strided) tensor, got layout {x.layout}")
+    if x.device.type == "meta":
+        raise ValueError(f"{name} must be on a device with data (the losses read lengths and "
+                         f"targets), got device {x.device}")
     if x.dim() != ndim:
         raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(x.shape)}")
     if kind == "float" and not x.is_floating_point():
@@ -70,7 +76,7 @@ def _check_common(batch: int, T: int, U: int, targets, in_lengths, target_length
     _check_tensor("targets", targets, 2, "int")
     _check_tensor(in_name, in_lengths, 1, "int")
     _check_tensor("target_lengths", target_lengths, 1, "int")
-    if reduction not in REDUCTIONS:
+    if not isinstance(reduction, str) or reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     if not isinstance(blank, int) or isinstance(blank, bool):
         raise TypeError(f"blank must be an int, got {type(blank).__name__}")
@@ -129,6 +135,9 @@ def _check_max_chunk_bytes(value) -> Optional[float]:
 def _check_logits_args(logits, targets, logit_lengths, target_lengths, blank, reduction) -> None:
     _check_tensor("logits", logits, 4, "float")
     B, T, U1, V = logits.shape
+    if U1 < 1:
+        raise ValueError(f"logits must have U+1 >= 1 predictor positions in dim 2 (B, T, U+1, V), "
+                         f"got shape {tuple(logits.shape)}")
     _check_common(B, T, U1 - 1, targets, logit_lengths, target_lengths, blank, reduction,
                   logits.device, "logit_lengths", V)
 
@@ -261,6 +270,9 @@ def rnnt_loss_batched(logits: torch.Tensor, targets: torch.Tensor, logit_lengths
     Memory: torchaudio keeps a gradient tensor as large as ``logits`` from forward to backward.
     """
     _check_logits_args(logits, targets, logit_lengths, target_lengths, blank, reduction)
+    if isinstance(clamp, bool) or not isinstance(clamp, numbers.Real) or math.isnan(clamp):
+        raise TypeError(f"clamp must be a float (<= 0: no clamping), got {clamp!r}")
+    clamp = float(clamp)
     t_max, u_max = int(logit_lengths.max()), int(target_lengths.max())
     x = logits[:, :t_max, :u_max + 1]                                          # (B, T', U'+1, V)
     costs = _torchaudio_costs(x, targets[:, :u_max], logit_lengths, target_lengths, blank, clamp)
@@ -271,9 +283,29 @@ def rnnt_loss_batched(logits: torch.Tensor, targets: torch.Tensor, logit_lengths
 # 3. sample-wise: joiner + loss + gradient one sample (or a small group) at a time
 
 
+def _count(name: str, value, low: int) -> int:
+    """An int (or anything with ``__index__``: numpy ints, 0-d int tensors) >= ``low``."""
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be an int >= {low}, got {value!r}")
+    try:
+        v = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an int >= {low}, got {value!r} of type "
+                        f"{type(value).__name__}") from None
+    if v < low:
+        raise ValueError(f"{name} must be an int >= {low}, got {v}")
+    return v
+
+
+def _chunk_bytes(n: int, T: int, U: int, vocab_size: int, bytes_per_element: int) -> int:
+    return 2 * n * T * (U + 1) * vocab_size * bytes_per_element
+
+
 def chunk_bytes(n: int, T: int, U: int, vocab_size: int, bytes_per_element: int = 4) -> int:
     """Estimated bytes of one joiner/loss call: logits (n, T, U+1, V) and their gradient."""
-    return 2 * n * T * (U + 1) * vocab_size * bytes_per_element
+    return _chunk_bytes(_count("n", n, 0), _count("T", T, 0), _count("U", U, 0),
+                        _count("vocab_size", vocab_size, 1),
+                        _count("bytes_per_element", bytes_per_element, 1))
 
 
 def plan_chunks(enc_lengths: Sequence[int], target_lengths: Sequence[int], vocab_size: int,
@@ -286,15 +318,29 @@ def plan_chunks(enc_lengths: Sequence[int], target_lengths: Sequence[int], vocab
     """
     limit = _check_max_chunk_bytes(max_chunk_bytes)
     limit = DEFAULT_MAX_CHUNK_BYTES if limit is None else limit
-    T = [int(t) for t in enc_lengths]
-    U = [int(u) for u in target_lengths]
+    vocab_size = _count("vocab_size", vocab_size, 1)
+    bytes_per_element = _count("bytes_per_element", bytes_per_element, 1)
+    T, U = [], []
+    for name, seq, out, low in (("enc_lengths", enc_lengths, T, 1),
+                                ("target_lengths", target_lengths, U, 0)):
+        if isinstance(seq, torch.Tensor):
+            if seq.dim() != 1 or seq.is_floating_point() or seq.is_complex():
+                raise TypeError(f"{name} must be a sequence of ints (or a 1-D integer tensor), "
+                                f"got a tensor of shape {tuple(seq.shape)} and dtype {seq.dtype}")
+            seq = seq.tolist()
+        if isinstance(seq, (str, bytes)) or not hasattr(seq, "__iter__"):
+            raise TypeError(f"{name} must be a sequence of ints, got {type(seq).__name__}")
+        out.extend(_count(f"{name}[{i}]", v, low) for i, v in enumerate(seq))
+    if len(T) != len(U):
+        raise ValueError(f"enc_lengths and target_lengths must have the same length, got "
+                         f"{len(T)} and {len(U)}")
     order = sorted(range(len(T)), key=lambda i: (T[i], U[i]), reverse=True)
     chunks: List[List[int]] = []
     cur: List[int] = []
     t_max = u_max = 0
     for i in order:
         t2, u2 = max(t_max, T[i]), max(u_max, U[i])
-        if cur and chunk_bytes(len(cur) + 1, t2, u2, vocab_size, bytes_per_element) > limit:
+        if cur and _chunk_bytes(len(cur) + 1, t2, u2, vocab_size, bytes_per_element) > limit:
             chunks.append(cur)
             cur, t2, u2 = [], T[i], U[i]
         cur.append(i)
@@ -511,18 +557,43 @@ def samplewise_rnnt_loss(joiner: Callable[[torch.Tensor, torch.Tensor], torch.Te
     if pred_out.device != enc_out.device:
         raise ValueError(f"pred_out must be on the same device as enc_out ({enc_out.device}), "
                          f"got {pred_out.device}")
+    if pred_out.dtype != enc_out.dtype:
+        raise TypeError(f"pred_out must have enc_out's dtype ({enc_out.dtype}), got "
+                        f"{pred_out.dtype}")
     if pred_out.shape[0] != B:
         raise ValueError(f"pred_out must have batch size {B} (enc_out's), got shape "
                          f"{tuple(pred_out.shape)}")
+    if pred_out.shape[1] < 1:
+        raise ValueError(f"pred_out must have U+1 >= 1 positions in dim 1 (B, U+1, H_pred), got "
+                         f"shape {tuple(pred_out.shape)}")
+    if not isinstance(accumulate_joiner_grads, bool):
+        raise TypeError(f"accumulate_joiner_grads must be a bool, got {accumulate_joiner_grads!r}")
+    if stats is not None and not isinstance(stats, dict):
+        raise TypeError(f"stats must be a dict or None, got {type(stats).__name__}")
     _check_common(B, T, pred_out.shape[1] - 1, targets, enc_lengths, target_lengths, blank,
                   reduction, enc_out.device, "enc_lengths", None)
     max_chunk_bytes = _check_max_chunk_bytes(max_chunk_bytes)
 
     # vocabulary size and element size from a 1 x 1 x 1 probe of the joiner
-    with torch.no_grad():
-        probe = joiner(enc_out[:1, :1].detach(), pred_out[:1, :1].detach())    # (1, 1, 1, V)
+    e1, p1 = enc_out[:1, :1].detach(), pred_out[:1, :1].detach()             # (1, 1, H)
+    try:
+        with torch.no_grad():
+            probe = joiner(e1, p1)                                             # (1, 1, 1, V)
+    except torch.OutOfMemoryError:
+        raise
+    except (RuntimeError, ValueError, IndexError) as e:   # e.g. H does not fit the joiner
+        raise ValueError(f"joiner could not be applied to enc_out {tuple(enc_out.shape)} and "
+                         f"pred_out {tuple(pred_out.shape)} (probed on (1, 1, H) slices "
+                         f"{tuple(e1.shape)} and {tuple(p1.shape)}): {type(e).__name__}: {e}") from e
+    if not isinstance(probe, torch.Tensor):
+        raise TypeError(f"joiner must return a tensor of logits, got {type(probe).__name__}")
     if probe.dim() != 4:
         raise ValueError(f"joiner must return 4-D logits (N, T, U+1, V), got shape {tuple(probe.shape)}")
+    if not probe.is_floating_point():
+        raise TypeError(f"joiner must return floating-point logits, got dtype {probe.dtype}")
+    if probe.device != enc_out.device:
+        raise ValueError(f"joiner must return logits on enc_out's device ({enc_out.device}), "
+                         f"got {probe.device}")
     V = probe.shape[-1]
     if not 0 <= blank < V:
         raise ValueError(f"blank must lie in [0, V={V}), got {blank}")

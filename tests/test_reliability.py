@@ -270,3 +270,197 @@ def test_shape_changing_g_says_which_coupling_expected_and_received():
         assert "g" in msg and "(2, 2, 5)" in msg and "(2, 2, 4)" in msg
     with pytest.raises(ValueError, match=r"AdditiveCoupling.*\(2, 2, 4\)"):
         seq.layers[1](x)
+
+
+# ------------------------------------------------------------------ argument hardening
+class _Joiner(nn.Module):
+    def __init__(self, h=4, v=6):
+        super().__init__()
+        self.a, self.b, self.o = nn.Linear(h, 8), nn.Linear(h, 8), nn.Linear(8, v)
+
+    def forward(self, e, p):
+        return self.o(torch.tanh(self.a(e)[:, :, None] + self.b(p)[:, None]))
+
+
+def _loss_case():
+    lg = torch.randn(2, 5, 4, 6)
+    tg, el, tl = torch.tensor([[1, 2, 3], [4, 5, 1]]), torch.tensor([5, 4]), torch.tensor([3, 2])
+    return lg, tg, el, tl
+
+
+_LOSS_BAD = [
+    ("logits", lambda lg, tg, el, tl: (lg[:, :, :0], tg[:, :0], el, tl * 0), {}),
+    ("logits", lambda lg, tg, el, tl: (lg.to_sparse(), tg, el, tl), {}),
+    ("logits", lambda lg, tg, el, tl: (lg.to("meta"), tg.to("meta"), el.to("meta"),
+                                       tl.to("meta")), {}),
+    ("logit_lengths", lambda lg, tg, el, tl: (lg, tg, -el, tl), {}),
+    ("target_lengths", lambda lg, tg, el, tl: (lg, tg, el, -tl), {}),
+    ("reduction", lambda *a: a, {"reduction": torch.tensor([1, 2])}),
+    ("reduction", lambda *a: a, {"reduction": None}),
+]
+
+
+@pytest.mark.parametrize("case", range(len(_LOSS_BAD)))
+@pytest.mark.parametrize("fn", [rnnt_loss_reference, rnnt_loss_batched, rnnt_forward_variables])
+def test_losses_refuse_bad_inputs_naming_the_argument(fn, case):
+    name, change, kw = _LOSS_BAD[case]
+    if fn is rnnt_forward_variables and "reduction" in kw:
+        pytest.skip("no reduction argument")
+    with pytest.raises((ValueError, TypeError), match=name):
+        fn(*change(*_loss_case()), **kw)
+
+
+@pytest.mark.parametrize("clamp", ["x", float("nan"), True, None])
+def test_batched_clamp_must_be_a_number(clamp):
+    with pytest.raises(TypeError, match="clamp"):
+        rnnt_loss_batched(*_loss_case(), clamp=clamp)
+
+
+def test_samplewise_refuses_bad_inputs_naming_the_argument():
+    j = _Joiner()
+    enc, pred = torch.randn(2, 5, 4, requires_grad=True), torch.randn(2, 4, 4, requires_grad=True)
+    _, tg, el, tl = _loss_case()
+    S = samplewise_rnnt_loss
+    cases = [
+        ("pred_out", lambda: S(j, enc.double(), pred, tg, el, tl)),
+        ("pred_out", lambda: S(j, enc, pred[:, :0], tg[:, :0], el, tl * 0)),
+        ("joiner.*enc_out", lambda: S(j, torch.randn(2, 5, 3), pred, tg, el, tl)),
+        ("joiner.*enc_out", lambda: S(j, enc[..., :0], pred, tg, el, tl)),
+        ("joiner", lambda: S(lambda e, p: j(e, p).long(), enc, pred, tg, el, tl)),
+        ("joiner", lambda: S(lambda e, p: [1], enc, pred, tg, el, tl)),
+        ("joiner", lambda: S(lambda e, p: j(e, p).to("meta"), enc, pred, tg, el, tl)),
+        ("accumulate_joiner_grads", lambda: S(j, enc, pred, tg, el, tl,
+                                              accumulate_joiner_grads="no")),
+        ("stats", lambda: S(j, enc, pred, tg, el, tl, stats=[])),
+        ("enc_out", lambda: S(j, enc.to("meta"), pred.to("meta"), tg.to("meta"), el.to("meta"),
+                              tl.to("meta"))),
+        ("enc_lengths", lambda: S(j, enc, pred, tg, torch.tensor([-3, 2]), tl)),
+    ]
+    for name, call in cases:
+        with pytest.raises((ValueError, TypeError), match=name):
+            call()
+
+
+def test_samplewise_smallest_lattices_work():
+    j = _Joiner()
+    enc, pred = torch.randn(2, 5, 4, requires_grad=True), torch.randn(2, 4, 4, requires_grad=True)
+    _, tg, el, tl = _loss_case()
+    samplewise_rnnt_loss(j, enc, pred[:, :1], tg[:, :0], el, tl * 0).backward()   # U = 0
+    samplewise_rnnt_loss(j, enc[:1, :1], pred[:1], tg[:1], torch.tensor([1]), tl[:1]).backward()
+
+
+@pytest.mark.parametrize("call,name", [
+    (lambda: plan_chunks([1, 2, 3], [1, 2], 5), "target_lengths"),
+    (lambda: plan_chunks([-1, 2], [1, 2], 5), r"enc_lengths\[0\]"),
+    (lambda: plan_chunks([3.5, 2], [1, 2], 5), r"enc_lengths\[0\]"),
+    (lambda: plan_chunks([1, 2], [1, -2], 5), r"target_lengths\[1\]"),
+    (lambda: plan_chunks("ab", "cd", 5), "enc_lengths"),
+    (lambda: plan_chunks([1, 2], [1, 2], 0), "vocab_size"),
+    (lambda: plan_chunks([1, 2], [1, 2], 5, bytes_per_element=0), "bytes_per_element"),
+    (lambda: plan_chunks(torch.ones(2, 2, dtype=torch.long), [1, 2], 5), "enc_lengths"),
+    (lambda: chunk_bytes(-1, 2, 3, 4), "n"),
+    (lambda: chunk_bytes(1, 2.5, 3, 4), "T"),
+    (lambda: chunk_bytes(1, 2, 3, True), "vocab_size"),
+])
+def test_chunk_planning_refuses_bad_inputs(call, name):
+    with pytest.raises((ValueError, TypeError), match=name):
+        call()
+
+
+def test_chunk_planning_takes_numpy_and_tensors():
+    import numpy as np
+    assert plan_chunks(np.array([3, 4]), torch.tensor([1, 2]), 5) == [[1, 0]]
+    assert plan_chunks([], [], 5) == []
+    assert chunk_bytes(np.int64(2), 3, 4, 5) == 2 * 2 * 3 * 5 * 5 * 4
+
+
+def _rev_seq():
+    def blk(c):
+        return nn.Sequential(nn.Conv2d(c, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+                             nn.Dropout(0.1), nn.Conv2d(4, c, 3, padding=1))
+    return ReversibleSequence([AdditiveCoupling(blk(2), blk(2)), InvertibleDownsample(),
+                               AdditiveCoupling(blk(8), blk(8))])
+
+
+@pytest.mark.parametrize("make,name", [
+    (lambda: torch.ones(2, 4, 6, 6, dtype=torch.long), "x"),
+    (lambda: torch.ones(2, 4, 6, 6, dtype=torch.bool), "x"),
+    (lambda: torch.ones(2, 4, 6, 6, dtype=torch.complex64), "x"),
+    (lambda: [1.0, 2.0], "x"),
+    (lambda: torch.randn(2, 6, 6, 6), r"layers\[0\] \(AdditiveCoupling\): f .*argument x"),
+    (lambda: torch.randn(2, 6, 6, 6, requires_grad=True), r"layers\[0\].*argument x"),
+    (lambda: torch.randn(2, 4, 6), r"layers\[0\].*argument x"),
+    (lambda: torch.randn(1, 4, 1, 1, requires_grad=True), r"layers\[0\].*argument x"),
+    (lambda: torch.randn(2, 4, 6, 6, dtype=torch.float64), r"layers\[0\].*argument x"),
+    (lambda: torch.randn(2, 1, 6, 6), "x must have at least 2 channels"),
+])
+def test_reversible_forward_refuses_bad_inputs_naming_the_layer(make, name):
+    with pytest.raises((ValueError, TypeError), match=name):
+        _rev_seq()(make())
+
+
+def test_reversible_empty_batch_and_odd_sizes_work():
+    seq = _rev_seq()
+    x = torch.randn(0, 4, 6, 6, requires_grad=True)
+    y = seq(x)
+    assert y.shape == (0, 16, 3, 3)
+    y.sum().backward()
+    assert x.grad.shape == x.shape
+    d = InvertibleDownsample()
+    assert d(torch.randn(0, 3, 5, 5)).shape == (0, 12, 3, 3)
+    assert d.inverse(torch.randn(0, 12, 3, 3), size=(5, 5)).shape == (0, 3, 5, 5)
+    with torch.no_grad():
+        seq.eval()
+        x = torch.randn(2, 4, 5, 7)
+        assert seq(x).shape == (2, 16, 3, 4)
+
+
+@pytest.mark.parametrize("call,name", [
+    (lambda s: s.inverse(torch.ones(2, 16, 3, 3, dtype=torch.long)), "y"),
+    (lambda s: s.inverse(torch.randn(2, 12, 3, 3)), r"layers\[2\].*argument y"),
+    (lambda s: s.inverse(torch.randn(2, 16, 3, 3), sizes=[None]), "sizes"),
+    (lambda s: s.inverse(torch.randn(2, 16, 3, 3), sizes=[None, "ab", None]), "size"),
+    (lambda s: s.inverse(torch.randn(2, 16, 3, 3), sizes=[None, (2, 2), None]), "size"),
+    (lambda s: InvertibleDownsample().inverse(torch.randn(2, 4, 3)), "y"),
+    (lambda s: InvertibleDownsample().inverse(torch.randn(2, 6, 3, 3)), "y"),
+    (lambda s: InvertibleDownsample()([1]), "x"),
+    (lambda s: AdditiveCoupling(nn.Identity(), nn.Identity())([1]), "x"),
+    (lambda s: AdditiveCoupling(nn.Identity(), nn.Identity())(torch.ones(2, 4, dtype=torch.long)),
+     "x"),
+    (lambda s: AdditiveCoupling(nn.Identity(), nn.Identity()).inverse(torch.tensor(1.0)), "y"),
+])
+def test_reversible_inverse_and_layers_refuse_bad_inputs(call, name):
+    with pytest.raises((ValueError, TypeError), match=name):
+        call(_rev_seq())
+
+
+def test_frozen_running_stats_refuses_non_batchnorms():
+    from memlab.reversible import frozen_running_stats
+    with pytest.raises(TypeError, match=r"norms\[0\]"):
+        with frozen_running_stats([nn.Linear(2, 2)]):
+            pass
+
+
+def test_reference_losses_fuzzed():
+    hypothesis = pytest.importorskip("hypothesis")
+    st = hypothesis.strategies
+
+    @hypothesis.settings(max_examples=40, deadline=None, derandomize=True)
+    @hypothesis.given(B=st.integers(0, 3), T=st.integers(0, 4), U1=st.integers(0, 4),
+                      V=st.integers(0, 5), el=st.lists(st.integers(-2, 6), min_size=0, max_size=4),
+                      tl=st.lists(st.integers(-2, 6), min_size=0, max_size=4),
+                      tv=st.integers(-2, 6), blank=st.integers(-1, 5),
+                      dtype=st.sampled_from([torch.float32, torch.float64, torch.float16,
+                                             torch.bfloat16, torch.int64]))
+    def check(B, T, U1, V, el, tl, tv, blank, dtype):
+        logits = torch.randn(B, T, U1, V).to(dtype)
+        targets = torch.full((B, max(U1 - 1, 0)), tv)
+        for fn in (rnnt_loss_reference, rnnt_loss_batched, rnnt_forward_variables):
+            try:
+                fn(logits, targets, torch.tensor(el, dtype=torch.long),
+                   torch.tensor(tl, dtype=torch.long), blank=blank)
+            except (ValueError, TypeError) as e:
+                assert any(n in str(e) for n in ("logits", "targets", "logit_lengths",
+                                                 "target_lengths", "blank", "batch")), str(e)
+
+    check()
