@@ -19,7 +19,7 @@ import statistics
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from memlab import registry
 from memlab.memory import CATEGORIES, format_bytes
@@ -65,26 +65,116 @@ def _progress(total: int, desc: str):
 
 
 # ----------------------------------------------------------------------------- compare
-def _split(value: Optional[str]) -> List[Optional[str]]:
-    return [None] if value is None else [v.strip() for v in value.split(",") if v.strip()]
+def _split(value: Optional[str], name: str = "value") -> List[Optional[str]]:
+    """None -> [None] (the config's default); "a,b" -> ["a", "b"]; "" or "," is a mistake."""
+    if value is None:
+        return [None]
+    items = [v.strip() for v in value.split(",") if v.strip()]
+    if not items:
+        raise ValueError(f"{name} must name at least one choice (comma-separated), got {value!r}")
+    return items
 
 
-def run_compare(task: str, overrides: Dict[str, Any], memory=None, optimizer=None, loss=None,
-                progress: bool = True) -> List[Dict[str, Any]]:
-    """Train every combination of the given strategies; one summary row per run."""
-    from memlab.lab import Config, Experiment
+def _train_set_size(cfg) -> int:
+    """Utterances in the training set Experiment builds (it clamps larger batches to this)."""
+    return cfg.num_speakers * cfg.utts_per_speaker if cfg.task == "speaker" else cfg.num_utts
 
-    combos = list(itertools.product(_split(memory), _split(optimizer), _split(loss)))
-    rows = []
+
+def compare_configs(task: str, overrides: Dict[str, Any], memory=None, optimizer=None,
+                    loss=None) -> list:
+    """The validated Configs of every strategy combination (raises ValueError/TypeError)."""
+    from memlab.lab import Config
+
+    if task == "speaker" and loss is not None:
+        raise ValueError(f"loss applies to task='asr' only (the speaker task has no transducer "
+                         f"loss), got loss={loss!r}")
+    combos = list(itertools.product(_split(memory, "memory"), _split(optimizer, "optimizer"),
+                                    _split(loss, "loss")))
+    cfgs = []
     for i, (mem, opt, los) in enumerate(combos):
         kw = dict(overrides)
         for k, v in (("memory", mem), ("optimizer", opt), ("loss", los)):
             if v is not None:
                 kw[k] = v
         cfg = Config.for_task(task, eval_at_start=(i == 0), **kw).validate()
-        exp = Experiment(cfg)
-        bar = _progress(cfg.steps, f"[{i + 1}/{len(combos)}] {cfg.label}") if progress else None
-        untrained = None
+        n = _train_set_size(cfg)
+        if cfg.batch_size > n:  # Experiment would silently train on batches of n instead
+            raise ValueError(f"batch_size must be <= the training set ({n} utterances), got "
+                             f"{cfg.batch_size}")
+        cfgs.append(cfg)
+    return cfgs
+
+
+def _available_memory(device) -> Tuple[Optional[int], str]:
+    """Bytes free for a new run on ``device`` and where the figure comes from (None: unknown)."""
+    import torch
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(dev)
+        return int(free), "free on " + str(dev)
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024, "MemAvailable"
+    except OSError:
+        pass
+    try:  # other POSIX systems
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"), "free pages"
+    except (ValueError, OSError, AttributeError):
+        return None, "unknown"
+
+
+def _estimated_peak(cfg) -> Tuple[Optional[int], bool]:
+    """(bytes, exact): estimate_config's steady-state peak; where the step cannot run on fake
+    tensors (the transducer reads its lengths), the parameters, gradients and optimizer state
+    alone, a lower bound (exact=False)."""
+    from memlab.lab import build_model, build_optimizer, estimate_config
+    from memlab.memory import estimate
+    try:
+        return estimate_config(cfg, steps=2).peak, True
+    except NotImplementedError:
+        pass
+
+    def setup():
+        model = build_model(cfg)
+        return model, build_optimizer(cfg, model)
+
+    def step(model, opt):
+        import torch
+        for p in model.parameters():
+            p.grad = torch.zeros_like(p)
+        opt.step()
+    try:
+        return estimate(step, setup, steps=2, device=cfg.device).peak, False
+    except NotImplementedError:
+        return None, False
+
+
+def check_memory(cfgs) -> None:
+    """Raise ValueError when a run's estimated peak exceeds the memory available now."""
+    for cfg in cfgs:
+        need, exact = _estimated_peak(cfg)
+        have, where = _available_memory(cfg.device)
+        if need is None or have is None:
+            continue
+        if need > have:
+            what = (f"an estimated {format_bytes(need)}" if exact else
+                    f"at least {format_bytes(need)} (parameters, gradients and optimizer state "
+                    f"alone)")
+            raise ValueError(f"run {cfg.label!r} needs {what} but "
+                             f"{format_bytes(have)} available ({where}); lower --width, --depth or "
+                             f"--batch-size, or pass --force to run anyway")
+
+
+def _run_one(cfg, index: int, total: int, progress: bool = True) -> Dict[str, Any]:
+    """Train one Config; its summary row."""
+    from memlab.lab import Experiment
+
+    exp = Experiment(cfg)
+    bar = _progress(cfg.steps, f"[{index + 1}/{total}] {cfg.label}") if progress else None
+    untrained = None
+    try:
         for rec in exp.run():
             if rec.step == 0:
                 untrained = rec.metrics
@@ -92,27 +182,51 @@ def run_compare(task: str, overrides: Dict[str, Any], memory=None, optimizer=Non
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix_str(f"loss {rec.loss:.3f}")
+    finally:
         if bar is not None:
             bar.close()
-        recs = [r for r in exp.records if r.step > 0]
-        metered = [r for r in recs if r.metered]
-        # steady state: the highest peak, the latest step on ties (optimizer state exists by then)
-        peak_rec = max(reversed(metered), key=lambda r: r.peak)
-        plain = [r.seconds for r in recs if not r.metered and r.step > 1] or \
-                [r.seconds for r in recs]
-        final = recs[-1].metrics or {}
-        row: Dict[str, Any] = {"run": cfg.label, "peak": peak_rec.peak}
-        row.update(peak_rec.breakdown)
-        row["step_s"] = statistics.median(plain)
-        row["final_loss"] = recs[-1].loss
-        for k, v in final.items():
-            row[k] = v
-        if untrained:
-            for k, v in untrained.items():
-                row[f"untrained_{k}"] = v
-        row["config"] = {k: v for k, v in vars(cfg).items() if k != "optimizer_kwargs"}
-        rows.append(row)
-    return rows
+    recs = [r for r in exp.records if r.step > 0]
+    metered = [r for r in recs if r.metered]
+    # steady state: the highest peak, the latest step on ties (optimizer state exists by then)
+    peak_rec = max(reversed(metered), key=lambda r: r.peak)
+    plain = [r.seconds for r in recs if not r.metered and r.step > 1] or \
+            [r.seconds for r in recs]
+    final = recs[-1].metrics or {}
+    row: Dict[str, Any] = {"run": cfg.label, "peak": peak_rec.peak}
+    row.update(peak_rec.breakdown)
+    row["step_s"] = statistics.median(plain)
+    row["final_loss"] = recs[-1].loss
+    for k, v in final.items():
+        row[k] = v
+    if untrained:
+        for k, v in untrained.items():
+            row[f"untrained_{k}"] = v
+    row["config"] = {k: v for k, v in vars(cfg).items() if k != "optimizer_kwargs"}
+    return row
+
+
+def run_compare(task: str, overrides: Dict[str, Any], memory=None, optimizer=None, loss=None,
+                progress: bool = True) -> List[Dict[str, Any]]:
+    """Train every combination of the given strategies; one summary row per run."""
+    cfgs = compare_configs(task, overrides, memory, optimizer, loss)
+    return [_run_one(cfg, i, len(cfgs), progress) for i, cfg in enumerate(cfgs)]
+
+
+def _print_rows(rows, task: str, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(rows, indent=2, default=str))
+        return
+    if not rows:
+        return
+    metric_cols = [c for c in ("accuracy", "eer", "min_dcf", "ter", "untrained_eer",
+                               "untrained_ter") if c in rows[0]]
+    cols = ["run", "peak", *CATEGORIES, "step_s", "final_loss", *metric_cols]
+    print(format_table(rows, cols))
+    if task == "speaker":
+        print("\neer: equal error rate on unseen speakers (chance = 0.5); accuracy: held-out "
+              "utterances of training speakers; bytes at the peak of a metered step")
+    else:
+        print("\nter: token error rate with greedy decoding (untrained_ter: before training)")
 
 
 def _cmd_compare(args) -> int:
@@ -122,40 +236,61 @@ def _cmd_compare(args) -> int:
         v = getattr(args, name)
         if v is not None:
             overrides[name] = v
+    # every combination is validated (and its memory checked) before the first run starts
+    cfgs = compare_configs(args.task, overrides, args.memory, args.optimizer, args.loss)
+    if not args.force:
+        check_memory(cfgs)
+    rows: List[Dict[str, Any]] = []
     try:
-        rows = run_compare(args.task, overrides, args.memory, args.optimizer, args.loss,
-                           progress=not args.json)
-    except (ValueError, TypeError) as e:
+        for i, cfg in enumerate(cfgs):
+            rows.append(_run_one(cfg, i, len(cfgs), progress=not args.json))
+    except KeyboardInterrupt:
+        _print_rows(rows, args.task, args.json)
+        print(f"memlab compare: interrupted after {len(rows)} of {len(cfgs)} runs",
+              file=sys.stderr)
+        return 130
+    except FloatingPointError as e:  # the loss diverged: a learning rate too high for the run
+        _print_rows(rows, args.task, args.json)
         print(f"memlab compare: error: {e}", file=sys.stderr)
-        return 2
-    if args.json:
-        print(json.dumps(rows, indent=2, default=str))
-        return 0
-    metric_cols = [c for c in ("accuracy", "eer", "min_dcf", "ter", "untrained_eer",
-                               "untrained_ter") if c in rows[0]]
-    cols = ["run", "peak", *CATEGORIES, "step_s", "final_loss", *metric_cols]
-    print(format_table(rows, cols))
-    if args.task == "speaker":
-        print("\neer: equal error rate on unseen speakers (chance = 0.5); accuracy: held-out "
-              "utterances of training speakers; bytes at the peak of a metered step")
-    else:
-        print("\nter: token error rate with greedy decoding (untrained_ter: before training)")
+        return 1
+    _print_rows(rows, args.task, args.json)
     return 0
 
 
 # ----------------------------------------------------------------------------- bench
+def _check_writable(path: str) -> None:
+    """Raise ValueError unless ``path`` can be written as a file (leaves nothing behind)."""
+    p = Path(path)
+    if p.is_dir():
+        raise ValueError(f"--out must name a file, got the folder {path!r}")
+    existed = p.exists()
+    try:
+        with open(p, "a"):
+            pass
+    except OSError as e:
+        raise ValueError(f"--out {path!r} cannot be written ({e.strerror or e})") from None
+    if not existed:
+        p.unlink()
+
+
 def _cmd_bench(args) -> int:
     import importlib
+    import inspect
     from memlab.bench import BENCHMARKS
     if args.name not in BENCHMARKS:
-        print(f"memlab bench: error: name must be one of {BENCHMARKS}, got {args.name!r}",
-              file=sys.stderr)
-        return 2
+        raise ValueError(f"name must be one of {BENCHMARKS}, got {args.name!r}")
     mod = importlib.import_module(f"memlab.bench.{args.name}")
     fast = args.fast or os.environ.get("MEMLAB_FAST", "") not in ("", "0")
     kwargs = {}
-    if args.preset:
+    if args.preset is not None:
+        if "preset" not in inspect.signature(mod.run).parameters:
+            with_presets = [n for n in BENCHMARKS if "preset" in inspect.signature(
+                importlib.import_module(f"memlab.bench.{n}").run).parameters]
+            raise ValueError(f"preset: bench {args.name} has no presets (--preset applies to "
+                             f"{', '.join(with_presets)}), got {args.preset!r}")
         kwargs["preset"] = args.preset
+    if args.out:
+        _check_writable(args.out)  # before a benchmark that may take minutes
     rows = mod.run(fast=fast, **kwargs)
     if args.json:
         print(json.dumps(rows, indent=2, default=str))
@@ -163,25 +298,78 @@ def _cmd_bench(args) -> int:
         print((mod.__doc__ or "").strip().splitlines()[0])
         print(format_table(rows))
     if args.out:
-        Path(args.out).write_text(json.dumps(rows, indent=2, default=str))
+        try:
+            Path(args.out).write_text(json.dumps(rows, indent=2, default=str))
+        except OSError as e:
+            print(f"memlab bench: error: could not write --out {args.out!r} "
+                  f"({e.strerror or e})", file=sys.stderr)
+            return 1
     return 0
 
 
 # ----------------------------------------------------------------------------- lab
+# JupyterLab reaches for the network in three places; memlab lab turns all three off.
+# The announcements plugin asks "Would you like to get notified about official Jupyter news?",
+# then fetches the news feed and checks for updates: it is disabled in the page config (a
+# labconfig/page_config.json in a private folder put first on JUPYTER_CONFIG_PATH, merged with
+# the user's own). The server-side handlers it would call get no feed and no update checker, and
+# the extension manager does not list PyPI.
+LAB_DISABLED_PLUGINS = ("@jupyterlab/apputils-extension:announcements",)
+LAB_OFFLINE_ARGS = ("--LabApp.news_url=None",
+                    "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate",
+                    "--LabApp.extension_manager=readonly")
+
+
 def notebooks_source() -> Path:
     """Where the bundled tutorials live (source checkout or installed package)."""
     from importlib import resources
     return Path(str(resources.files("memlab.notebooks")))
 
 
+def lab_launch(dest: Path, port: int, token: str, private_dir: Path,
+               no_browser: bool = False) -> Tuple[List[str], Dict[str, str]]:
+    """The JupyterLab command line and environment; writes the page config into private_dir.
+
+    The token travels in the environment (``JUPYTER_TOKEN``, read by jupyter_server's
+    IdentityProvider): /proc/<pid>/cmdline is world-readable, /proc/<pid>/environ is not.
+    """
+    labconfig = Path(private_dir) / "labconfig"
+    labconfig.mkdir(mode=0o700, exist_ok=True)
+    page = labconfig / "page_config.json"
+    fd = os.open(page, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump({"disabledExtensions": {p: True for p in LAB_DISABLED_PLUGINS}}, f)
+    env = dict(os.environ)
+    env["JUPYTER_TOKEN"] = token
+    env.pop("JUPYTER_TOKEN_FILE", None)
+    env["JUPYTER_CONFIG_PATH"] = os.pathsep.join(
+        [str(private_dir)] + [p for p in os.environ.get("JUPYTER_CONFIG_PATH", "").split(
+            os.pathsep) if p])
+    # `python -m jupyterlab` is the server itself (not a launcher), so Ctrl+C stops it
+    cmd = [sys.executable, "-m", "jupyterlab", f"--ServerApp.root_dir={dest}",
+           "--ServerApp.ip=127.0.0.1", f"--ServerApp.port={port}",
+           "--ServerApp.port_retries=0", *LAB_OFFLINE_ARGS]
+    if no_browser:
+        cmd.append("--no-browser")
+    if hasattr(os, "geteuid") and os.geteuid() == 0:
+        cmd.append("--allow-root")  # containers often run as root; Jupyter refuses otherwise
+    return cmd, env
+
+
 def _cmd_lab(args) -> int:
+    import tempfile
     try:
         import jupyterlab  # noqa: F401
     except ImportError:
-        print('memlab lab needs JupyterLab: pip install "memlab[lab]"', file=sys.stderr)
+        print('memlab lab: error: JupyterLab is not installed: pip install "memlab[lab]"',
+              file=sys.stderr)
         return 2
+    if not 1 <= args.port <= 65535:
+        raise ValueError(f"port must be between 1 and 65535, got {args.port}")
     src = notebooks_source()
     dest = Path(args.dir).expanduser().resolve()
+    if dest.exists() and not dest.is_dir():
+        raise ValueError(f"--dir must be a folder, got the file {str(dest)!r}")
     dest.mkdir(parents=True, exist_ok=True)
     copied = []
     for nb in sorted(src.glob("*.ipynb")):
@@ -194,35 +382,53 @@ def _cmd_lab(args) -> int:
                                                  " (kept your copies; --overwrite to refresh)"))
     token = secrets.token_hex(24)
     url = f"http://127.0.0.1:{args.port}/lab/tree/00_where_memory_goes.ipynb?token={token}"
-    # `python -m jupyterlab` is the server itself (not a launcher), so Ctrl+C stops it
-    cmd = [sys.executable, "-m", "jupyterlab", f"--ServerApp.root_dir={dest}",
-           "--ServerApp.ip=127.0.0.1", f"--ServerApp.port={args.port}",
-           "--ServerApp.port_retries=0", f"--IdentityProvider.token={token}"]
-    if args.no_browser:
-        cmd.append("--no-browser")
-    if hasattr(os, "geteuid") and os.geteuid() == 0:
-        cmd.append("--allow-root")  # containers often run as root; Jupyter refuses otherwise
-    print(f"memlab lab: open this address in your browser (Ctrl+C stops the server):\n  {url}",
-          flush=True)
-    if args.dry_run:
-        print(" ".join(cmd))
-        return 0
+    private = Path(tempfile.mkdtemp(prefix="memlab-lab-"))  # 0700, removed when the server stops
     try:
-        return subprocess.call(cmd)
-    except KeyboardInterrupt:
-        return 0
+        cmd, env = lab_launch(dest, args.port, token, private, no_browser=args.no_browser)
+        print(f"memlab lab: open this address in your browser (Ctrl+C stops the server):\n"
+              f"  {url}", flush=True)
+        if args.dry_run:
+            print(" ".join(cmd))
+            return 0
+        try:
+            return subprocess.call(cmd, env=env)
+        except KeyboardInterrupt:
+            return 0
+    finally:
+        shutil.rmtree(private, ignore_errors=True)
 
 
 # ----------------------------------------------------------------------------- data
 def _cmd_data(args) -> int:
     from memlab.data import SpeakerCorpus, TokenCorpus
     from memlab.data.manifest import write_corpus
+    checks = (("num-speakers", args.num_speakers, 2), ("utts", args.utts, 1),
+              ("vocab-size", args.vocab_size, 3), ("seed", args.seed, 0))
+    for flag, v, lo in checks:
+        if v < lo:
+            raise ValueError(f"--{flag} must be >= {lo}, got {v}")
+    if not (math.isfinite(args.seconds) and 0.1 <= args.seconds <= 60):
+        raise ValueError(f"--seconds must be between 0.1 and 60, got {args.seconds}")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out must be a folder, got the file {args.out!r}")
+    if out.is_dir() and any(out.iterdir()) and not args.force:
+        raise ValueError(f"--out {args.out!r} is not empty; choose a new folder or pass --force "
+                         f"to write into it (an earlier corpus's wav/ files are replaced)")
     if args.task == "speaker":
         ds = SpeakerCorpus(args.num_speakers, args.utts, seconds=args.seconds, seed=args.seed)
     else:
         ds = TokenCorpus(args.utts * args.num_speakers, vocab_size=args.vocab_size, seed=args.seed)
-    path = write_corpus(ds, args.out)
-    print(f"memlab data: wrote {len(ds)} utterances and {path}")
+    path = write_corpus(ds, out)
+    # with --force: wavs of an earlier, larger corpus (the names write_corpus uses) must not
+    # sit beside a manifest that no longer lists them
+    keep = {f"{i:06d}.wav" for i in range(len(ds))}
+    stale = [f for f in (out / "wav").glob("[0-9][0-9][0-9][0-9][0-9][0-9].wav")
+             if f.name not in keep]
+    for f in stale:
+        f.unlink()
+    print(f"memlab data: wrote {len(ds)} utterances and {path}" +
+          (f" (removed {len(stale)} stale wavs)" if stale else ""))
     return 0
 
 
@@ -234,7 +440,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="memlab",
         description="memlab: a hands-on lab for memory-efficient training of speech models.",
-        epilog="Start with:  memlab compare --task speaker   (a minute or two on a laptop CPU)")
+        epilog="Start with:  memlab compare --task speaker   (a minute or two on a laptop CPU).  "
+               "A mistake prints one line; MEMLAB_DEBUG=1 shows the traceback.")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     c = sub.add_parser(
@@ -261,6 +468,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--seed", type=int)
     c.add_argument("--device", help="cpu (default) or cuda")
     c.add_argument("--json", action="store_true", help="print JSON rows instead of a table")
+    c.add_argument("--force", action="store_true",
+                   help="run even when the estimated peak exceeds the memory available now")
     c.set_defaults(func=_cmd_compare)
 
     b = sub.add_parser("bench", help="measure one technique side by side (table or JSON)",
@@ -297,13 +506,31 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--seconds", type=float, default=2.0)
     d.add_argument("--vocab-size", dest="vocab_size", type=int, default=12)
     d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--force", action="store_true",
+                   help="write into a non-empty --out (an earlier corpus's wavs are replaced)")
     d.set_defaults(func=_cmd_data)
     return p
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run a command; exit 2 with one line on stderr for a bad value, 130 on Ctrl+C.
+
+    memlab raises ValueError/TypeError naming the argument for bad values; those become
+    ``memlab COMMAND: error: MESSAGE`` (MEMLAB_DEBUG=1 shows the traceback). Any other
+    exception type is a bug and keeps its traceback.
+    """
     args = build_parser().parse_args(argv)
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print(f"memlab {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, TypeError) as e:
+        if os.environ.get("MEMLAB_DEBUG", "") not in ("", "0"):
+            raise
+        msg = " ".join(str(e).split()) or type(e).__name__  # one line
+        print(f"memlab {args.command}: error: {msg}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":  # pragma: no cover

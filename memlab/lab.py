@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import numbers
 import os
 import threading
 import time
@@ -33,6 +34,11 @@ from memlab.memory import Estimate, MemoryMeter, estimate
 
 TASKS = ("speaker", "asr")
 MODELS = {"speaker": ("resnet", "dfresnet"), "asr": ("transducer",)}
+
+
+def _is_real(v) -> bool:
+    """A real number that is not a bool (True is an int to Python, not a size to a learner)."""
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
 
 
 def fast_mode() -> bool:
@@ -144,14 +150,28 @@ class Config:
             if not (isinstance(self.blocks, (tuple, list)) and len(self.blocks) == 4
                     and all(isinstance(b, int) and b >= 1 for b in self.blocks)):
                 raise ValueError(f"blocks must be 4 ints >= 1, got {self.blocks!r}")
-        if not (isinstance(self.seconds, (int, float)) and 0.3 <= self.seconds <= 60):
+        if not (_is_real(self.seconds) and 0.3 <= self.seconds <= 60):
             raise ValueError(f"seconds must be between 0.3 and 60, got {self.seconds!r}")
-        if self.lr is not None and not (isinstance(self.lr, (int, float)) and self.lr > 0):
-            raise ValueError(f"lr must be a positive number or None, got {self.lr!r}")
-        if not (0 <= self.warmup < 1):
+        if self.lr is not None and not (_is_real(self.lr) and math.isfinite(self.lr)
+                                        and self.lr > 0):
+            raise ValueError(f"lr must be a positive, finite number or None, got {self.lr!r}")
+        if not (_is_real(self.weight_decay) and math.isfinite(self.weight_decay)
+                and self.weight_decay >= 0):
+            raise ValueError(f"weight_decay must be a finite number >= 0, got "
+                             f"{self.weight_decay!r}")
+        if not (_is_real(self.warmup) and 0 <= self.warmup < 1):
             raise ValueError(f"warmup must be in [0, 1), got {self.warmup!r}")
-        if self.budget is not None and not (isinstance(self.budget, (int, float)) and self.budget > 0):
-            raise ValueError(f"budget must be a positive number of bytes or None, got {self.budget!r}")
+        if self.budget is not None and not (_is_real(self.budget) and math.isfinite(self.budget)
+                                            and self.budget > 0):
+            raise ValueError(f"budget must be a positive, finite number of bytes or None, got "
+                             f"{self.budget!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise TypeError(f"seed must be an int, got {type(self.seed).__name__} ({self.seed!r})")
+        if self.seed < 0:
+            raise ValueError(f"seed must be >= 0, got {self.seed}")
+        if not isinstance(self.optimizer_kwargs, dict):
+            raise TypeError(f"optimizer_kwargs must be a dict, got "
+                            f"{type(self.optimizer_kwargs).__name__} ({self.optimizer_kwargs!r})")
         if self.init_from is not None:
             if not isinstance(self.init_from, (str, os.PathLike)):
                 raise TypeError(f"init_from must be None or a path to a state-dict file, got "
@@ -176,8 +196,13 @@ class Config:
             dev = torch.device(self.device)
         except (RuntimeError, TypeError) as e:
             raise ValueError(f"device must name a torch device, got {self.device!r}") from e
+        if dev.type not in ("cpu", "cuda"):
+            raise ValueError(f"device must be 'cpu' or 'cuda[:index]', got {self.device!r}")
         if dev.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"device={self.device!r} but CUDA is not available")
+        if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device={self.device!r} but only {torch.cuda.device_count()} CUDA "
+                             f"device(s) are visible")
         return self
 
 
@@ -490,10 +515,18 @@ def estimate_config(cfg: Config, batch_size: Optional[int] = None, frames: Optio
                         frames=200, num_classes=1211)
     """
     cfg.validate()
-    B = batch_size or cfg.batch_size
-    T = frames or int(round(cfg.seconds * 100))
-    if B < 1 or T < 1:
-        raise ValueError(f"batch_size and frames must be >= 1, got {B} and {T}")
+    for name, v in (("batch_size", batch_size), ("frames", frames), ("num_classes", num_classes),
+                    ("target_len", target_len)):
+        if v is None:
+            continue
+        if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+            raise TypeError(f"{name} must be None or an int, got {type(v).__name__} ({v!r})")
+        if v < 1:
+            raise ValueError(f"{name} must be None (the config's) or >= 1, got {v}")
+    B = cfg.batch_size if batch_size is None else int(batch_size)
+    T = int(round(cfg.seconds * 100)) if frames is None else int(frames)
+    num_classes = None if num_classes is None else int(num_classes)
+    target_len = None if target_len is None else int(target_len)
 
     def setup():
         torch.manual_seed(0)

@@ -63,7 +63,11 @@ def test_lab_dry_run_copies_notebooks_and_prints_address(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "http://127.0.0.1:8765/lab/tree/00_where_memory_goes.ipynb?token=" in out
     assert (dest / "00_where_memory_goes.ipynb").exists()
-    assert "--ServerApp.ip=127.0.0.1" in out and "IdentityProvider.token=" in out
+    cmdline = out.strip().splitlines()[-1]
+    assert "--ServerApp.ip=127.0.0.1" in cmdline
+    # the token travels in the environment: /proc/<pid>/cmdline is world-readable
+    token = out.split("?token=")[1].split()[0]
+    assert token not in cmdline and ".token=" not in cmdline
 
 
 def test_data_writes_wavs_and_manifest(tmp_path, capsys):
