@@ -23,8 +23,14 @@ A NaN anywhere in a block makes that block's absmax NaN, like ``torch.amax``. Sp
 across threads (whole blocks each) gives the same bits as one thread.
 
 Building: ``cc -O3 -march=native -ffp-contract=off -shared -fPIC`` (``$CC`` if set) into
-``$MEMLAB_CACHE`` (default ``~/.cache/memlab``)/kernels, keyed by a hash of the source and the
-flags; written atomically, so concurrent processes are safe. When there is no C compiler, or it
+``$MEMLAB_CACHE`` (default ``~/.cache/memlab``)/kernels, keyed by a hash of the source, the
+flags, the compiler and the CPU (model and feature flags: ``-march=native``); written
+atomically, so concurrent processes are safe. The folder must be private (``memlab._private``:
+ours, mode 0700, no ancestor others can write to without the sticky bit), and a cached library
+is loaded only if it is a regular file of ours, not group/world-writable, whose sha256 matches
+the one recorded when it was built; otherwise it is rebuilt. When the cache cannot be made
+private, the library is compiled into a fresh ``tempfile`` folder for this process alone
+(never a predictable shared path). When there is no C compiler, or it
 fails, or ``MEMLAB_CPU_KERNEL=0``, :func:`library` returns None and the optimizers use the eager
 torch path (a warning says why, once). No Python C API and no torch headers: the library is
 called through ctypes with raw pointers, which also releases the GIL, so large tensors are split
@@ -36,6 +42,7 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -48,6 +55,8 @@ from typing import Optional
 
 import torch
 from torch import Tensor
+
+from memlab._private import check_private_file, private_dir, user_cache_root
 
 __all__ = ["library", "available", "sgd8bit", "adam8bit"]
 
@@ -89,12 +98,12 @@ static void encode_block(const float *x, int64_t len, float amax, uint8_t *codes
 }
 
 /* SGD (+momentum) as torch.optim.SGD; blocks [b0, b1) of a flat tensor of n elements. */
-void memlab_sgd8bit(float *p, const float *g, uint8_t *codes, float *absmax, int64_t n,
+int memlab_sgd8bit(float *p, const float *g, uint8_t *codes, float *absmax, int64_t n,
                     int64_t block, int64_t b0, int64_t b1, const float *restrict code,
                     const int32_t *lut, const float *lut_mid, float lr, float momentum,
                     float keep, float wd, int nesterov, int maximize, int first) {
     float *buf = (float *)malloc(sizeof(float) * 2 * block), *tmp = buf + block;
-    if (!buf) return;
+    if (!buf) return -1;                                /* nothing written: the caller raises */
     float sign = maximize ? -1.0f : 1.0f;
     for (int64_t b = b0; b < b1; b++) {
         int64_t s = b * block, len = (s + block <= n) ? block : n - s;
@@ -115,10 +124,11 @@ void memlab_sgd8bit(float *p, const float *g, uint8_t *codes, float *absmax, int
         absmax[b] = amax;
     }
     free(buf);
+    return 0;
 }
 
 /* Adam / AdamW as torch.optim; exp_avg signed map (cm, am_), exp_avg_sq unsigned (cv, av_). */
-void memlab_adam8bit(float *p, const float *g, uint8_t *cm, float *am_, uint8_t *cv, float *av_,
+int memlab_adam8bit(float *p, const float *g, uint8_t *cm, float *am_, uint8_t *cv, float *av_,
                      int64_t n, int64_t block, int64_t b0, int64_t b1,
                      const float *restrict code_m, const int32_t *lut_m, const float *mid_m,
                      const float *restrict code_v, const int32_t *lut_v, const float *mid_v,
@@ -126,7 +136,7 @@ void memlab_adam8bit(float *p, const float *g, uint8_t *cm, float *am_, uint8_t 
                      int decoupled, int maximize, float step_size, float bc2_sqrt,
                      int32_t zero_v) {
     float *buf = (float *)malloc(sizeof(float) * 3 * block);
-    if (!buf) return;
+    if (!buf) return -1;                                /* nothing written: the caller raises */
     float *restrict bm = buf, *restrict bv = buf + block, *tmp = buf + 2 * block;
     float sign = maximize ? -1.0f : 1.0f;
     int l2 = !decoupled && wd != 0.0f;
@@ -162,6 +172,7 @@ void memlab_adam8bit(float *p, const float *g, uint8_t *cm, float *am_, uint8_t 
         av_[b] = vmax;
     }
     free(buf);
+    return 0;
 }
 """
 
@@ -175,28 +186,32 @@ _pool_size = 0
 
 
 def _cache_dir() -> Path:
-    root = os.environ.get("MEMLAB_CACHE") or os.path.join(os.path.expanduser("~"), ".cache",
-                                                          "memlab")
-    return Path(root) / "kernels"
+    return user_cache_root() / "kernels"
 
 
-def _build() -> Path:
-    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
-    if not cc:
-        raise RuntimeError("no C compiler found (set $CC or install gcc)")
-    key = hashlib.sha256((SOURCE + " ".join(FLAGS) + cc + sys.platform).encode()).hexdigest()[:16]
-    name = f"opt8bit-{key}.so"
-    for folder in (_cache_dir(), Path(tempfile.gettempdir()) / f"memlab-kernels-{getattr(os, 'getuid', lambda: 0)()}"):
-        if (folder / name).exists():
-            return folder / name
-        try:                                       # a read-only home: fall back to /tmp
-            folder.mkdir(parents=True, exist_ok=True)
-            if os.access(folder, os.W_OK):
-                break
-        except OSError:
-            continue
+def _cpu_id() -> str:
+    """What ``-march=native`` compiles for: the CPU model and its feature flags (Linux), else
+    the platform's processor string, so a cache shared by two machines never hands one the
+    other's instructions."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            text = f.read(1 << 16)
+        keep = [ln for ln in text.splitlines()
+                if ln.split(":")[0].strip() in ("vendor_id", "model name", "flags", "Features",
+                                                "CPU part", "isa")]
+        return "\n".join(dict.fromkeys(keep))
+    except OSError:
+        return platform.machine() + platform.processor()
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _compile(cc: str, folder: Path, name: str) -> Path:
+    """Compile SOURCE into ``folder/name`` (atomically) and record its sha256 beside it."""
     out = folder / name
-    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+    with tempfile.TemporaryDirectory(dir=folder) as tmp:
         src, lib = Path(tmp) / "opt8bit.c", Path(tmp) / "opt8bit.so"
         src.write_text(SOURCE)
         for flags in (FLAGS, [f for f in FLAGS if f != "-march=native"]):  # e.g. older clang
@@ -206,8 +221,52 @@ def _build() -> Path:
                 break
         if res.returncode != 0:
             raise RuntimeError(f"{cc} failed: {res.stderr.strip()[:500]}")
+        os.chmod(lib, 0o700)
+        sig = Path(tmp) / "sig"
+        sig.write_text(_digest(lib))
         os.replace(lib, out)                       # atomic: another process may race us
+        os.replace(sig, folder / (name + ".sha256"))
     return out
+
+
+def _compiler() -> Optional[str]:
+    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+
+
+def _lib_name(cc: str) -> str:
+    """File name of the library: a hash of the source, flags, compiler, platform and CPU."""
+    key = hashlib.sha256("\0".join([SOURCE, " ".join(FLAGS), cc, sys.platform,
+                                     _cpu_id()]).encode()).hexdigest()[:16]
+    return f"opt8bit-{key}.so"
+
+
+def _build() -> Path:
+    """Path of a kernel library this process may load: from the private cache when it is ours
+    and unchanged since we built it, else freshly compiled (into the cache, or into a new
+    private temporary folder when the cache cannot be used safely)."""
+    cc = _compiler()
+    if not cc:
+        raise RuntimeError("no C compiler found (set $CC or install gcc)")
+    name = _lib_name(cc)
+    try:
+        folder = private_dir(_cache_dir())
+    except OSError as e:                           # read-only home, planted or shared folder
+        global _scratch
+        warnings.warn(f"memlab: not using the kernel cache ({e}); compiling into a private "
+                      f"temporary folder for this process")
+        _scratch = tempfile.TemporaryDirectory(prefix="memlab-kernels-")  # 0700, removed at exit
+        return _compile(cc, Path(_scratch.name), name)
+    lib, sig = folder / name, folder / (name + ".sha256")
+    if lib.exists() or os.path.lexists(lib):
+        ok = not check_private_file(lib) and sig.is_file() and not check_private_file(sig)
+        if ok and sig.read_text().strip() == _digest(lib):
+            return lib
+        warnings.warn(f"memlab: {lib} is not the library memlab built (owner, mode or checksum "
+                      f"differ); rebuilding it")
+    return _compile(cc, folder, name)
+
+
+_scratch = None                   # the per-process temporary folder, when the cache is unsafe
 
 
 def _declare(lib) -> None:
@@ -215,11 +274,11 @@ def _declare(lib) -> None:
     f, i = ctypes.c_float, ctypes.c_int
     lib.memlab_sgd8bit.argtypes = [f32p, f32p, u8p, f32p, i64, i64, i64, i64, f32p, u8p, f32p,
                                    f, f, f, f, i, i, i]
-    lib.memlab_sgd8bit.restype = None
+    lib.memlab_sgd8bit.restype = ctypes.c_int
     lib.memlab_adam8bit.argtypes = [f32p, f32p, u8p, f32p, u8p, f32p, i64, i64, i64, i64,
                                     f32p, u8p, f32p, f32p, u8p, f32p,
                                     f, f, f, f, f, f, i, i, f, f, ctypes.c_int32]
-    lib.memlab_adam8bit.restype = None
+    lib.memlab_adam8bit.restype = ctypes.c_int
 
 
 def library():
@@ -271,7 +330,8 @@ def _run_blocks(fn, nblocks: int, numel: int, args_before, args_after) -> None:
     global _pool, _pool_size
     threads = min(torch.get_num_threads(), max(1, numel // MIN_PER_THREAD), nblocks)
     if threads <= 1:
-        fn(*args_before, 0, nblocks, *args_after)
+        codes = [fn(*args_before, 0, nblocks, *args_after)]
+        _raise_on_failure(codes)
         return
     if _pool is None or _pool_size < threads:
         with _lock:
@@ -280,9 +340,53 @@ def _run_blocks(fn, nblocks: int, numel: int, args_before, args_after) -> None:
     edges = [nblocks * t // threads for t in range(threads + 1)]
     futures = [_pool.submit(fn, *args_before, edges[t], edges[t + 1], *args_after)
                for t in range(1, threads)]
-    fn(*args_before, edges[0], edges[1], *args_after)   # this thread takes the first share
-    for fut in futures:
-        fut.result()
+    codes = [fn(*args_before, edges[0], edges[1], *args_after)]   # this thread: first share
+    codes += [fut.result() for fut in futures]
+    _raise_on_failure(codes)
+
+
+def _raise_on_failure(codes) -> None:
+    if any(c != 0 for c in codes):
+        raise MemoryError("memlab fused 8-bit step: could not allocate its per-thread scratch "
+                          "buffer (3 x block_size floats)")
+
+
+def _fits(t: Tensor, dtype: torch.dtype, numel: int) -> bool:
+    """``t`` may be handed to C as a dense array of ``numel`` ``dtype`` elements: a real CPU
+    tensor of that dtype and size, contiguous (no stride-0 or overlapping view), whose storage
+    really holds those bytes past its offset."""
+    return (type(t) is Tensor and t.device.type == "cpu" and t.dtype == dtype
+            and t.numel() == numel and t.is_contiguous() and not t.is_sparse
+            and t.untyped_storage().nbytes() >= (t.storage_offset() + numel) * t.element_size())
+
+
+def _check_args(p: Tensor, grad: Tensor, states) -> None:
+    """Validate every tensor before a raw pointer is taken (a crafted checkpoint can hold a
+    stride-0 view or a short storage that the C loop would run past): ValueError naming it."""
+    n = p.numel()
+    if not _fits(p, torch.float32, n):
+        raise ValueError(f"param must be a contiguous float32 CPU tensor, got {p.dtype} "
+                         f"{tuple(p.shape)} strides {p.stride()}")
+    if not _fits(grad, torch.float32, n):
+        raise ValueError(f"grad must be a contiguous float32 CPU tensor of {n} elements, got "
+                         f"{grad.dtype} {tuple(grad.shape)} strides {grad.stride()}")
+    for name, q in states:
+        bs = q.block_size
+        if isinstance(bs, bool) or not isinstance(bs, int) or bs <= 0:
+            raise ValueError(f"{name}: block_size must be a positive int, got {bs!r}")
+        blocks = -(-n // bs)
+        if not _fits(q.codes, torch.uint8, n):
+            raise ValueError(f"{name}_codes must be a contiguous uint8 tensor of {n} elements "
+                             f"with its own storage, got {q.codes.dtype} {tuple(q.codes.shape)} "
+                             f"strides {q.codes.stride()}")
+        if not _fits(q.absmax, torch.float32, blocks):
+            raise ValueError(f"{name}_absmax must be a contiguous float32 tensor of {blocks} "
+                             f"values (block_size={bs}), got {q.absmax.dtype} "
+                             f"{tuple(q.absmax.shape)} strides {q.absmax.stride()}")
+        book = q._book
+        if not (_fits(book.code, torch.float32, 256) and _fits(book.lut32, torch.int32, 65536)
+                and _fits(book.lut_mid, torch.float32, 65536)):
+            raise ValueError(f"{name}: the code book has no 16-bit lookup table")
 
 
 def _book_ptrs(q) -> tuple:
@@ -294,6 +398,7 @@ def sgd8bit(p: Tensor, grad: Tensor, buf, *, lr: float, momentum: float, dampeni
             weight_decay: float, nesterov: bool, maximize: bool, first: bool) -> None:
     """Fused SGD8bit step for one tensor; ``buf`` a QTensor (momentum > 0)."""
     lib = library()
+    _check_args(p, grad, [("momentum_buffer", buf)])
     n, block = p.numel(), buf.block_size
     nb = buf.absmax.numel()
     _run_blocks(lib.memlab_sgd8bit, nb, n,
@@ -308,6 +413,10 @@ def adam8bit(p: Tensor, grad: Tensor, exp_avg, exp_avg_sq, *, step: int, lr: flo
              maximize: bool) -> None:
     """Fused Adam8bit / AdamW8bit step for one tensor; both moments QTensors."""
     lib = library()
+    _check_args(p, grad, [("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)])
+    if exp_avg_sq.block_size != exp_avg.block_size:
+        raise ValueError(f"exp_avg and exp_avg_sq must share a block_size, got "
+                         f"{exp_avg.block_size} and {exp_avg_sq.block_size}")
     n, block = p.numel(), exp_avg.block_size
     nb = exp_avg.absmax.numel()
     step_size = lr / (1 - beta1 ** step)

@@ -142,10 +142,25 @@ def pretrain_config(fast: Optional[bool] = None, **overrides) -> Config:
     return Config(task="asr", eval_every=10 ** 6, measure_every=10 ** 6, **base).validate()
 
 
+_SCRATCH: list = []          # this process's private temporary folder, when the cache is unsafe
+
+
 def cache_dir() -> Path:
-    """Where pretrained state dicts are kept: $MEMLAB_CACHE_DIR or <tmp>/memlab-cache."""
-    return Path(os.environ.get("MEMLAB_CACHE_DIR") or
-                Path(tempfile.gettempdir()) / "memlab-cache")
+    """Where pretrained state dicts are kept: $MEMLAB_CACHE_DIR or ``~/.cache/memlab/pretrained``
+    ($MEMLAB_CACHE), made private (``memlab._private``: ours, 0700); a folder another user could
+    write to is never reused (a planted checkpoint would change every result): then a fresh
+    private temporary folder serves this process."""
+    from memlab._private import private_dir, user_cache_root
+    wanted = os.environ.get("MEMLAB_CACHE_DIR") or user_cache_root() / "pretrained"
+    try:
+        return private_dir(wanted)
+    except OSError as e:
+        if not _SCRATCH:
+            import warnings
+            warnings.warn(f"memlab: not using the checkpoint cache ({e}); pretraining into a "
+                          f"private temporary folder for this process")
+            _SCRATCH.append(tempfile.TemporaryDirectory(prefix="memlab-cache-"))
+        return Path(_SCRATCH[0].name)
 
 
 def _key(cfg: Config) -> str:
