@@ -112,14 +112,16 @@ _CONV_FN = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
 
 # ----------------------------------------------------------------------------- the math
-def adam_direction(grad, exp_avg, exp_avg_sq, step, beta1, beta2, eps):
+def adam_direction(grad, exp_avg, exp_avg_sq, step, beta1, beta2, eps, out=None):
     """Update the Adam moments in place and return the step direction m_hat / (sqrt(v_hat) + eps).
 
     The same arithmetic as torch.optim.Adam (without amsgrad/maximize): param -= lr * direction.
+    out: a buffer shaped like grad to hold the direction (then nothing is allocated).
     """
     exp_avg.lerp_(grad, 1 - beta1)                                      # (same shape as grad)
     exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-    denom = (exp_avg_sq.sqrt() / math.sqrt(1 - beta2 ** step)).add_(eps)
+    denom = torch.sqrt(exp_avg_sq, out=out) if out is not None else exp_avg_sq.sqrt()
+    denom.div_(math.sqrt(1 - beta2 ** step)).add_(eps)
     return torch.div(exp_avg, denom, out=denom).div_(1 - beta1 ** step)  # reuses denom's memory
 
 
@@ -155,9 +157,14 @@ class LowRankDelta(nn.Module):
         """B <- orthonormal rows times sqrt(n / r) (entries of variance 1/r), drawn on the CPU."""
         if self.full:
             return
+        self.B.copy_(self.draw(generator))                                  # (r, n)
+
+    @torch.no_grad()
+    def draw(self, generator=None):
+        """A new B in float64 (r, n): orthonormal rows times sqrt(n / r), drawn on the CPU."""
         g = torch.randn(self.n, self.rank, generator=generator, dtype=torch.float64)  # (n, r)
         q, _ = torch.linalg.qr(g)                                           # (n, r) orthonormal
-        self.B.copy_(q.T * math.sqrt(self.n / self.rank))                   # (r, n)
+        return (q.T * math.sqrt(self.n / self.rank)).to(self.B.device)      # (r, n)
 
     def delta(self):
         if self.A is None:
@@ -352,13 +359,8 @@ class LowRankAdam(torch.optim.Optimizer):
                             ("min_size", min_size, 0)):
             if isinstance(v, bool) or not isinstance(v, int) or v < lo:
                 raise ValueError(f"{name} must be an int >= {lo}, got {v!r}")
-        for name, v in (("lr", lr), ("eps", eps), ("weight_decay", weight_decay),
-                        ("other_lr", lr if other_lr is None else other_lr)):
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0:
-                raise ValueError(f"{name} must be a number >= 0, got {v!r}")
-        if (not isinstance(betas, (tuple, list)) or len(betas) != 2
-                or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in betas)):
-            raise ValueError(f"betas must be two numbers in [0, 1), got {betas!r}")
+        _check_hyper(lr, betas, eps, weight_decay)
+        _check_hyper(lr if other_lr is None else other_lr, betas, eps, weight_decay, "other_lr")
         if proj not in (None, "svd"):
             raise ValueError(f"proj must be None or 'svd', got {proj!r}")
         if attach not in ("auto", "hook", "parametrize"):
@@ -432,26 +434,59 @@ class LowRankAdam(torch.optim.Optimizer):
 
         With a full-rank target the single factor is folded and zeroed and its Adam state kept
         (the coordinates do not change). W_eff is unchanged by a merge. No-op for proj="svd".
+        All or nothing: the new B's and any buffer are made before the first write.
         """
         self._check_live()
+        self._merge_apply(self._merge_prepare())
+
+    def _merge_prepare(self):
+        """Everything a merge allocates (new B's drawn with a copy of the generator, buffers for
+        mixed-dtype products); changes nothing."""
+        gen = torch.Generator()
+        gen.set_state(self._generator.get_state())
+        new_b, sizes = {}, {}
+        for t in self._targets:
+            f = t.factors
+            if f is None:
+                continue
+            W = t.matrix()
+            if W.dtype != f.trained()[0].dtype:
+                key = (f.trained()[0].dtype, W.dtype, W.device)
+                sizes[key] = max(sizes.get(key, 0), W.numel())
+            if not f.full:
+                new_b[t] = f.draw(gen).to(f.B.dtype)                        # (r, n)
+        bufs = {k: (torch.empty(n, dtype=k[0], device=k[2]), torch.empty(n, dtype=k[1],
+                                                                        device=k[2]))
+                for k, n in sizes.items()}
+        return gen, new_b, bufs
+
+    def _merge_apply(self, prepared):
+        gen, new_b, bufs = prepared
         for t in self._targets:
             f = t.factors
             if f is None:
                 continue
             W = t.matrix()                                                   # (m, n)
-            if f.full:
-                W.add_(f.delta().to(W.dtype))
-            elif W.dtype == f.A.dtype:
-                W.addmm_(f.A, f.B)                                           # no m x n temporary
+            if W.dtype != f.trained()[0].dtype:                              # as .to(W.dtype)
+                lo, hi = bufs[(f.trained()[0].dtype, W.dtype, W.device)]
+                prod = lo[:W.numel()].view(W.shape)                          # (m, n)
+                if f.full:
+                    prod.copy_(f.delta().view(W.shape))
+                else:
+                    torch.mm(f.A, f.B, out=prod)
+                W.add_(hi[:W.numel()].view(W.shape).copy_(prod))
+            elif f.full:
+                W.add_(f.delta().view(W.shape))
             else:
-                W.add_((f.A @ f.B).to(W.dtype))
+                W.addmm_(f.A, f.B)                                           # no m x n temporary
             if f.full:
                 f.trained()[0].zero_()
                 continue
             f.A.zero_()
-            f.redraw(self._generator)
+            f.B.copy_(new_b[t])
             for p in f.trained():
                 self.state.pop(p, None)
+        self._generator.set_state(gen.get_state())
 
     @torch.no_grad()
     def remove(self):
@@ -500,15 +535,22 @@ class LowRankAdam(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
+        """One step; all or nothing. Phase 1 (may fail, changes nothing) checks the gradients,
+        makes the missing states, the weight-decay terms, the svd projections and projected
+        gradients, the B's of a due merge (with a copy of the generator) and one workspace per
+        dtype for the Adam directions; phase 2 writes and allocates nothing. Cost: the svd
+        variant keeps every projected gradient (r x n each) and new projection at once instead
+        of one at a time; a merge step holds the new B's (the size of the B factors) at once;
+        the workspaces replace per-tensor temporaries of the same size (peak no higher)."""
         self._check_live()
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
         refresh = self._steps % self.merge_every == 0       # svd: new projection this step
+        plan, sizes = [], {}
         for group in self.param_groups:
-            lr, (beta1, beta2), eps, wd = (group["lr"], group["betas"], group["eps"],
-                                           group["weight_decay"])
+            wd = group["weight_decay"]
             decay = self._factor_decay(wd) if (wd and group.get("lowrank")) else {}
             for p in group["params"]:
                 if p.grad is None:
@@ -517,65 +559,90 @@ class LowRankAdam(torch.optim.Optimizer):
                     raise RuntimeError("LowRankAdam does not support sparse gradients")
                 target, role = self._roles.get(p, (None, None))
                 if role == "W" and self.proj == "svd":
-                    self._svd_step(p, target, group, refresh)
-                    continue
-                grad = p.grad
-                if p in decay:
-                    grad = grad + decay[p]
-                elif wd and role is None:
-                    grad = grad.add(p, alpha=wd)
-                state = self.state[p]
-                if not state:
-                    state["step"] = 0
-                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                state["step"] += 1
-                d = adam_direction(grad, state["exp_avg"], state["exp_avg_sq"], state["step"],
-                                   beta1, beta2, eps)
+                    entry = self._svd_plan(p, group, refresh)
+                else:
+                    staged = {}
+                    if not self.state.get(p):
+                        staged = {"step": 0, "exp_avg": torch.zeros_like(
+                            p, memory_format=torch.preserve_format), "exp_avg_sq":
+                            torch.zeros_like(p, memory_format=torch.preserve_format)}
+                    if p in decay:
+                        grad = decay[p].add_(p.grad)                # = grad + decay, in place
+                    elif wd and role is None:
+                        grad = ("wd", p.grad, p, wd)               # into a workspace in phase 2
+                    else:
+                        grad = p.grad
+                    entry = ("plain", p, group, staged, grad, p.shape, None)
+                plan.append(entry)
+                key = (p.dtype, p.device)
+                n = math.prod(entry[5])
+                sizes[key] = max(sizes.get(key, 0), n)
+                if isinstance(entry[4], tuple):
+                    sizes[key + ("wd",)] = max(sizes.get(key + ("wd",), 0), n)
+        merging = self.proj is None and (self._steps + 1) % self.merge_every == 0
+        merge = self._merge_prepare() if merging else None
+        work = {k: torch.empty(n, dtype=k[0], device=k[1]) for k, n in sizes.items()}
+        # ---- phase 2: commit (no allocation from here on)
+        for kind, p, group, staged, grad, shape, svd in plan:
+            lr, (beta1, beta2), eps = group["lr"], group["betas"], group["eps"]
+            state = self.state[p]
+            state.update(staged)
+            if isinstance(grad, tuple):
+                _, g, w, wd = grad
+                buf = work[(p.dtype, p.device, "wd")][:g.numel()].view(g.shape)
+                grad = torch.add(g, w, alpha=wd, out=buf)
+            if svd is not None and svd.get("P") is not None:
+                state["P"] = svd["P"]
+            state["step"] += 1
+            out = work[(p.dtype, p.device)][:math.prod(shape)].view(shape)
+            d = adam_direction(grad, state["exp_avg"], state["exp_avg_sq"], state["step"],
+                               beta1, beta2, eps, out=out)
+            if kind == "plain":
                 p.add_(d, alpha=-lr)
+                continue
+            W = p.view(p.shape[0], -1)                                      # (m, n)
+            if svd["full"]:
+                W.add_(d, alpha=-lr)                                         # (m, n)
+            elif svd["left"]:
+                W.addmm_(state["P"], d, alpha=-lr)                           # W -= lr P d
+            else:
+                W.addmm_(d, state["P"].T, alpha=-lr)                         # W -= lr d P^T
         self._steps += 1
-        if self.proj is None and self._steps % self.merge_every == 0:
-            self.merge()
+        if merge is not None:
+            self._merge_apply(merge)
         return loss
 
-    def _svd_step(self, p, t: _Target, group, refresh):
-        lr, (beta1, beta2), eps, wd = (group["lr"], group["betas"], group["eps"],
-                                       group["weight_decay"])
+    def _svd_plan(self, p, group, refresh):
+        """Phase 1 of the svd step of one weight: new state, projection P and projected
+        gradient R (all allocated here)."""
+        wd = group["weight_decay"]
         W = p.view(p.shape[0], -1)                                          # (m, n)
         G = p.grad.view(p.shape[0], -1)                                     # (m, n)
         m, n = W.shape
         r = min(self.rank, m, n)
         full, left = r == min(m, n), m <= n
-        state = self.state[p]
-        if not state:
-            shape = (m, n) if full else ((r, n) if left else (m, r))
-            state["step"] = 0
-            state["exp_avg"] = torch.zeros(shape, device=p.device, dtype=p.dtype)
-            state["exp_avg_sq"] = torch.zeros(shape, device=p.device, dtype=p.dtype)
-        if not full and (refresh or "P" not in state):
+        old = self.state.get(p) or {}
+        shape = (m, n) if full else ((r, n) if left else (m, r))
+        staged = {}
+        if not old:
+            staged = {"step": 0, "exp_avg": torch.zeros(shape, device=p.device, dtype=p.dtype),
+                      "exp_avg_sq": torch.zeros(shape, device=p.device, dtype=p.dtype)}
+        P = old.get("P")
+        new_P = None
+        if not full and (refresh or P is None):
             u, _, vh = torch.linalg.svd(G.float(), full_matrices=False)     # (m, k), (k, n)
-            state["P"] = (u[:, :r] if left else vh[:r].T).to(p.dtype).contiguous()  # (d, r)
-        state["step"] += 1
+            P = new_P = (u[:, :r] if left else vh[:r].T).to(p.dtype).contiguous()  # (d, r)
         if full:
-            R = G if not wd else G.add(W, alpha=wd)                          # (m, n)
+            R = G if not wd else ("wd", G, W, wd)                            # (m, n)
         elif left:
-            P = state["P"]                                                   # (m, r)
             R = P.T @ G                                                      # (r, n)
             if wd:
                 R.add_(P.T @ W, alpha=wd)
         else:
-            P = state["P"]                                                   # (n, r)
             R = G @ P                                                        # (m, r)
             if wd:
                 R.add_(W @ P, alpha=wd)
-        d = adam_direction(R, state["exp_avg"], state["exp_avg_sq"], state["step"],
-                           beta1, beta2, eps)
-        if full:
-            W.add_(d, alpha=-lr)                                             # (m, n)
-        elif left:
-            W.addmm_(P, d, alpha=-lr)                                        # W -= lr P d
-        else:
-            W.addmm_(d, P.T, alpha=-lr)                                      # W -= lr d P^T
+        return ("svd", p, group, staged, R, shape, {"P": new_P, "full": full, "left": left})
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self):
@@ -585,16 +652,112 @@ class LowRankAdam(torch.optim.Optimizer):
         return sd
 
     def load_state_dict(self, state_dict):
+        """Load a LowRankAdam state_dict, checked first: rank/proj, steps and generator, group
+        and parameter counts, hyper-parameters and each parameter's state against its shape. A
+        mismatch raises a ValueError naming what differs and changes nothing."""
+        from collections.abc import Mapping
+        if not (isinstance(state_dict, Mapping) and "state" in state_dict
+                and "param_groups" in state_dict):
+            raise ValueError("state_dict must be a mapping with 'state' and 'param_groups' (from "
+                             f"LowRankAdam.state_dict()), got {type(state_dict).__name__}")
         state_dict = dict(state_dict)
         extra = state_dict.pop("lowrank", None)
-        if extra is not None:
-            if (extra["rank"], extra["proj"]) != (self.rank, self.proj):
-                raise ValueError(f"state_dict: saved with rank={extra['rank']}, "
-                                 f"proj={extra['proj']!r}; this optimizer has rank={self.rank}, "
-                                 f"proj={self.proj!r}")
-            self._steps = int(extra["steps"])
-            self._generator.set_state(extra["generator"])
-        super().load_state_dict(state_dict)
+        if not isinstance(extra, Mapping):
+            raise ValueError("state_dict is not a LowRankAdam state: it has no 'lowrank' entry "
+                             "(steps, generator, rank, proj); a torch.optim.Adam state_dict does "
+                             "not describe the factors")
+        missing = [k for k in ("steps", "generator", "rank", "proj") if k not in extra]
+        if missing:
+            raise ValueError(f"state_dict['lowrank'] lacks {', '.join(missing)}")
+        if (extra["rank"], extra["proj"]) != (self.rank, self.proj):
+            raise ValueError(f"state_dict: saved with rank={extra['rank']}, "
+                             f"proj={extra['proj']!r}; this optimizer has rank={self.rank}, "
+                             f"proj={self.proj!r}")
+        steps = extra["steps"]
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+            raise ValueError(f"state_dict['lowrank']['steps'] must be an int >= 0, got {steps!r}")
+        gen = torch.Generator()
+        try:
+            gen.set_state(extra["generator"])
+        except (RuntimeError, TypeError, ValueError) as e:
+            raise ValueError(f"state_dict['lowrank']['generator'] is not a CPU generator state "
+                             f"({type(e).__name__}: {str(e)[:120]})") from None
+        saved, groups = state_dict["state"], state_dict["param_groups"]
+        if len(groups) != len(self.param_groups):
+            raise ValueError(f"state_dict has {len(groups)} param groups, this LowRankAdam has "
+                             f"{len(self.param_groups)}")
+        id_map = {}
+        for gi, (sg, g) in enumerate(zip(groups, self.param_groups)):
+            if not isinstance(sg, Mapping) or not isinstance(sg.get("params"), (list, tuple)):
+                raise ValueError(f"state_dict: param_groups[{gi}] must be a dict with a 'params' "
+                                 f"list")
+            lacking = [k for k in ("lr", "betas", "eps", "weight_decay", "lowrank")
+                       if k not in sg]
+            if lacking:
+                raise ValueError(f"state_dict: param_groups[{gi}] lacks {', '.join(lacking)}")
+            if len(sg["params"]) != len(g["params"]):
+                raise ValueError(f"state_dict: param_groups[{gi}] has {len(sg['params'])} "
+                                 f"params, this LowRankAdam has {len(g['params'])} there")
+            if bool(sg["lowrank"]) != bool(g.get("lowrank")):
+                raise ValueError(f"state_dict: param_groups[{gi}] has lowrank={sg['lowrank']!r}, "
+                                 f"this LowRankAdam has lowrank={g.get('lowrank')!r} there")
+            try:
+                _check_hyper(sg["lr"], sg["betas"], sg["eps"], sg["weight_decay"])
+            except ValueError as e:
+                raise ValueError(f"state_dict: param_groups[{gi}]: {e}") from None
+            for pi, (k, p) in enumerate(zip(sg["params"], g["params"])):
+                id_map[k] = (gi, pi, p)
+        new = {}
+        for k, st in saved.items():
+            if k not in id_map:
+                raise ValueError(f"state_dict: 'state' has an entry for parameter id {k!r}, "
+                                 f"which no param group lists")
+            gi, pi, p = id_map[k]
+            new[p] = self._checked_state(st, p, f"state_dict: param_groups[{gi}] param {pi} "
+                                                f"(shape {tuple(p.shape)})")
+        super().load_state_dict({**state_dict, "state": {}})
+        for p, st in new.items():
+            self.state[p] = st
+        self._steps = steps
+        self._generator.set_state(gen.get_state())
+
+    def _checked_state(self, st, p, where):
+        if not isinstance(st, dict):
+            raise ValueError(f"{where}: state must be a dict, got {type(st).__name__}")
+        if not st:
+            return {}
+        shape, pshape = tuple(p.shape), None
+        if self._roles.get(p, (None, None))[1] == "W" and self.proj == "svd":
+            m, n = p.shape[0], math.prod(p.shape[1:])
+            r = min(self.rank, m, n)
+            full, left = r == min(m, n), m <= n
+            shape = (m, n) if full else ((r, n) if left else (m, r))
+            pshape = None if full else ((m if left else n), r)
+        step = st.get("step")
+        val = step.item() if isinstance(step, torch.Tensor) and step.dim() == 0 and \
+            not step.is_complex() and step.dtype != torch.bool else step
+        if isinstance(val, bool) or not isinstance(val, (int, float)) or not math.isfinite(val) \
+                or val < 0 or val != int(val) or (isinstance(step, float)):
+            raise ValueError(f"{where}: state 'step' must be an int >= 0 (or a 0-dim tensor "
+                             f"holding one), got {step!r}"[:300])
+        out = dict(st)
+        out["step"] = int(val)
+        for key, want in (("exp_avg", shape), ("exp_avg_sq", shape), ("P", pshape)):
+            if key == "P" and (pshape is None or key not in st):
+                continue
+            t = st.get(key)
+            if not (isinstance(t, torch.Tensor) and t.is_floating_point()
+                    and tuple(t.shape) == want):
+                got = (f"{t.dtype} of shape {tuple(t.shape)}" if isinstance(t, torch.Tensor)
+                       else repr(t)[:80])
+                raise ValueError(f"{where}: state '{key}' must be a float tensor of shape "
+                                 f"{want}, got {got}")
+            t = t.to(dtype=p.dtype, device=p.device)
+            if not (t.is_contiguous() and t.storage_offset() == 0
+                    and t.untyped_storage().nbytes() == t.numel() * t.element_size()):
+                t = t.clone(memory_format=torch.contiguous_format)
+            out[key] = t
+        return out
 
     # ------------------------------------------------------------------ introspection
     def targets(self):
@@ -604,6 +767,16 @@ class LowRankAdam(torch.optim.Optimizer):
             m, n = t.matrix().shape
             out.append((t.qualname, (m, n), min(self.rank, m, n), t.attach or self.proj))
         return out
+
+
+def _check_hyper(lr, betas, eps, weight_decay, lr_name="lr"):
+    """The constructor's checks of one group's numbers (also run on a loaded state_dict)."""
+    for name, v in ((lr_name, lr), ("eps", eps), ("weight_decay", weight_decay)):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0:
+            raise ValueError(f"{name} must be a number >= 0, got {v!r}")
+    if (not isinstance(betas, (tuple, list)) or len(betas) != 2
+            or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in betas)):
+        raise ValueError(f"betas must be two numbers in [0, 1), got {betas!r}")
 
 
 def _draw_seed() -> int:
