@@ -21,7 +21,8 @@ import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from memlab import registry
+from memlab import fast_mode, tasks
+from memlab import techniques as tech
 from memlab.memory import CATEGORIES, format_bytes
 
 
@@ -77,25 +78,50 @@ def _split(value: Optional[str], name: str = "value") -> List[Optional[str]]:
 
 def _train_set_size(cfg) -> int:
     """Utterances in the training set Experiment builds (it clamps larger batches to this)."""
-    return cfg.num_speakers * cfg.utts_per_speaker if cfg.task == "speaker" else cfg.num_utts
+    return tasks.get(cfg.task).train_set_size(cfg)
+
+
+def _kind_option(kind: str) -> str:
+    """The argparse dest of ``--<kind>``."""
+    return "kind_" + kind.replace("-", "_")
 
 
 def compare_configs(task: str, overrides: Dict[str, Any], memory=None, optimizer=None,
-                    loss=None) -> list:
-    """The validated Configs of every strategy combination (raises ValueError/TypeError)."""
-    from memlab.lab import Config
+                    loss=None, choices: Optional[Dict[str, Optional[str]]] = None) -> list:
+    """The validated Configs of every technique combination (raises ValueError/TypeError).
 
-    if task == "speaker" and loss is not None:
-        raise ValueError(f"loss applies to task='asr' only (the speaker task has no transducer "
-                         f"loss), got loss={loss!r}")
-    combos = list(itertools.product(_split(memory, "memory"), _split(optimizer, "optimizer"),
-                                    _split(loss, "loss")))
+    ``choices``: kind -> comma-separated names (None: the config's default), for any registered
+    kind; ``memory`` / ``optimizer`` / ``loss`` are the same for those three kinds. The lists
+    are crossed over every kind, in ``memlab.techniques.kinds()`` order."""
+    from memlab.lab import FIELD_KINDS, Config
+
+    tasks.get(task)                             # ValueError naming the tasks
+    given = dict(choices or {})
+    for kind, v in (("memory", memory), ("optimizer", optimizer), ("loss", loss)):
+        if v is not None:
+            given[kind] = v
+    kinds = tech.kinds()
+    for kind, v in given.items():
+        if kind not in kinds:
+            raise ValueError(f"kind must be one of {kinds}, got {kind!r}")
+        if v is not None and not tech.applies(kind, task):
+            owners = " or ".join(f"task={t!r}" for t in tasks.names() if tech.applies(kind, t))
+            raise ValueError(f"{kind} applies to {owners or 'no task'} only (the {task} task has "
+                             f"no {kind} technique), got {kind}={v!r}")
+    combos = list(itertools.product(*(_split(given.get(k), k) for k in kinds)))
     cfgs = []
-    for i, (mem, opt, los) in enumerate(combos):
+    for i, combo in enumerate(combos):
         kw = dict(overrides)
-        for k, v in (("memory", mem), ("optimizer", opt), ("loss", los)):
-            if v is not None:
-                kw[k] = v
+        named = dict(kw.pop("techniques", None) or {})
+        for kind, v in zip(kinds, combo):
+            if v is None:
+                continue
+            if kind in FIELD_KINDS:
+                kw[kind] = v
+            else:
+                named[kind] = v
+        if named:
+            kw["techniques"] = named
         cfg = Config.for_task(task, eval_at_start=(i == 0), **kw).validate()
         n = _train_set_size(cfg)
         if cfg.batch_size > n:  # Experiment would silently train on batches of n instead
@@ -169,7 +195,7 @@ def check_memory(cfgs) -> None:
 
 def _run_one(cfg, index: int, total: int, progress: bool = True) -> Dict[str, Any]:
     """Train one Config; its summary row."""
-    from memlab.lab import Experiment
+    from memlab.lab import Experiment, peak_record
 
     exp = Experiment(cfg)
     bar = _progress(cfg.steps, f"[{index + 1}/{total}] {cfg.label}") if progress else None
@@ -187,8 +213,7 @@ def _run_one(cfg, index: int, total: int, progress: bool = True) -> Dict[str, An
             bar.close()
     recs = [r for r in exp.records if r.step > 0]
     metered = [r for r in recs if r.metered]
-    # steady state: the highest peak, the latest step on ties (optimizer state exists by then)
-    peak_rec = max(reversed(metered), key=lambda r: r.peak)
+    peak_rec = peak_record(recs)          # the highest metered peak, the latest on ties
     plain = [r.seconds for r in recs if not r.metered and r.step > 1] or \
             [r.seconds for r in recs]
     final = recs[-1].metrics or {}
@@ -206,9 +231,10 @@ def _run_one(cfg, index: int, total: int, progress: bool = True) -> Dict[str, An
 
 
 def run_compare(task: str, overrides: Dict[str, Any], memory=None, optimizer=None, loss=None,
-                progress: bool = True) -> List[Dict[str, Any]]:
-    """Train every combination of the given strategies; one summary row per run."""
-    cfgs = compare_configs(task, overrides, memory, optimizer, loss)
+                progress: bool = True,
+                choices: Optional[Dict[str, Optional[str]]] = None) -> List[Dict[str, Any]]:
+    """Train every combination of the given techniques; one summary row per run."""
+    cfgs = compare_configs(task, overrides, memory, optimizer, loss, choices)
     return [_run_one(cfg, i, len(cfgs), progress) for i, cfg in enumerate(cfgs)]
 
 
@@ -218,15 +244,11 @@ def _print_rows(rows, task: str, as_json: bool) -> None:
         return
     if not rows:
         return
-    metric_cols = [c for c in ("accuracy", "eer", "min_dcf", "ter", "untrained_eer",
-                               "untrained_ter") if c in rows[0]]
+    t = tasks.get(task)
+    metric_cols = [c for c in (*t.metrics, f"untrained_{t.headline}") if c in rows[0]]
     cols = ["run", "peak", *CATEGORIES, "step_s", "final_loss", *metric_cols]
     print(format_table(rows, cols))
-    if task == "speaker":
-        print("\neer: equal error rate on unseen speakers (chance = 0.5); accuracy: held-out "
-              "utterances of training speakers; bytes at the peak of a metered step")
-    else:
-        print("\nter: token error rate with greedy decoding (untrained_ter: before training)")
+    print("\n" + t.note)
 
 
 def _cmd_compare(args) -> int:
@@ -237,7 +259,8 @@ def _cmd_compare(args) -> int:
         if v is not None:
             overrides[name] = v
     # every combination is validated (and its memory checked) before the first run starts
-    cfgs = compare_configs(args.task, overrides, args.memory, args.optimizer, args.loss)
+    choices = {kind: getattr(args, _kind_option(kind)) for kind in tech.kinds()}
+    cfgs = compare_configs(args.task, overrides, choices=choices)
     if not args.force:
         check_memory(cfgs)
     rows: List[Dict[str, Any]] = []
@@ -280,7 +303,7 @@ def _cmd_bench(args) -> int:
     if args.name not in BENCHMARKS:
         raise ValueError(f"name must be one of {BENCHMARKS}, got {args.name!r}")
     mod = importlib.import_module(f"memlab.bench.{args.name}")
-    fast = args.fast or os.environ.get("MEMLAB_FAST", "") not in ("", "0")
+    fast = args.fast or fast_mode()
     kwargs = {}
     if args.preset is not None:
         if "preset" not in inspect.signature(mod.run).parameters:
@@ -400,7 +423,6 @@ def _cmd_lab(args) -> int:
 
 # ----------------------------------------------------------------------------- data
 def _cmd_data(args) -> int:
-    from memlab.data import SpeakerCorpus, TokenCorpus
     from memlab.data.manifest import write_corpus
     checks = (("num-speakers", args.num_speakers, 2), ("utts", args.utts, 1),
               ("vocab-size", args.vocab_size, 3), ("seed", args.seed, 0))
@@ -415,10 +437,8 @@ def _cmd_data(args) -> int:
     if out.is_dir() and any(out.iterdir()) and not args.force:
         raise ValueError(f"--out {args.out!r} is not empty; choose a new folder or pass --force "
                          f"to write into it (an earlier corpus's wav/ files are replaced)")
-    if args.task == "speaker":
-        ds = SpeakerCorpus(args.num_speakers, args.utts, seconds=args.seconds, seed=args.seed)
-    else:
-        ds = TokenCorpus(args.utts * args.num_speakers, vocab_size=args.vocab_size, seed=args.seed)
+    ds = tasks.get(args.task).corpus(args.num_speakers, args.utts, args.seconds,
+                                     args.vocab_size, args.seed)
     path = write_corpus(ds, out)
     # with --force: wavs of an earlier, larger corpus (the names write_corpus uses) must not
     # sit beside a manifest that no longer lists them
@@ -434,9 +454,6 @@ def _cmd_data(args) -> int:
 
 # ----------------------------------------------------------------------------- main
 def build_parser() -> argparse.ArgumentParser:
-    mem = ", ".join(registry.names("memory"))
-    opt = ", ".join(registry.names("optimizer"))
-    los = ", ".join(registry.names("loss"))
     p = argparse.ArgumentParser(
         prog="memlab",
         description="memlab: a hands-on lab for memory-efficient training of speech models.",
@@ -453,11 +470,12 @@ def build_parser() -> argparse.ArgumentParser:
                     "error rate).",
         epilog="example: memlab compare --task speaker --memory vanilla,reversible "
                "--optimizer adam,adam8bit")
-    c.add_argument("--task", choices=("speaker", "asr"), default="speaker",
+    c.add_argument("--task", choices=tasks.names(), default="speaker",
                    help="speaker verification (ResNet) or transducer ASR (default: speaker)")
-    c.add_argument("--memory", help=f"activation strategies, comma-separated: {mem}")
-    c.add_argument("--optimizer", help=f"optimizers, comma-separated: {opt}")
-    c.add_argument("--loss", help=f"transducer losses (asr), comma-separated: {los}")
+    for kind in tech.kinds():             # one option per registered kind
+        what = tech.kind(kind).description or f"{kind} techniques"
+        c.add_argument(f"--{kind}", dest=_kind_option(kind),
+                       help=f"{what}, comma-separated: {', '.join(tech.names(kind))}")
     c.add_argument("--model", help="speaker: resnet | dfresnet")
     c.add_argument("--steps", type=int, help="training steps per run")
     c.add_argument("--batch-size", dest="batch_size", type=int, help="utterances per step")
@@ -499,7 +517,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Write a synthetic corpus (deterministic from --seed) as wav "
                                    "files and a JSON-lines manifest that the data_scripts' "
                                    "format shares.")
-    d.add_argument("--task", choices=("speaker", "asr"), default="speaker")
+    d.add_argument("--task", choices=tasks.names(), default="speaker")
     d.add_argument("--out", required=True, help="output folder")
     d.add_argument("--num-speakers", dest="num_speakers", type=int, default=10)
     d.add_argument("--utts", type=int, default=10, help="utterances per speaker")

@@ -11,39 +11,52 @@ forward, backward and the optimizer step. The other steps run without the meter,
 evaluated: speaker task -> accuracy on held-out utterances of the training speakers, EER and
 minDCF on unseen speakers; ASR task -> token error rate with greedy decoding.
 
-``MEMLAB_FAST=1`` shrinks ``Config.for_task`` defaults to a few seconds of work (tests, CI).
+What a run trains on comes from its task (``memlab.tasks``: data, model, loss of a batch,
+evaluation, random batches, defaults); how it saves memory comes from the techniques it chooses,
+one per kind (``memlab.techniques``: model arguments, optimizer, step contexts). ``train_step``
+is the one training step (Experiment, ``estimate_config`` and the benches use it);
+``peak_record`` the one rule for a run's peak.
+
+``MEMLAB_FAST=1`` (``memlab.fast_mode()``) shrinks ``Config.for_task`` defaults to a few seconds
+of work (tests, CI).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import functools
 import math
 import numbers
 import os
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
-from memlab import registry
+from memlab import fast_mode  # noqa: F401  (the one reader of MEMLAB_FAST; kept importable here)
+from memlab import tasks
+from memlab import techniques as tech
 from memlab.memory import Estimate, MemoryMeter, estimate
+# kept importable from here (older code and notebooks): they live in memlab.tasks
+from memlab.tasks import SpeakerNet  # noqa: F401
+from memlab.tasks import asr_data as _asr_data  # noqa: F401
+from memlab.tasks import batches as _batches  # noqa: F401
+from memlab.tasks import materialise as _materialise  # noqa: F401
+from memlab.tasks import speaker_data as _speaker_data  # noqa: F401
 
-TASKS = ("speaker", "asr")
-MODELS = {"speaker": ("resnet", "dfresnet"), "asr": ("transducer",)}
+TASKS = tasks.names()
+MODELS = {name: tasks.get(name).models for name in TASKS}
+# kinds that are Config fields of their own (public API); every other kind lives in
+# Config.techniques
+FIELD_KINDS = ("memory", "optimizer", "loss")
 
 
 def _is_real(v) -> bool:
     """A real number that is not a bool (True is an int to Python, not a size to a learner)."""
     return isinstance(v, numbers.Real) and not isinstance(v, bool)
-
-
-def fast_mode() -> bool:
-    """True when MEMLAB_FAST is set to something other than '' or '0'."""
-    return os.environ.get("MEMLAB_FAST", "") not in ("", "0")
 
 
 @dataclass
@@ -59,9 +72,9 @@ class Config:
     steps: int = 150
     lr: Optional[float] = None        # None: the optimizer's registered default
     weight_decay: float = 0.0
-    memory: str = "vanilla"           # registry "memory"
-    optimizer: str = "adam"           # registry "optimizer"
-    loss: str = "batched"             # registry "loss" (asr)
+    memory: str = "vanilla"           # technique of kind "memory"
+    optimizer: str = "adam"           # technique of kind "optimizer"
+    loss: str = "batched"             # technique of kind "loss" (asr)
     optimizer_kwargs: Dict[str, Any] = field(default_factory=dict)
     num_speakers: int = 24            # training speakers (speaker task)
     utts_per_speaker: int = 24
@@ -79,27 +92,29 @@ class Config:
     eval_at_start: bool = False       # yield a step-0 record with the untrained model's metrics
     init_from: Optional[str] = None   # state-dict file loaded into the model before training
     adapt_speaker: Optional[int] = None  # asr: train and test on this one synthetic speaker only
+    # kind -> technique name for every other registered kind (memlab.techniques.kinds());
+    # a kind not named gets its default. {"memory": ...} etc. set the fields above.
+    techniques: Dict[str, str] = field(default_factory=dict)
+    dev_fold: Optional[int] = None    # asr: train on 3/4 of the training split, evaluate on
+    #                                   quarter dev_fold % 4 of it (choosing without the test set)
+
+    def __post_init__(self):
+        if isinstance(self.techniques, dict):
+            self.techniques = dict(self.techniques)
+            for kind in FIELD_KINDS:
+                if kind in self.techniques:
+                    name = self.techniques.pop(kind)
+                    if getattr(self, kind) not in (name, type(self).__dataclass_fields__[
+                            kind].default):
+                        raise ValueError(f"techniques[{kind!r}]={name!r} contradicts "
+                                         f"{kind}={getattr(self, kind)!r}")
+                    setattr(self, kind, name)
 
     @classmethod
     def for_task(cls, task: str = "speaker", **overrides) -> "Config":
         """Defaults that train in about a minute on a laptop CPU (seconds with MEMLAB_FAST=1)."""
-        if task not in TASKS:
-            raise ValueError(f"task must be one of {TASKS}, got {task!r}")
         base: Dict[str, Any] = {"task": task}
-        if task == "asr":
-            # width 128, 300 steps: TER 0.35 on unseen utterances (an empty transcript scores
-            # 1.0); the Adam-family lr 6e-3 was chosen by a small sweep (see the ASR notes)
-            base.update(width=128, depth=2, batch_size=16, steps=300, eval_every=50,
-                        optimizer="adam")
-            if overrides.get("optimizer", "adam") in ("adam", "adamw", "adam8bit", "adamw8bit",
-                                                      "lowrank-adam"):
-                base["lr"] = 6e-3
-        if fast_mode():
-            base.update(steps=6, eval_every=3, measure_every=3, num_speakers=6,
-                        utts_per_speaker=4, eval_speakers=4, seconds=1.0, num_utts=24,
-                        eval_utts=6, batch_size=4)
-            if task == "asr":
-                base.update(width=32, depth=1)
+        base.update(tasks.get(task).defaults(fast_mode(), overrides))
         base.update(overrides)
         return cls(**base)
 
@@ -108,30 +123,49 @@ class Config:
 
     @property
     def model_name(self) -> str:
-        return self.model or MODELS[self.task][0]
+        return self.model or tasks.get(self.task).models[0]
+
+    def choice(self, kind: str) -> str:
+        """The technique name this Config chooses for ``kind`` (its default when unnamed)."""
+        if kind in FIELD_KINDS:
+            return getattr(self, kind)
+        return self.techniques.get(kind, tech.default(kind))
+
+    def choices(self) -> Dict[str, str]:
+        """kind -> technique name, for every registered kind."""
+        return {kind: self.choice(kind) for kind in tech.kinds()}
+
+    def chosen(self) -> Dict[str, "tech.Technique"]:
+        """kind -> Technique, for every kind that applies to the task (validated)."""
+        return {kind: tech.get(kind, self.choice(kind), self.task) for kind in tech.kinds()
+                if tech.applies(kind, self.task)}
 
     @property
     def label(self) -> str:
         """A short human name for tables and legends."""
-        parts = [self.model_name, f"d{self.depth}" if self.blocks is None else
-                 "x".join(map(str, self.blocks)), f"w{self.width}", f"B{self.batch_size}",
-                 self.optimizer]
-        if self.optimizer == "lowrank-adam" and "rank" in self.optimizer_kwargs:
-            parts[-1] += f" r{self.optimizer_kwargs['rank']}"
-        if self.task == "speaker":
-            parts.insert(1, self.memory)
-        else:
-            parts.append(self.loss)
+        task = tasks.get(self.task)
+        opt = self.optimizer
+        if "rank" in self.optimizer_kwargs:
+            opt += f" r{self.optimizer_kwargs['rank']}"
+        front, back = [], []
+        for kind in tech.kinds():      # the task's own kinds always, others when not default
+            if kind == "optimizer" or not tech.applies(kind, self.task):
+                continue
+            name = self.choice(kind)
+            where = task.label_kinds.get(kind, "back" if name != tech.default(kind) else None)
+            (front if where == "front" else back if where == "back" else []).append(name)
+        parts = [self.model_name, *front, f"d{self.depth}" if self.blocks is None else
+                 "x".join(map(str, self.blocks)), f"w{self.width}", f"B{self.batch_size}", opt,
+                 *back]
         if self.adapt_speaker is not None:
             parts.append(f"spk{self.adapt_speaker}")
         return " ".join(parts)
 
     def validate(self) -> "Config":
         """Raise a clear ValueError/TypeError for bad values; returns self."""
-        if self.task not in TASKS:
-            raise ValueError(f"task must be one of {TASKS}, got {self.task!r}")
-        if self.model_name not in MODELS[self.task]:
-            raise ValueError(f"model must be one of {MODELS[self.task]} for task={self.task!r}, "
+        task = tasks.get(self.task)          # ValueError naming the tasks
+        if self.model_name not in task.models:
+            raise ValueError(f"model must be one of {task.models} for task={self.task!r}, "
                              f"got {self.model!r}")
         for name in ("depth", "width", "embed_dim", "batch_size", "steps", "num_speakers",
                      "utts_per_speaker", "eval_speakers", "vocab_size", "num_utts", "eval_utts",
@@ -185,13 +219,24 @@ class Config:
                                 f"{type(self.adapt_speaker).__name__} ({self.adapt_speaker!r})")
             if self.adapt_speaker < 0:
                 raise ValueError(f"adapt_speaker must be >= 0, got {self.adapt_speaker}")
-            if self.task != "asr":
-                raise ValueError(f"adapt_speaker applies to task='asr' only, got "
-                                 f"task={self.task!r}")
-        registry.get("memory", self.memory, self.task)
-        registry.get("optimizer", self.optimizer, self.task)
-        if self.task == "asr":
-            registry.get("loss", self.loss, self.task)
+        if self.dev_fold is not None:
+            if isinstance(self.dev_fold, bool) or not isinstance(self.dev_fold, int):
+                raise TypeError(f"dev_fold must be None or an int, got "
+                                f"{type(self.dev_fold).__name__} ({self.dev_fold!r})")
+            if self.dev_fold < 0:
+                raise ValueError(f"dev_fold must be >= 0, got {self.dev_fold}")
+        for name, owners in tasks.options().items():
+            if getattr(self, name) is not None and self.task not in owners:
+                where = " or ".join(f"task={t!r}" for t in owners)
+                raise ValueError(f"{name} applies to {where} only, got task={self.task!r}")
+        if not isinstance(self.techniques, dict):
+            raise TypeError(f"techniques must be a dict of kind -> name, got "
+                            f"{type(self.techniques).__name__} ({self.techniques!r})")
+        for kind in self.techniques:
+            if kind not in tech.kinds():
+                raise ValueError(f"techniques: kind must be one of {tech.kinds()}, got {kind!r}")
+        self.chosen()                        # ValueError naming the kind and its choices
+        task.validate(self)
         try:
             dev = torch.device(self.device)
         except (RuntimeError, TypeError) as e:
@@ -229,74 +274,18 @@ class Record:
         return d
 
 
-# ----------------------------------------------------------------------------- data (cached)
-@functools.lru_cache(maxsize=8)
-def _speaker_data(num_speakers, utts, eval_speakers, seconds, seed):
-    from memlab.data import SpeakerCorpus
-    train = SpeakerCorpus(num_speakers, utts, seconds=seconds, seed=seed)
-    heldout = SpeakerCorpus(num_speakers, max(2, utts // 4), seconds=seconds, seed=seed + 7919)
-    unseen = SpeakerCorpus(eval_speakers, max(4, utts // 3), seconds=seconds, seed=seed + 104729,
-                           speaker_offset=10_000)
-    return _materialise(train), _materialise(heldout), _materialise(unseen)
-
-
-@functools.lru_cache(maxsize=8)
-def _asr_data(num_utts, eval_utts, vocab_size, seed, speaker=None):
-    """Train / test utterances of the default speakers, or (speaker=id) of that one speaker."""
-    from memlab.data import TokenCorpus
-    who = {} if speaker is None else {"speaker_offset": speaker, "num_speakers": 1}
-    train = TokenCorpus(num_utts, vocab_size=vocab_size, seed=seed, **who)
-    test = TokenCorpus(eval_utts, vocab_size=vocab_size, seed=seed + 104729, **who)
-    return _materialise(train), _materialise(test)
-
-
-def _materialise(ds) -> List[dict]:
-    return [ds[i] for i in range(len(ds))]
-
-
-def _batches(items: List[dict], batch_size: int, collate, generator: torch.Generator,
-             shuffle: bool = True, drop_last: bool = True):
-    """Endless (shuffle=True) or single-pass stream of collated batches."""
-    n = len(items)
-    while True:
-        order = torch.randperm(n, generator=generator).tolist() if shuffle else list(range(n))
-        stop = n - (n % batch_size) if (drop_last and n >= batch_size) else n
-        for i in range(0, stop, batch_size):
-            yield collate([items[j] for j in order[i:i + batch_size]])
-        if not shuffle:
-            return
-
-
-# ----------------------------------------------------------------------------- models
-class SpeakerNet(nn.Module):
-    """Embedding backbone + AAM-softmax head; forward returns (loss, logits)."""
-
-    def __init__(self, backbone: nn.Module, embed_dim: int, num_classes: int):
-        super().__init__()
-        from memlab.models import AAMSoftmax
-        self.backbone = backbone
-        self.head = AAMSoftmax(embed_dim, num_classes, margin=0.2, scale=32.0)
-
-    def forward(self, feats, labels):
-        emb = self.backbone(feats)                 # (B, E)
-        return self.head(emb, labels)              # loss, logits (B, C)
+# ----------------------------------------------------------------------------- model, optimizer
+def model_args(cfg: Config) -> Dict[str, Any]:
+    """Keyword arguments the chosen techniques add to the task's model constructor."""
+    args: Dict[str, Any] = {}
+    for t in cfg.chosen().values():
+        args.update(t.model_kwargs(cfg.task))
+    return args
 
 
 def build_model(cfg: Config, num_classes: Optional[int] = None) -> nn.Module:
     """The model a Config describes (speaker: SpeakerNet, asr: Transducer)."""
-    if cfg.task == "speaker":
-        from memlab.models import DFResNet, ResNet
-        blocks = tuple(cfg.blocks) if cfg.blocks is not None else (cfg.depth,) * 4
-        if cfg.model_name == "resnet":
-            backbone = ResNet(num_blocks=blocks, width=cfg.width, embed_dim=cfg.embed_dim,
-                              memory=cfg.memory)
-        else:
-            backbone = DFResNet(depths=blocks, width=cfg.width, embed_dim=cfg.embed_dim,
-                                memory=cfg.memory)
-        return SpeakerNet(backbone, cfg.embed_dim, num_classes or cfg.num_speakers)
-    from memlab.models import Transducer
-    return Transducer(cfg.vocab_size, enc_dim=cfg.width, enc_layers=cfg.depth,
-                      pred_dim=cfg.width, joint_dim=cfg.width, loss=cfg.loss)
+    return tasks.get(cfg.task).build_model(cfg, num_classes, **model_args(cfg))
 
 
 def load_init(model: nn.Module, path) -> nn.Module:
@@ -326,9 +315,51 @@ def load_init(model: nn.Module, path) -> nn.Module:
 
 
 def build_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
-    entry = registry.get("optimizer", cfg.optimizer, cfg.task)
+    """The optimizer of the chosen "optimizer" technique (lr: Config.lr or its default_lr)."""
+    entry = tech.get("optimizer", cfg.optimizer, cfg.task)
     lr = cfg.lr if cfg.lr is not None else entry.options.get("default_lr", 1e-3)
     return entry.factory(model, lr=lr, weight_decay=cfg.weight_decay, **dict(cfg.optimizer_kwargs))
+
+
+# ----------------------------------------------------------------------------- the training step
+LossFn = Callable[[nn.Module, tuple], torch.Tensor]
+
+
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: tuple, loss_fn: LossFn,
+               contexts: Sequence["tech.Technique"] = ()) -> torch.Tensor:
+    """The one training step: zero_grad, forward + loss and backward inside every technique's
+    step context, optimizer step. Returns the loss, detached (no ``.item()``: fake tensors)."""
+    optimizer.zero_grad(set_to_none=True)
+    info = tech.StepInfo(model, optimizer, batch)
+    with contextlib.ExitStack() as stack:
+        for t in contexts:
+            stack.enter_context(t.context(info))
+        loss = loss_fn(model, batch)
+        loss.backward()
+    optimizer.step()
+    return loss.detach()
+
+
+def training_step(cfg: Config) -> Callable[[nn.Module, torch.optim.Optimizer, tuple],
+                                           torch.Tensor]:
+    """``step(model, optimizer, batch)``: ``train_step`` with ``cfg``'s task loss and the step
+    contexts of its techniques (what Experiment, estimate_config and the benches run)."""
+    loss_fn = tasks.get(cfg.task).loss
+    contexts = [t for t in cfg.chosen().values() if t.step_context is not None]
+
+    def step(model, optimizer, batch):
+        return train_step(model, optimizer, batch, loss_fn, contexts)
+    return step
+
+
+def peak_record(records: Sequence[Record], skip_first: bool = False) -> Optional[Record]:
+    """The one rule for a run's peak: the metered record with the highest peak, the latest on
+    ties. ``skip_first``: the steady state, steps after step 1 (optimizer state allocated before
+    the step starts; step 1 only when no later step was metered). None without metered steps."""
+    metered = [r for r in records if r.metered and r.peak is not None]
+    if skip_first:
+        metered = [r for r in metered if r.step > 1] or metered
+    return max(reversed(metered), key=lambda r: r.peak) if metered else None
 
 
 def _schedule(cfg: Config, opt) -> torch.optim.lr_scheduler.LambdaLR:
@@ -355,6 +386,8 @@ class Experiment:
         if not isinstance(config, Config):
             raise TypeError(f"config must be a memlab.lab.Config, got {type(config).__name__}")
         self.config = config.validate()
+        self.task = tasks.get(self.config.task)
+        self.data: Optional[tasks.TaskData] = None       # set when run() starts
         self._stop = threading.Event()
         self.model: Optional[nn.Module] = None
         self.optimizer: Optional[torch.optim.Optimizer] = None
@@ -370,86 +403,47 @@ class Experiment:
     # -- set-up
     def _setup(self):
         cfg = self.config
+        self.task = tasks.get(cfg.task)
         torch.manual_seed(cfg.seed)
         dev = torch.device(cfg.device)
-        if cfg.task == "speaker":
-            from memlab.data import collate_speaker
-            self._train, self._heldout, self._unseen = _speaker_data(
-                cfg.num_speakers, cfg.utts_per_speaker, cfg.eval_speakers, float(cfg.seconds),
-                cfg.seed)
-            self._collate = collate_speaker
-        else:
-            from memlab.data import collate_asr
-            self._train, self._test = _asr_data(cfg.num_utts, cfg.eval_utts, cfg.vocab_size,
-                                                cfg.seed, cfg.adapt_speaker)
-            self._collate = collate_asr
+        self.data = self.task.data(cfg)
         torch.manual_seed(cfg.seed)
         self.model = build_model(cfg).to(dev)
         if cfg.init_from is not None:
             load_init(self.model, cfg.init_from)
         self.optimizer = build_optimizer(cfg, self.model)
         self.scheduler = _schedule(cfg, self.optimizer)
+        self._step = training_step(cfg)
         gen = torch.Generator().manual_seed(cfg.seed)
-        self._stream = _batches(self._train, min(cfg.batch_size, len(self._train)),
-                                self._collate, gen)
+        train = self.data.train
+        self._stream = tasks.batches(train, min(cfg.batch_size, len(train)), self.data.collate,
+                                     gen)
+
+    # the splits under their older names
+    _train = property(lambda self: self.data.train)
+    _test = property(lambda self: self.data.evaluation["test"])
+    _heldout = property(lambda self: self.data.evaluation["heldout"])
+    _unseen = property(lambda self: self.data.evaluation["unseen"])
+    _collate = property(lambda self: self.data.collate)
 
     def _to_device(self, batch):
         dev = torch.device(self.config.device)
         return tuple(t.to(dev) for t in batch)
 
     def _loss(self, batch) -> torch.Tensor:
-        if self.config.task == "speaker":
-            feats, _lengths, labels = batch
-            loss, _logits = self.model(feats, labels)
-            return loss
-        feats, feat_lengths, targets, target_lengths = batch
-        return self.model(feats, feat_lengths, targets, target_lengths)
+        return self.task.loss(self.model, batch)
 
     def _train_step(self, batch) -> float:
-        self.optimizer.zero_grad(set_to_none=True)
-        loss = self._loss(batch)
-        loss.backward()
-        self.optimizer.step()
-        return float(loss.detach())
+        return float(self._step(self.model, self.optimizer, batch))
 
     # -- evaluation
-    @torch.no_grad()
     def evaluate(self) -> Dict[str, float]:
-        """Speaker: accuracy (held-out utterances), EER and minDCF (unseen speakers). ASR: TER."""
-        from memlab import metrics
-        cfg, model = self.config, self.model
+        """The task's metrics (speaker: accuracy, EER, minDCF; asr: TER), in eval mode."""
+        model = self.model
         was_training = model.training
         model.eval()
         try:
-            if cfg.task == "speaker":
-                correct = total = 0
-                for feats, _l, labels in _batches(self._heldout, 64, self._collate, None,
-                                                  shuffle=False, drop_last=False):
-                    feats, labels = self._to_device((feats, labels))
-                    _loss, logits = model(feats, labels)
-                    correct += int((logits.argmax(-1) == labels).sum())
-                    total += len(labels)
-                embs, spk = [], []
-                for feats, _l, labels in _batches(self._unseen, 64, self._collate, None,
-                                                  shuffle=False, drop_last=False):
-                    e = model.backbone(feats.to(cfg.device))
-                    embs.append(nn.functional.normalize(e.float(), dim=-1).cpu())
-                    spk.append(labels)
-                emb, spk = torch.cat(embs), torch.cat(spk)
-                scores = emb @ emb.T                                     # (N, N) cosine
-                iu = torch.triu_indices(len(spk), len(spk), offset=1)
-                s = scores[iu[0], iu[1]]
-                lab = (spk[iu[0]] == spk[iu[1]]).long()
-                return {"accuracy": correct / max(1, total),
-                        "eer": metrics.eer(s.numpy(), lab.numpy()),
-                        "min_dcf": metrics.min_dcf(s.numpy(), lab.numpy(), p_target=0.01)}
-            refs, hyps = [], []
-            for feats, fl, targets, tl in _batches(self._test, 32, self._collate, None,
-                                                   shuffle=False, drop_last=False):
-                out = model.greedy_decode(feats.to(cfg.device), fl.to(cfg.device))
-                hyps.extend(out)
-                refs.extend(t[:n].tolist() for t, n in zip(targets, tl.tolist()))
-            return {"ter": metrics.token_error_rate(refs, hyps)}
+            return self.task.evaluate(model, self.data, self.config.device)
         finally:
             model.train(was_training)
 
@@ -528,26 +522,15 @@ def estimate_config(cfg: Config, batch_size: Optional[int] = None, frames: Optio
     num_classes = None if num_classes is None else int(num_classes)
     target_len = None if target_len is None else int(target_len)
 
+    task, step = tasks.get(cfg.task), training_step(cfg)
+
     def setup():
         torch.manual_seed(0)
         model = build_model(cfg, num_classes=num_classes)
         opt = build_optimizer(cfg, model)
-        feats = torch.randn(B, T, 80)
-        if cfg.task == "speaker":
-            labels = torch.randint(0, num_classes or cfg.num_speakers, (B,))
-            return model, opt, feats, labels
-        U = target_len or max(2, T // 25)
-        targets = torch.randint(1, cfg.vocab_size, (B, U))
-        return (model, opt, feats, torch.full((B,), T, dtype=torch.long), targets,
-                torch.full((B,), U, dtype=torch.long))
+        return (model, opt, *task.random_batch(cfg, B, T, num_classes, target_len))
 
-    def step(model, opt, *batch):
-        opt.zero_grad(set_to_none=True)
-        if cfg.task == "speaker":
-            loss, _ = model(*batch)
-        else:
-            loss = model(*batch)
-        loss.backward()
-        opt.step()
+    def run(model, opt, *batch):
+        step(model, opt, batch)
 
-    return estimate(step, setup, steps=steps, device=cfg.device)
+    return estimate(run, setup, steps=steps, device=cfg.device)

@@ -512,6 +512,18 @@ def _tensors_in(obj) -> List[torch.Tensor]:
     return out
 
 
+def storage_bytes(objs: Iterable) -> int:
+    """Bytes of the distinct storages behind the tensors in ``objs`` (tensors, containers of
+    them such as ``optimizer.state`` values, small holder types), each storage counted once."""
+    seen, total = set(), 0
+    for t in _tensors_in(list(objs)):
+        s = t.untyped_storage()
+        if s.data_ptr() not in seen:
+            seen.add(s.data_ptr())
+            total += s.nbytes()
+    return total
+
+
 # ---------------------------------------------------------------------- estimate
 @dataclass
 class Estimate:

@@ -87,7 +87,7 @@ def test_sweep_uses_the_training_split_only(cache):
     rows = study.sweep_lr("sgd", None, (1e-3, 3e-3), fast=True)
     assert [r["lr"] for r in rows] == [1e-3, 3e-3]
     assert sum(r["chosen"] for r in rows) == 1
-    exp = study._DevSplit(study.personalization_config("sgd", None, fast=True))
+    exp = Experiment(study.personalization_config("sgd", None, fast=True, dev_fold=3))
     exp._setup()
     train, test = _asr_data(*(getattr(exp.config, k) for k in
                               ("num_utts", "eval_utts", "vocab_size", "seed", "adapt_speaker")))
@@ -97,7 +97,7 @@ def test_sweep_uses_the_training_split_only(cache):
     cfg = study.personalization_config("sgd", None, fast=True)
     folds = []
     for fold in range(4):                                             # rotating dev quarters
-        exp = study._DevSplit(cfg, fold=fold)
+        exp = Experiment(cfg.replace(dev_fold=fold))
         exp._setup()
         dev = {tuple(x["tokens"].tolist()) for x in exp._test}
         assert not dev & {tuple(x["tokens"].tolist()) for x in exp._train}
@@ -208,6 +208,15 @@ def test_adapt_speaker_data_and_errors():
         _tiny_asr(adapt_speaker="7").validate()
     with pytest.raises(ValueError, match="adapt_speaker applies to task='asr'"):
         Config.for_task("speaker", adapt_speaker=3).validate()
+
+
+def test_dev_fold_errors():
+    with pytest.raises(ValueError, match="dev_fold applies to task='asr'"):
+        Config.for_task("speaker", dev_fold=0).validate()
+    with pytest.raises(TypeError, match="dev_fold"):
+        _tiny_asr(dev_fold=True).validate()
+    with pytest.raises(ValueError, match="dev_fold"):
+        _tiny_asr(dev_fold=-1).validate()
 
 
 def test_defaults_unchanged():

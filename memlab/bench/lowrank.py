@@ -94,8 +94,8 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 
-from memlab.lab import Config, Experiment, _batches, fast_mode
-from memlab.memory import CATEGORIES, MemoryMeter
+from memlab.lab import Config, Experiment, build_model, fast_mode, load_init, peak_record
+from memlab.memory import CATEGORIES, MemoryMeter, storage_bytes
 
 ADAPT_SPEAKER = 1000          # unseen: pretraining uses TokenCorpus speakers 0..7
 # The study adapts to each of these unseen speakers in turn (from the same pretrained model) and
@@ -163,9 +163,13 @@ def cache_dir() -> Path:
         return Path(_SCRATCH[0].name)
 
 
+_NEW_FIELDS = {"techniques": {}, "dev_fold": None}   # left out at these values: old keys hold
+
+
 def _key(cfg: Config) -> str:
     fields = {k: v for k, v in dataclasses.asdict(cfg).items()
-              if k not in ("eval_every", "measure_every", "device", "budget")}
+              if k not in ("eval_every", "measure_every", "device", "budget")
+              and not (k in _NEW_FIELDS and v == _NEW_FIELDS[k])}
     text = json.dumps(fields, sort_keys=True, default=str) + torch.__version__
     return hashlib.sha1(text.encode()).hexdigest()[:16]
 
@@ -253,17 +257,8 @@ def lab_overrides(cfg: Config) -> Dict[str, Any]:
 
 def _persistent_bytes(model: torch.nn.Module, opt: torch.optim.Optimizer) -> int:
     """Bytes of every .grad and every tensor in optimizer.state (each storage once)."""
-    from memlab.memory import _tensors_in
-    seen, total = set(), 0
-    tensors = [p.grad for p in model.parameters() if p.grad is not None]
-    for st in opt.state.values():
-        tensors.extend(_tensors_in(st))
-    for t in tensors:
-        s = t.untyped_storage()
-        if s.data_ptr() not in seen:
-            seen.add(s.data_ptr())
-            total += s.nbytes()
-    return total
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    return storage_bytes([*grads, *opt.state.values()])
 
 
 def adapt(cfg: Config) -> Dict[str, Any]:
@@ -271,9 +266,7 @@ def adapt(cfg: Config) -> Dict[str, Any]:
     exp = Experiment(cfg)
     records = list(exp.run())
     start = next((r for r in records if r.step == 0), None)
-    metered = [r for r in records if r.metered and r.step > 1] or \
-        [r for r in records if r.metered]
-    peak = max(metered, key=lambda r: r.peak)
+    peak = peak_record(records, skip_first=True)      # the steady state: after step 1
     tail = [r.loss for r in records if r.step > 0][-10:]
     out: Dict[str, Any] = {
         "peak_bytes": int(peak.peak),
@@ -286,41 +279,11 @@ def adapt(cfg: Config) -> Dict[str, Any]:
     return out
 
 
-class _DevSplit(Experiment):
-    """Trains on 3/4 of the adaptation training split, evaluates on the other 1/4 (fold
-    ``fold`` of 4: utterances [fold k, (fold + 1) k) with k = len // 4; default the last)."""
-
-    FOLDS = 4
-
-    def __init__(self, config, fold: int = FOLDS - 1):
-        super().__init__(config)
-        self.fold = fold % self.FOLDS
-
-    def _setup(self):
-        super()._setup()
-        k = max(1, len(self._train) // self.FOLDS)
-        lo = min(self.fold * k, len(self._train) - k)
-        self._train, self._test = (self._train[:lo] + self._train[lo + k:],
-                                   self._train[lo:lo + k])
-        gen = torch.Generator().manual_seed(self.config.seed)
-        self._stream = _batches(self._train, min(self.config.batch_size, len(self._train)),
-                                self._collate, gen)
-
-    @torch.no_grad()
-    def dev_loss(self) -> float:
-        """Mean transducer loss per utterance on the dev utterances (eval mode)."""
-        model, was = self.model, self.model.training
-        model.eval()
-        try:
-            total, count = 0.0, 0
-            for batch in _batches(self._test, 8, self._collate, None, shuffle=False,
-                                  drop_last=False):
-                k = int(batch[0].shape[0])
-                total += float(model(*self._to_device(batch))) * k
-                count += k
-            return total / count
-        finally:
-            model.train(was)
+def dev_loss(exp: Experiment) -> float:
+    """Mean transducer loss per utterance on the dev utterances of a finished ``exp`` whose
+    Config has ``dev_fold`` set (its evaluation split is then the dev quarter)."""
+    return exp.task.mean_loss(exp.model, exp.data.evaluation["test"], exp.data.collate,
+                              exp.config.device)
 
 
 def sweep_lr(method: str, rank: Optional[int] = 4, lrs: Optional[Sequence[float]] = None, *,
@@ -347,12 +310,12 @@ def sweep_lr(method: str, rank: Optional[int] = 4, lrs: Optional[Sequence[float]
         ters, losses, dev_losses = [], [], []
         for i, spk in enumerate(speakers):
             cfg = personalization_config(method, rank, fast=fast, lr=lr, adapt_speaker=spk,
-                                         **quiet)
-            exp = _DevSplit(cfg, fold=i)
+                                         dev_fold=i, **quiet)     # rotating dev quarters
+            exp = Experiment(cfg)
             records = list(exp.run())
             tail = [r.loss for r in records[-10:]]
             ters.append(float(records[-1].metrics["ter"]))
-            dev_losses.append(exp.dev_loss())
+            dev_losses.append(dev_loss(exp))
             losses.append(sum(tail) / len(tail))
         rows.append({"method": method, "rank": rank if method == "lowrank-adam" else None,
                      "lr": lr, "dev_ter": sum(ters) / len(ters), "dev_ters": ters,
@@ -507,14 +470,13 @@ def gradient_spectra(fast: Optional[bool] = None, batch_size: int = 8,
     by the largest), ``energy_rank_90`` (how many singular values hold 90 % of the squared
     Frobenius norm) and ``energy_at`` (the fraction held by the top 1, 4, 16).
     """
-    from memlab.data import collate_asr
-    from memlab.lab import _asr_data, build_model, load_init
+    from memlab import tasks
     fast = fast_mode() if fast is None else fast
     cfg = personalization_config("adam", None, fast=fast)
     torch.manual_seed(0)
     model = load_init(build_model(cfg), cfg.init_from)
-    train, _ = _asr_data(cfg.num_utts, cfg.eval_utts, cfg.vocab_size, cfg.seed, cfg.adapt_speaker)
-    batch = collate_asr(train[:batch_size])
+    data = tasks.get(cfg.task).data(cfg)
+    batch = data.collate(data.train[:batch_size])
     model.train()
     model(*batch).backward()
     rows = []

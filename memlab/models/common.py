@@ -1,6 +1,8 @@
 """Plumbing shared by the speaker backbones (ResNet, DF-ResNet) and their memory variants.
 
-* ``check_memory`` / ``check_features``: argument validation with clear errors.
+* ``choose``: a constructor argument resolved in the model's own ``{name: builder}`` table
+  (``memory=`` of the speaker nets, ``loss=`` of the transducer); ``check_features``: input
+  validation with clear errors.
 * ``Blocks``: a run of blocks, optionally one ``torch.utils.checkpoint`` per block (the
   "checkpoint" memory strategy), with BatchNorm running statistics updated once per step even
   though checkpointing runs each block's forward twice.
@@ -13,7 +15,7 @@
 
 from __future__ import annotations
 
-from typing import Callable, Sequence, Tuple
+from typing import Callable, Dict, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -22,20 +24,25 @@ from torch.utils.checkpoint import checkpoint
 
 from memlab.models.heads import StatsPool
 
-MEMORY_STRATEGIES = ("vanilla", "checkpoint", "reversible", "reversible-full")
+def choose(arg: str, value, table: Dict[str, Callable]) -> Tuple[str, Callable]:
+    """``(name, builder)`` for ``value``: a name in the model's own ``table`` or a builder
+    callable (a technique of one's own). Never a fallback: an unknown name is a ValueError
+    naming the argument and the choices."""
+    if callable(value) and not isinstance(value, str):
+        return getattr(value, "__name__", type(value).__name__), value
+    if not isinstance(value, str):
+        raise TypeError(f"{arg} must be a str, one of {tuple(table)}, or a builder callable, "
+                        f"got {type(value).__name__}")
+    if value not in table:
+        raise ValueError(f"{arg} must be one of {tuple(table)} (or a builder callable), "
+                         f"got {value!r}")
+    return value, table[value]
 
 
-def check_memory(memory) -> str:
-    """The memory strategy name, validated against the registry (task "speaker")."""
-    if not isinstance(memory, str):
-        raise TypeError(f"memory must be a str, one of {MEMORY_STRATEGIES}, "
-                        f"got {type(memory).__name__}")
-    from memlab.registry import get
-    get("memory", memory, "speaker")           # ValueError naming the registered choices
-    if memory not in MEMORY_STRATEGIES:
-        raise ValueError(f"memory={memory!r} is registered but the speaker backbones implement "
-                         f"only {MEMORY_STRATEGIES}")
-    return memory
+def splits_channels(builder: Callable) -> Callable:
+    """Mark a stage builder whose couplings split the channels in halves (even width)."""
+    builder.splits_channels = True
+    return builder
 
 
 def check_int_tuple(name: str, value, length: int, minimum: int = 1) -> Tuple[int, ...]:
@@ -161,13 +168,14 @@ class SpeakerBackbone(nn.Module):
     feat_dim: int
     memory: str
 
-    def _check_sizes(self, width, feat_dim, embed_dim, memory) -> None:
-        """Validate and store the constructor arguments every speaker backbone shares."""
+    def _check_sizes(self, width, feat_dim, embed_dim, memory, table) -> None:
+        """Validate and store the constructor arguments every speaker backbone shares;
+        ``memory`` is resolved in the subclass's ``table`` (``self.make_stage``)."""
         self.width = check_positive_int("width", width)
         self.feat_dim = check_positive_int("feat_dim", feat_dim)
         self.embed_dim = check_positive_int("embed_dim", embed_dim)
-        self.memory = check_memory(memory)
-        if self.memory.startswith("reversible") and width % 2:
+        self.memory, self.make_stage = choose("memory", memory, table)
+        if getattr(self.make_stage, "splits_channels", False) and width % 2:
             raise ValueError(f"width must be even for memory={memory!r} (couplings split the "
                              f"channels in halves), got {width}")
 

@@ -38,11 +38,10 @@ import torch
 from torch import nn
 
 from memlab.models.common import (Blocks, FactorOut, SpeakerBackbone, check_int_tuple,
-                                  halve,
-                                  solve_width)
+                                  halve, solve_width, splits_channels)
 from memlab.reversible import AdditiveCoupling, InvertibleDownsample, ReversibleSequence
 
-__all__ = ["DFResNet", "DFBlock", "HalfDF", "df_coupling", "DEPTHS"]
+__all__ = ["DFResNet", "DFBlock", "HalfDF", "df_coupling", "DEPTHS", "MEMORY"]
 
 # Named depths of the DF-ResNet paper.
 DEPTHS = {"DF-ResNet56": (3, 3, 9, 3), "DF-ResNet110": (3, 5, 27, 3),
@@ -96,6 +95,40 @@ def _coupling_width(c: int, target: int) -> int:
     return solve_width(lambda e: df_coupling(c, e), target)
 
 
+# ----------------------------------------------------------------------------- memory strategies
+# A stage builder: (cin, c, n, first) -> the stage's module (first: no downsampling before it).
+def vanilla_stage(cin: int, c: int, n: int, first: bool, checkpoint: bool = False) -> nn.Module:
+    blocks = Blocks([DFBlock(c) for _ in range(n)], checkpoint=checkpoint)
+    return blocks if first else nn.Sequential(downsample(cin, c), blocks)
+
+
+def checkpoint_stage(cin: int, c: int, n: int, first: bool) -> nn.Module:
+    return vanilla_stage(cin, c, n, first, checkpoint=True)
+
+
+@splits_channels
+def reversible_stage(cin: int, c: int, n: int, first: bool) -> nn.Module:
+    e = _coupling_width(c, _block_params(c))
+    seq = ReversibleSequence([df_coupling(c, e) for _ in range(n)])
+    return seq if first else nn.Sequential(downsample(cin, c), seq)
+
+
+@splits_channels
+def reversible_full_stage(cin: int, c: int, n: int, first: bool) -> nn.Module:
+    e = _coupling_width(c, _block_params(c))
+    if first:
+        return ReversibleSequence([df_coupling(c, e) for _ in range(n)])
+    e0 = _coupling_width(c, _block_params(c) + _down_params(cin, c))
+    layers = [InvertibleDownsample(), df_coupling(c, e0)]
+    layers += [df_coupling(c, e) for _ in range(n - 1)]
+    return nn.Sequential(FactorOut(), ReversibleSequence(layers))
+
+
+# memory= name -> stage builder (the model's own table; a builder callable works too)
+MEMORY = {"vanilla": vanilla_stage, "checkpoint": checkpoint_stage,
+          "reversible": reversible_stage, "reversible-full": reversible_full_stage}
+
+
 class DFResNet(SpeakerBackbone):
     """DF-ResNet speaker-embedding extractor; ``forward(x (B, T, feat_dim)) -> (B, embed_dim)``.
 
@@ -105,14 +138,15 @@ class DFResNet(SpeakerBackbone):
         width: channels of the first stage (stages have width x (1, 2, 4, 8)); even for the
             reversible strategies.
         feat_dim: fbank bins. embed_dim: size of the speaker embedding.
-        memory: "vanilla" | "checkpoint" | "reversible" | "reversible-full".
+        memory: "vanilla" | "checkpoint" | "reversible" | "reversible-full" (``MEMORY``), or a
+            stage builder ``(cin, c, n, first) -> nn.Module``.
     """
 
     def __init__(self, depths: Sequence[int] = (3, 3, 9, 3), width: int = 32, feat_dim: int = 80,
                  embed_dim: int = 256, memory: str = "vanilla"):
         super().__init__()
         self.depths = check_int_tuple("depths", depths, 4)
-        self._check_sizes(width, feat_dim, embed_dim, memory)
+        self._check_sizes(width, feat_dim, embed_dim, memory, MEMORY)
 
         self.stem = nn.Sequential(nn.Conv2d(1, width, 3, padding=1, bias=False),
                                   nn.BatchNorm2d(width), nn.ReLU())
@@ -120,27 +154,10 @@ class DFResNet(SpeakerBackbone):
         cin, freq = width, feat_dim
         for i, n in enumerate(self.depths):
             c = width * 2 ** i
-            stages.append(self._stage(cin, c, n, first=(i == 0)))
+            stages.append(self.make_stage(cin, c, n, i == 0))
             cin, freq = c, (freq if i == 0 else halve(freq))
         self.stages = nn.ModuleList(stages)
         self._build_head(cin, freq, embed_dim)
-
-    def _stage(self, cin: int, c: int, n: int, first: bool) -> nn.Module:
-        memory = self.memory
-        if memory in ("vanilla", "checkpoint"):
-            blocks = Blocks([DFBlock(c) for _ in range(n)], checkpoint=(memory == "checkpoint"))
-            return blocks if first else nn.Sequential(downsample(cin, c), blocks)
-        e = _coupling_width(c, _block_params(c))
-        if memory == "reversible":
-            seq = ReversibleSequence([df_coupling(c, e) for _ in range(n)])
-            return seq if first else nn.Sequential(downsample(cin, c), seq)
-        # reversible-full
-        if first:
-            return ReversibleSequence([df_coupling(c, e) for _ in range(n)])
-        e0 = _coupling_width(c, _block_params(c) + _down_params(cin, c))
-        layers = [InvertibleDownsample(), df_coupling(c, e0)]
-        layers += [df_coupling(c, e) for _ in range(n - 1)]
-        return nn.Sequential(FactorOut(), ReversibleSequence(layers))
 
     def extra_repr(self) -> str:
         return (f"depths={self.depths}, width={self.width}, feat_dim={self.feat_dim}, "

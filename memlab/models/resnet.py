@@ -44,11 +44,10 @@ import torch
 from torch import nn
 
 from memlab.models.common import (Blocks, FactorOut, SpeakerBackbone, check_int_tuple,
-                                  halve,
-                                  solve_width)
+                                  halve, solve_width, splits_channels)
 from memlab.reversible import AdditiveCoupling, InvertibleDownsample, ReversibleSequence
 
-__all__ = ["ResNet", "BasicBlock", "HalfBasic", "basic_coupling"]
+__all__ = ["ResNet", "BasicBlock", "HalfBasic", "basic_coupling", "MEMORY"]
 
 
 def conv3x3(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
@@ -103,6 +102,49 @@ def _basic_params(cin: int, cout: int, stride: int) -> int:
     return n
 
 
+# ----------------------------------------------------------------------------- memory strategies
+# A stage builder: (cin, c, n, stride) -> the stage's module (n blocks, cin -> c channels).
+def vanilla_stage(cin: int, c: int, n: int, stride: int, checkpoint: bool = False) -> nn.Module:
+    blocks = [BasicBlock(cin, c, stride)] + [BasicBlock(c, c) for _ in range(n - 1)]
+    return Blocks(blocks, checkpoint=checkpoint)
+
+
+def checkpoint_stage(cin: int, c: int, n: int, stride: int) -> nn.Module:
+    return vanilla_stage(cin, c, n, stride, checkpoint=True)
+
+
+@splits_channels
+def reversible_stage(cin: int, c: int, n: int, stride: int) -> nn.Module:
+    h = _coupling_width(c, _basic_params(c, c, 1))
+    parts: List[nn.Module] = []
+    n_rev = n
+    if not (stride == 1 and cin == c):      # ordinary strided transition block
+        parts.append(BasicBlock(cin, c, stride))
+        n_rev -= 1
+    if n_rev:
+        parts.append(ReversibleSequence([basic_coupling(c, h) for _ in range(n_rev)]))
+    return nn.Sequential(*parts)
+
+
+@splits_channels
+def reversible_full_stage(cin: int, c: int, n: int, stride: int) -> nn.Module:
+    h = _coupling_width(c, _basic_params(c, c, 1))
+    if stride == 1 and cin == c:
+        return ReversibleSequence([basic_coupling(c, h) for _ in range(n)])
+    if stride != 2 or c != 2 * cin:
+        raise ValueError(f"memory='reversible-full' needs stages that double the channels "
+                         f"with stride 2, got {cin} -> {c} with stride {stride}")
+    h0 = _coupling_width(c, _basic_params(cin, c, stride))   # absorbs the transition
+    layers = [InvertibleDownsample(), basic_coupling(c, h0)]
+    layers += [basic_coupling(c, h) for _ in range(n - 1)]
+    return nn.Sequential(FactorOut(), ReversibleSequence(layers))
+
+
+# memory= name -> stage builder (the model's own table; a builder callable works too)
+MEMORY = {"vanilla": vanilla_stage, "checkpoint": checkpoint_stage,
+          "reversible": reversible_stage, "reversible-full": reversible_full_stage}
+
+
 class ResNet(SpeakerBackbone):
     """ResNet speaker-embedding extractor; ``forward(x (B, T, feat_dim)) -> (B, embed_dim)``.
 
@@ -113,7 +155,8 @@ class ResNet(SpeakerBackbone):
             the reversible strategies (the couplings split channels in halves).
         feat_dim: fbank bins (frequency axis of the image).
         embed_dim: size of the speaker embedding.
-        memory: "vanilla" | "checkpoint" | "reversible" | "reversible-full" (module docstring).
+        memory: "vanilla" | "checkpoint" | "reversible" | "reversible-full" (module docstring;
+            the names of ``MEMORY``), or a stage builder ``(cin, c, n, stride) -> nn.Module``.
     """
 
     strides = (1, 2, 2, 2)
@@ -122,44 +165,17 @@ class ResNet(SpeakerBackbone):
                  feat_dim: int = 80, embed_dim: int = 256, memory: str = "vanilla"):
         super().__init__()
         self.num_blocks = check_int_tuple("num_blocks", num_blocks, 4)
-        self._check_sizes(width, feat_dim, embed_dim, memory)
+        self._check_sizes(width, feat_dim, embed_dim, memory, MEMORY)
 
         self.stem = nn.Sequential(conv3x3(1, width), nn.BatchNorm2d(width), nn.ReLU())
         stages: List[nn.Module] = []
         cin, freq = width, feat_dim
         for i, (n, s) in enumerate(zip(self.num_blocks, self.strides)):
             c = width * 2 ** i
-            stages.append(self._stage(cin, c, n, s))
+            stages.append(self.make_stage(cin, c, n, s))
             cin, freq = c, (halve(freq) if s == 2 else freq)
         self.stages = nn.ModuleList(stages)
         self._build_head(cin, freq, embed_dim)
-
-    def _stage(self, cin: int, c: int, n: int, stride: int) -> nn.Module:
-        memory = self.memory
-        if memory in ("vanilla", "checkpoint"):
-            blocks = [BasicBlock(cin, c, stride)] + [BasicBlock(c, c) for _ in range(n - 1)]
-            return Blocks(blocks, checkpoint=(memory == "checkpoint"))
-        h = _coupling_width(c, _basic_params(c, c, 1))
-        plain = stride == 1 and cin == c
-        if memory == "reversible":
-            parts: List[nn.Module] = []
-            n_rev = n
-            if not plain:                       # ordinary strided transition block
-                parts.append(BasicBlock(cin, c, stride))
-                n_rev -= 1
-            if n_rev:
-                parts.append(ReversibleSequence([basic_coupling(c, h) for _ in range(n_rev)]))
-            return nn.Sequential(*parts)
-        # reversible-full
-        if plain:
-            return ReversibleSequence([basic_coupling(c, h) for _ in range(n)])
-        if stride != 2 or c != 2 * cin:
-            raise ValueError(f"memory='reversible-full' needs stages that double the channels "
-                             f"with stride 2, got {cin} -> {c} with stride {stride}")
-        h0 = _coupling_width(c, _basic_params(cin, c, stride))   # absorbs the transition
-        layers = [InvertibleDownsample(), basic_coupling(c, h0)]
-        layers += [basic_coupling(c, h) for _ in range(n - 1)]
-        return nn.Sequential(FactorOut(), ReversibleSequence(layers))
 
     def extra_repr(self) -> str:
         return (f"num_blocks={self.num_blocks}, width={self.width}, feat_dim={self.feat_dim}, "

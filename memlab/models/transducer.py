@@ -25,6 +25,7 @@ from typing import List, Optional, Tuple
 import torch
 import torch.nn as nn
 
+from memlab.models.common import choose
 from memlab.transducer import rnnt_loss_batched, samplewise_rnnt_loss
 
 
@@ -123,6 +124,25 @@ def _check_int_1d(name: str, x, batch: int, device) -> None:
         raise ValueError(f"{name} must be on {device} like feats, got {x.device}")
 
 
+# ----------------------------------------------------------------------------- losses
+# loss(model, enc_out (B, T, D), pred_out (B, U+1, P), targets (B, U), enc_lengths, target_lengths)
+def batched_loss(model, enc_out, pred_out, targets, enc_lengths, target_lengths):
+    """torchaudio's loss on the whole joiner output."""
+    logits = model.joiner(enc_out, pred_out)                                 # (B, T, U+1, V)
+    return rnnt_loss_batched(logits, targets, enc_lengths, target_lengths, blank=model.blank)
+
+
+def samplewise_loss(model, enc_out, pred_out, targets, enc_lengths, target_lengths):
+    """Loss and joiner gradient one sample (or small group) at a time (Braun et al. 2022)."""
+    return samplewise_rnnt_loss(model.joiner, enc_out, pred_out, targets, enc_lengths,
+                                target_lengths, blank=model.blank,
+                                max_chunk_bytes=model.max_chunk_bytes)
+
+
+# loss= name -> loss function (the model's own table; a callable works too)
+LOSSES = {"batched": batched_loss, "samplewise": samplewise_loss}
+
+
 class Transducer(nn.Module):
     """Transducer ASR model; ``forward`` returns the loss, ``greedy_decode`` the token ids.
 
@@ -130,7 +150,9 @@ class Transducer(nn.Module):
         vocab_size: output classes including blank. feat_dim: fbank bins.
         enc_dim / enc_layers: encoder width and number of Transformer layers (0 allowed).
         pred_dim: predictor width. joint_dim: joiner hidden width.
-        loss: "batched" (torchaudio on the whole 4-D tensor) or "samplewise" (registry names).
+        loss: "batched" (torchaudio on the whole 4-D tensor) or "samplewise" (the names of
+            ``LOSSES``), or a callable ``loss(model, enc_out, pred_out, targets, enc_lengths,
+            target_lengths) -> scalar``.
         blank: blank index (also the predictor's start symbol). subsample: 1, 2 or 4.
         heads: encoder attention heads (None: 4, or the largest of 2, 1 that divides enc_dim).
         dropout: encoder dropout.
@@ -142,8 +164,7 @@ class Transducer(nn.Module):
                  subsample: int = 4, heads: Optional[int] = None, dropout: float = 0.1,
                  max_chunk_bytes: Optional[int] = None):
         super().__init__()
-        from memlab.registry import get
-        get("loss", loss, "asr")  # validates the name
+        self.loss, self._loss_fn = choose("loss", loss, LOSSES)
         if not isinstance(vocab_size, int) or vocab_size < 2:
             raise ValueError(f"vocab_size must be an int >= 2 (blank + 1 token), got {vocab_size!r}")
         if not 0 <= blank < vocab_size:
@@ -154,7 +175,7 @@ class Transducer(nn.Module):
             raise ValueError(f"heads must be a positive int dividing enc_dim={enc_dim}, got {heads!r}")
         if enc_layers < 0:
             raise ValueError(f"enc_layers must be >= 0, got {enc_layers}")
-        self.vocab_size, self.feat_dim, self.blank, self.loss = vocab_size, feat_dim, blank, loss
+        self.vocab_size, self.feat_dim, self.blank = vocab_size, feat_dim, blank
         self.max_chunk_bytes = max_chunk_bytes
         self.subsampling = Subsampling(feat_dim, enc_dim, subsample)
         self.encoder = nn.ModuleList(
@@ -230,12 +251,7 @@ class Transducer(nn.Module):
                              targets, self.blank)                               # padding -> blank
         pred_out = self.predictor(tgt_in)                                        # (B, U'+1, P)
         enc_out = enc_out[:, :t_max]                                             # (B, T'', D)
-        if self.loss == "samplewise":
-            return samplewise_rnnt_loss(self.joiner, enc_out, pred_out, tgt_in, enc_lengths,
-                                        target_lengths, blank=self.blank,
-                                        max_chunk_bytes=self.max_chunk_bytes)
-        logits = self.joiner(enc_out, pred_out)                                  # (B, T'', U'+1, V)
-        return rnnt_loss_batched(logits, tgt_in, enc_lengths, target_lengths, blank=self.blank)
+        return self._loss_fn(self, enc_out, pred_out, tgt_in, enc_lengths, target_lengths)
 
     @torch.no_grad()
     def greedy_decode(self, feats: torch.Tensor, feat_lengths: torch.Tensor,

@@ -1,0 +1,98 @@
+"""Built-in kinds and techniques: every technique memlab ships, registered once.
+
+Factories import their technique lazily so that listing the names stays cheap and so that a
+technique module never has to import the lab. Model arguments are names the models resolve in
+their own ``{name: builder}`` tables (``memlab.models.resnet.MEMORY`` ...).
+"""
+
+from __future__ import annotations
+
+from memlab.techniques.base import register, register_kind
+
+register_kind("memory", default="vanilla", description="activation strategies")
+register_kind("optimizer", default="adam", description="optimizers")
+register_kind("loss", default="batched", description="transducer losses (asr)")
+
+
+# --- activations (speaker models: memlab.models.ResNet / DFResNet take memory=<name>) ---------
+def _memory(name: str, description: str, tasks=("speaker",)):
+    register("memory", name, description=description, tasks=tasks,
+             model_args={"speaker": {"memory": name}})
+
+
+_memory("vanilla", "ordinary autograd: every block keeps its activations", ("speaker", "asr"))
+_memory("checkpoint", "torch.utils.checkpoint per block: recompute in backward")
+_memory("reversible", "partially reversible: reversible blocks, ordinary downsampling "
+        "(Liu & Qian 2024)")
+_memory("reversible-full", "fully reversible: reversible blocks and invertible downsampling")
+
+# --- transducer loss (memlab.models.Transducer takes loss=<name>) ------------------------------
+for _name, _description in (
+        ("batched", "torchaudio rnnt_loss on the whole B x T x (U+1) x V tensor"),
+        ("samplewise", "loss and joiner gradient one sample (or small group) at a time "
+                       "(Braun et al. 2022)")):
+    register("loss", _name, description=_description, tasks=("asr",),
+             model_args={"asr": {"loss": _name}})
+
+
+# --- optimizers: factory(model, lr, weight_decay=0.0, **kw) -> torch.optim.Optimizer -----------
+# default_lr: when Config.lr is None; task_lr: a task's own default (Config.for_task), e.g. the
+# Adam family's 6e-3 for the transducer (chosen by a small sweep, see the ASR notes)
+def optimizer(name: str, *, description: str, tasks=None, **options):
+    """Decorator registering ``factory`` as optimizer ``name``."""
+    def deco(factory):
+        register("optimizer", name, description=description, tasks=tasks, factory=factory,
+                 **options)
+        return factory
+    return deco
+
+
+_ADAM_LRS = dict(default_lr=2e-3, task_lr={"asr": 6e-3})
+
+
+@optimizer("sgd", description="torch.optim.SGD, momentum 0.9 (fp32 state: 4 B/param)",
+           default_lr=0.1)
+def _sgd(model, lr, weight_decay=0.0, **kw):
+    import torch
+    return torch.optim.SGD(model.parameters(), lr=lr, momentum=kw.pop("momentum", 0.9),
+                           weight_decay=weight_decay, **kw)
+
+
+@optimizer("adam", description="torch.optim.Adam (fp32 state: 8 B/param)", **_ADAM_LRS)
+def _adam(model, lr, weight_decay=0.0, **kw):
+    import torch
+    return torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay, **kw)
+
+
+@optimizer("adamw", description="torch.optim.AdamW (fp32 state: 8 B/param)", **_ADAM_LRS)
+def _adamw(model, lr, weight_decay=0.0, **kw):
+    import torch
+    return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, **kw)
+
+
+@optimizer("sgd8bit", description="SGD momentum in dynamic 8-bit blocks (~1 B/param)",
+           default_lr=0.1)
+def _sgd8bit(model, lr, weight_decay=0.0, **kw):
+    from memlab.optim import SGD8bit
+    return SGD8bit(model.parameters(), lr=lr, momentum=kw.pop("momentum", 0.9),
+                   weight_decay=weight_decay, **kw)
+
+
+@optimizer("adam8bit", description="Adam with dynamic 8-bit block-wise states (~2 B/param)",
+           **_ADAM_LRS)
+def _adam8bit(model, lr, weight_decay=0.0, **kw):
+    from memlab.optim import Adam8bit
+    return Adam8bit(model.parameters(), lr=lr, weight_decay=weight_decay, **kw)
+
+
+@optimizer("adamw8bit", description="AdamW with dynamic 8-bit block-wise states", **_ADAM_LRS)
+def _adamw8bit(model, lr, weight_decay=0.0, **kw):
+    from memlab.optim import AdamW8bit
+    return AdamW8bit(model.parameters(), lr=lr, weight_decay=weight_decay, **kw)
+
+
+@optimizer("lowrank-adam", description="Adam on rank-r gradient factors of weight matrices "
+           "(Gooneratne et al. 2020)", **_ADAM_LRS)
+def _lowrank_adam(model, lr, weight_decay=0.0, **kw):
+    from memlab.optim import LowRankAdam
+    return LowRankAdam(model, lr=lr, weight_decay=weight_decay, **kw)
