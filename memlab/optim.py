@@ -104,7 +104,7 @@ def _sgd8bit_step(p: Tensor, grad: Tensor, buf: Optional[State] = None, *, lr: S
     if maximize:
         g = -g
     if weight_decay != 0:
-        g = g.add(p, alpha=weight_decay)
+        g = g.add(p, alpha=weight_decay).float()                     # fp32 for any p dtype
     if buf is not None:
         b = _load(buf).view_as(g)                                   # (*S,) fp32
         if first:
@@ -133,7 +133,7 @@ def _adam8bit_step(p: Tensor, grad: Tensor, exp_avg: State, exp_avg_sq: State, *
         if decoupled:
             p.mul_(1 - lr * weight_decay)
         else:
-            g = g.add(p, alpha=weight_decay)
+            g = g.add(p, alpha=weight_decay).float()                 # fp32 for any p dtype
     m = _load(exp_avg).view_as(g)                                   # (*S,) fp32
     v = _load(exp_avg_sq).view_as(g)                                # (*S,) fp32
     m.lerp_(g, 1 - beta1)

@@ -468,3 +468,18 @@ def test_bench_optim_rows():
     assert {(r["subject"], r["sigma"]) for r in drift} >= {
         ("adam8bit", 0.5), ("adam8bit", 1.5), ("adam8bit-eager", 1.5)}
     assert all(r["zero_fraction"] == 0 for r in drift if r["subject"].startswith("adam8bit"))
+
+
+@pytest.mark.parametrize("make", [
+    lambda p: Adam8bit(p, lr=1e-2, weight_decay=1e-2, min_8bit_size=0),
+    lambda p: Adam8bit(p, lr=1e-2, weight_decay=1e-2),                 # small: fp32 states
+    lambda p: SGD8bit(p, lr=1e-2, weight_decay=1e-2, min_8bit_size=0),
+])
+def test_float64_params_with_l2_weight_decay_step(make):
+    """Found by tests/test_properties.py: g + wd * p promoted to float64 and lerp_ into the
+    float32 working state raised 'expected dtype float for `end`'."""
+    p = torch.nn.Parameter(torch.randn(300, dtype=torch.float64))
+    p.grad = torch.randn(300, dtype=torch.float64)
+    before = p.detach().clone()
+    make([p]).step()
+    assert p.dtype == torch.float64 and not torch.equal(p.detach(), before)
