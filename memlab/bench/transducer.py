@@ -36,13 +36,13 @@ analytic estimate of :func:`estimate_bytes` for both, marked ``estimated=True``.
 
 from __future__ import annotations
 
-import os
 import statistics
 import time
 from typing import Dict, List, Optional, Sequence
 
 import torch
 
+from memlab import fast_mode
 from memlab.transducer import (DEFAULT_MAX_CHUNK_BYTES, chunk_bytes, plan_chunks,
                                rnnt_loss_batched, samplewise_rnnt_loss)
 
@@ -171,7 +171,7 @@ def run(fast: bool = False, batch_sizes: Optional[Sequence[int]] = None,
             raise ValueError(f"preset must be 'paper' or None, got {preset!r}")
         return run_paper(device if torch.device(device).type == "cuda" else None,
                          hidden=hidden, joint_dim=joint_dim, max_chunk_bytes=max_chunk_bytes)
-    fast = fast or os.environ.get("MEMLAB_FAST", "") not in ("", "0")
+    fast = fast or fast_mode()
     batch_sizes = batch_sizes or ((4,) if fast else (8, 32))
     seconds = seconds or ((2.0,) if fast else (4.0, 8.0))
     vocab_sizes = vocab_sizes or ((32,) if fast else (128, 512))
