@@ -60,7 +60,9 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-STRATEGIES = ("vanilla", "checkpoint", "reversible", "reversible-full")
+from memlab.models.resnet import MEMORY as RESNET_MEMORY
+
+STRATEGIES = tuple(RESNET_MEMORY)     # what the speaker models implement (their own table)
 
 
 def _build(model: str, memory: str, depth: int, width: int, feat_dim: int):
