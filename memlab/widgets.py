@@ -47,6 +47,8 @@ from memlab.memory import CATEGORIES, Estimate, MemoryBudgetExceeded, format_byt
 
 MiB = 2 ** 20
 MAX_REDRAWS_PER_S = 10
+FAR_LIMIT = 5     # a limit / budget line this many times the tallest bar is named, not drawn
+_BUDGET_NOTE = " · <span style='color:#c62828'>budget "
 
 # One colour per category, the same in every figure (Vega/Tableau 10 tones).
 CATEGORY_COLORS = {
@@ -166,6 +168,54 @@ def _timeline_parts(tl: Dict[str, list]):
     return ys, shapes, notes
 
 
+def reference_line(fig: go.Figure, y: float, text: str = "", *, yref: str = "y",
+                   xref: str = "x", color: str = "#888", dash: str = "dot", width: float = 1.5,
+                   side: str = "left", font_size: int = 11) -> go.Figure:
+    """A horizontal line at data value ``y`` across the plot, labelled ``text`` just above it.
+
+    Unlike ``fig.add_hline(annotation_text=...)`` this is right on a log axis too: plotly.js reads
+    a shape's y in data units but an annotation's y in axis units, log10(y) on a log axis, so
+    add_hline's label for 80 GB lands at 10^80 and drags the autorange there. The axis type is
+    read now: set ``type="log"`` before calling. ``side``: "left" or "right" end of the line.
+    """
+    if side not in ("left", "right"):
+        raise ValueError(f"side must be 'left' or 'right', got {side!r}")
+    if not (isinstance(y, (int, float)) and math.isfinite(y)):
+        raise TypeError(f"y must be a finite number, got {y!r}")
+    axis = fig.layout[f"yaxis{yref[1:]}"]
+    log = axis.type == "log"
+    if log and y <= 0:
+        raise ValueError(f"y must be > 0 on the log axis {yref}, got {y!r}")
+    fig.add_shape(type="line", xref=f"{xref} domain", x0=0, x1=1, yref=yref, y0=y, y1=y,
+                  line=dict(color=color, width=width, dash=dash), layer="above",
+                  name="reference")
+    if text:
+        fig.add_annotation(xref=f"{xref} domain", x=0 if side == "left" else 1,
+                           xanchor=side, yref=yref, y=math.log10(y) if log else y,
+                           yanchor="bottom", text=text, showarrow=False,
+                           font=dict(size=font_size, color=color),
+                           bgcolor="rgba(255,255,255,0.7)")
+    return fig
+
+
+def log_range(values, *, below: float = 0.4, above: float = 0.4) -> List[float]:
+    """An explicit log-axis range (log10 units) over the positive ``values`` with ``below`` and
+    ``above`` decades of room: for figures whose values (bars, reference lines) move with a
+    slider, so the axis follows them instead of plotly's autorange."""
+    pos = [float(v) for v in values if v is not None and v > 0 and math.isfinite(v)]
+    if not pos:
+        raise ValueError(f"values must hold a positive number, got {list(values)!r}")
+    return [math.log10(min(pos)) - below, math.log10(max(pos)) + above]
+
+
+def _timeline_top(ys: Dict[str, list], budget_mib: Optional[float] = None) -> Optional[list]:
+    """y range of a timeline: 0 to the peak (or the budget line) plus room for the phase labels
+    at the top, so they are not drawn over the tallest stack; None (autorange) when empty."""
+    totals = [sum(v) for v in zip(*(ys[c] for c in CATEGORIES))]
+    top = max(totals + ([budget_mib] if budget_mib else []), default=0.0)
+    return [0, 1.18 * top] if top > 0 else None
+
+
 def timeline_figure(timeline, title: str = "Live bytes through one training step",
                     height: int = 360, width: Optional[int] = None) -> go.Figure:
     """Stacked areas of live bytes by category through a metered region, phases shaded.
@@ -189,7 +239,8 @@ def timeline_figure(timeline, title: str = "Live bytes through one training step
     fig.update_layout(template="plotly_white", height=height, width=width, shapes=shapes,
                       annotations=notes, title=dict(text=f"<b>{title}</b>", x=0.01, y=0.97),
                       xaxis=dict(title=dict(text="allocation / free event in the step (events)")),
-                      yaxis=dict(title=dict(text="live memory (MiB)"), rangemode="tozero"),
+                      yaxis=dict(title=dict(text="live memory (MiB)"), rangemode="tozero",
+                                 range=_timeline_top(ys)),
                       legend=dict(orientation="h", yanchor="bottom", y=1.06, x=0,
                                   traceorder="normal"),
                       margin=dict(l=60, r=20, t=90, b=60))
@@ -682,20 +733,36 @@ class MemoryLab:
             self._budget_shapes(self.fig_breakdown)
 
     def _budget_shapes(self, fig) -> None:
-        """Replace the dashed budget line of ``fig`` (call inside batch_update)."""
+        """Replace the dashed budget line of ``fig`` (call inside batch_update). A budget more
+        than ``FAR_LIMIT`` times the tallest stack would flatten the bars or areas under it: it
+        is named at the end of the title instead of drawn."""
         shapes = [sh for sh in fig.layout.shapes if sh.name != "budget"]
+        title = (fig.layout.title.text or "").split(_BUDGET_NOTE)[0]
         budget = self._budget_bytes()
-        if budget is not None:
+        stacks = [sum(v) for v in zip(*(tr.y or [] for tr in fig.data))]
+        tallest = max(stacks, default=0.0)
+        if budget is not None and tallest > 0 and _mib(budget) > FAR_LIMIT * tallest:
+            title += f"{_BUDGET_NOTE}{_mib(budget):.4g} MiB, off the scale</span>"
+        elif budget is not None:
             shapes.append(dict(type="line", xref="paper", x0=0, x1=1, yref="y",
                                y0=_mib(budget), y1=_mib(budget), name="budget",
                                line=dict(color="#c62828", width=1.5, dash="dash")))
         fig.layout.shapes = shapes
+        fig.layout.title.text = title
 
     def _draw_budget_lines(self) -> None:
         with self._lock:
             for fig in (self.fig_breakdown, self.fig_timeline):
                 with fig.batch_update():
                     self._budget_shapes(fig)
+            with self.fig_timeline.batch_update():
+                self._timeline_range()
+
+    def _timeline_range(self) -> None:
+        """The timeline's y range from its stacks and the budget line (inside batch_update)."""
+        ys = {tr.name: list(tr.y or []) for tr in self.fig_timeline.data}
+        drawn = [sh.y0 for sh in self.fig_timeline.layout.shapes if sh.name == "budget"]
+        self.fig_timeline.layout.yaxis.range = _timeline_top(ys, max(drawn, default=None))
 
     def _draw_timeline(self, runs: List[_Run]) -> None:
         run = next((r for r in reversed(runs) if r.last_metered is not None), None)
@@ -706,6 +773,7 @@ class MemoryLab:
                     tr.x, tr.y, tr.customdata = [], [], []
                 fig.layout.shapes = []
                 fig.layout.annotations = []
+                fig.layout.yaxis.range = None
                 fig.layout.title.text = "<b>Live bytes through one training step</b>"
                 self._budget_shapes(fig)
                 return
@@ -717,9 +785,10 @@ class MemoryLab:
                 tr.customdata = ys["op"]
             fig.layout.shapes = shapes
             fig.layout.annotations = notes
-            self._budget_shapes(fig)
             fig.layout.title.text = (f"<b>Live bytes through one training step</b> · "
                                      f"{run.name}, step {rec.step}")
+            self._budget_shapes(fig)
+            self._timeline_range()
 
     def _draw_curves(self, runs: List[_Run]) -> None:
         fig = self.fig_curves
@@ -1063,7 +1132,9 @@ def breakdown_figure(rows: List[Dict[str, Any]], *, x: str = "label", title: str
                      limit_label: str = "") -> go.Figure:
     """Stacked bars by category (the dashboard's colours), one bar per row; totals on top.
 
-    ``limit`` (in ``unit``) draws a dashed line, e.g. a GPU's memory, labelled ``limit_label``.
+    ``limit`` (in ``unit``) draws a dashed line, e.g. a GPU's memory, labelled ``limit_label``;
+    a limit more than ``FAR_LIMIT`` times the tallest bar (tiny fast-mode sizes) would flatten
+    the bars, so it is named in a note at the top instead.
     """
     scale = {"MiB": MiB, "GiB": 2 ** 30, "GB": 1e9, "MB": 1e6}.get(unit)
     if scale is None:
@@ -1085,8 +1156,12 @@ def breakdown_figure(rows: List[Dict[str, Any]], *, x: str = "label", title: str
                       legend=dict(orientation="h", yanchor="bottom", y=1.02, x=0,
                                   traceorder="normal"),
                       margin=dict(l=60, r=20, t=80, b=60), bargap=_bargap(len(rows)))
-    if limit is not None:
-        fig.add_hline(y=limit, line=dict(color="#c62828", width=1.5, dash="dash"),
-                      annotation_text=limit_label, annotation_position="top left",
-                      annotation_font=dict(color="#c62828", size=11))
+    tallest = max((sum(r.get(c, 0) for c in CATEGORIES) / scale for r in rows), default=0.0)
+    if limit is not None and tallest > 0 and limit > FAR_LIMIT * tallest:
+        fig.update_layout(title_subtitle=dict(
+            text=f"{limit_label or 'limit'}: {limit:g} {unit}, {limit / tallest:.0f}× the "
+                 "tallest bar (off this scale)", font=dict(color="#c62828", size=12)),
+            margin_t=100)
+    elif limit is not None:
+        reference_line(fig, limit, limit_label, color="#c62828", dash="dash")
     return fig

@@ -1,11 +1,14 @@
 """Every tutorial notebook runs headless in fast mode, and is committed without outputs.
 
-Parametrized over ``notebooks/*.ipynb``, so a notebook added later is covered automatically.
+Parametrized over ``notebooks/*.ipynb``, so a notebook added later is covered automatically. Each
+notebook is executed once per session (``execute_notebook``); test_figures.py checks the figures
+of the same execution.
 """
 
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -22,29 +25,66 @@ TIMEOUT_S = 240
 IDS = [p.stem for p in NOTEBOOKS]
 
 
-@pytest.mark.notebook
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=IDS)
-def test_notebook_runs_in_fast_mode(path, tmp_path, monkeypatch):
+class Executed:
+    """One headless fast-mode execution of a notebook: the executed copy, the state of its
+    widgets as nbclient recorded it (Output widgets hold their outputs there), the wall time,
+    and the error if a cell raised."""
+
+    def __init__(self, nb, widget_state, elapsed, error):
+        self.nb, self.widget_state, self.elapsed, self.error = nb, widget_state, elapsed, error
+
+
+_EXECUTED = {}
+
+
+def execute_notebook(path: Path) -> Executed:
+    """Run ``path`` once per test session (the run test and the figure check share it).
+
+    A last cell is appended to the executed copy only: it displays every plotly FigureWidget
+    alive in the kernel (the dashboard's figures), whose state nbclient sees only as deltas.
+    """
+    if path in _EXECUTED:
+        return _EXECUTED[path]
     nbclient = pytest.importorskip("nbclient")
     pytest.importorskip("ipykernel")
+    from figure_check import DUMP_FIGURE_WIDGETS
+
     # The kernel inherits this environment: tiny sizes, and one intra-op thread so tiny models
     # do not lose their time to OpenMP spin-waits on a busy 2-core machine.
-    monkeypatch.setenv("MEMLAB_FAST", "1")
-    monkeypatch.setenv("OMP_NUM_THREADS", os.environ.get("OMP_NUM_THREADS", "1"))
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(
-        [str(ROOT)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
-    nb = nbformat.read(path, as_version=4)
-    client = nbclient.NotebookClient(
-        nb, timeout=TIMEOUT_S, kernel_name="python3", allow_errors=False,
-        resources={"metadata": {"path": str(tmp_path)}})   # cwd: files a notebook writes go here
-    t0 = time.perf_counter()
-    client.execute()
-    elapsed = time.perf_counter() - t0
-    assert elapsed < TIMEOUT_S, f"{path.name} took {elapsed:.0f} s in fast mode (limit {TIMEOUT_S})"
-    errors = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
+    env = {"MEMLAB_FAST": "1", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
+           "PYTHONPATH": os.pathsep.join([str(ROOT)] + [
+               p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])}
+    with pytest.MonkeyPatch.context() as mp, tempfile.TemporaryDirectory() as cwd:
+        for k, v in env.items():
+            mp.setenv(k, v)
+        nb = nbformat.read(path, as_version=4)
+        nb.cells.append(nbformat.v4.new_code_cell(DUMP_FIGURE_WIDGETS))
+        client = nbclient.NotebookClient(
+            nb, timeout=TIMEOUT_S, kernel_name="python3", allow_errors=False,
+            resources={"metadata": {"path": cwd}})   # cwd: files a notebook writes go here
+        t0 = time.perf_counter()
+        error = None
+        try:
+            client.execute()
+        except Exception as exc:   # CellExecutionError, a timeout, a dead kernel
+            error = exc
+        elapsed = time.perf_counter() - t0
+    _EXECUTED[path] = Executed(nb, client.widget_state, elapsed, error)
+    return _EXECUTED[path]
+
+
+@pytest.mark.notebook
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=IDS)
+def test_notebook_runs_in_fast_mode(path):
+    run = execute_notebook(path)
+    if run.error is not None:
+        raise run.error
+    assert run.elapsed < TIMEOUT_S, \
+        f"{path.name} took {run.elapsed:.0f} s in fast mode (limit {TIMEOUT_S})"
+    errors = [o for c in run.nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
               if o.get("output_type") == "error"]
     assert not errors
-    print(f"{path.name}: {elapsed:.1f} s")
+    print(f"{path.name}: {run.elapsed:.1f} s")
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=IDS)

@@ -122,7 +122,8 @@ for dtype, dash in (("float32", "solid"), ("float64", "dot")):
                     line=dict(dash=dash, color="#E45756"))
 fig.update_layout(template="plotly_white", height=420,
                   title="Error of recomputing instead of storing (relative to the exact value)",
-                  xaxis=dict(title="couplings in the stage (blocks)", type="log"),
+                  xaxis=dict(title="couplings in the stage (blocks, log scale)", type="log",
+                             tickvals=sorted({r["depth"] for r in recon})),
                   yaxis=dict(title="relative error ‖x̂ − x‖ / ‖x‖ (dimensionless)",
                              type="log", exponentformat="power"))
 fig
@@ -155,15 +156,18 @@ print(format_table(recon, ["depth", "dtype", "max_abs_error", "rel_error", "grad
 # %%
 bench = study.run(fast=FAST, depths=BENCH_DEPTHS, threads=1)
 fig = go.Figure()
-for s in study.STRATEGIES:
+# dashes and marker shapes too: two strategies with equal peaks stay visible on top of each other
+for s, dash, symbol in zip(study.STRATEGIES, ("solid", "dash", "dot", "dashdot"),
+                           ("circle", "square", "diamond", "triangle-up")):
     rows = [r for r in bench if r["strategy"] == s]
     fig.add_scatter(x=[r["depth"] for r in rows], y=[r["activation_bytes"] / 2**20 for r in rows],
-                    mode="lines+markers", name=s, line=dict(color=STRATEGY_COLORS[s]))
+                    mode="lines+markers", name=s, line=dict(color=STRATEGY_COLORS[s], dash=dash),
+                    marker=dict(symbol=symbol, size=8))
 r0 = bench[0]
 fig.update_layout(template="plotly_white", height=420,
                   title=f"Activation peak of one training step (batch {r0['batch_size']} × "
                         f"{r0['frames']} frames, width {r0['width']})",
-                  xaxis=dict(title="blocks in the third stage (blocks)"),
+                  xaxis=dict(title="blocks in the third stage", tickvals=BENCH_DEPTHS),
                   yaxis=dict(title="activation peak (MiB)", rangemode="tozero"))
 fig
 

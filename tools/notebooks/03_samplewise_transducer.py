@@ -68,7 +68,8 @@ from memlab.lab import Config
 from memlab.memory import MemoryMeter, format_bytes
 from memlab.transducer import (chunk_bytes, plan_chunks, rnnt_forward_variables,
                                rnnt_loss_batched, rnnt_loss_reference)
-from memlab.widgets import MemoryLab, breakdown_figure, measure_step, sweep, timeline_figure
+from memlab.widgets import (MemoryLab, breakdown_figure, log_range, measure_step,
+                            reference_line, sweep, timeline_figure)
 
 torch.manual_seed(0)
 GB = 1e9
@@ -129,12 +130,12 @@ fig.add_heatmap(z=share.T.tolist(), x=list(range(T)), y=list(range(U + 1)), colo
                 hovertemplate="t=%{x}, u=%{y}<br>share=%{z:.2f}<extra></extra>")
 for col in (1, 2):
     fig.add_scatter(x=path_t, y=path_u, mode="lines", line=dict(color="white", width=2),
-                    name="favoured path", showlegend=col == 1, row=1, col=col)
+                    name="favoured path", showlegend=False, row=1, col=col)
 fig.update_xaxes(title_text="encoder frame t", dtick=1)
 fig.update_yaxes(title_text="tokens emitted u", dtick=1)
 fig.update_layout(template="plotly_white", height=380,
-                  title=f"<b>The RNN-T lattice</b> · T = {T} frames, U = {U} tokens, V = {V}",
-                  legend=dict(orientation="h", y=-0.25))
+                  title=f"<b>The RNN-T lattice</b> · T = {T} frames, U = {U} tokens, V = {V}"
+                        " · white line: the favoured path")
 fig
 
 # %% [markdown]
@@ -167,24 +168,30 @@ print(f"cells in the lattice: T x (U+1) = {T * (U + 1)}; logits for them: "
 #
 # Move the sliders. **Look for:** the batched total grows with the *product* of all three; the
 # sample-wise total barely moves with the batch size, because only the group is B-sized.
-# (The y axis is logarithmic.)
+# (The y axis is logarithmic: each grid line is ten times the one below; the dotted lines are two
+# GPU sizes.)
 
 # %%
+GPUS = ((80, "H100 (80 GB)"), (16, "16 GB GPU"))     # reference lines, GB
+
+
 def calculator(batch_size, seconds, vocab_size):
     m = bench.loss_memory(batch_size, seconds, vocab_size)
+    gb = [m["batched_bytes"] / GB, m["samplewise_bytes"] / GB]
     fig = go.Figure(go.Bar(
-        x=["batched", "sample-wise"], y=[m["batched_bytes"] / GB, m["samplewise_bytes"] / GB],
-        marker_color=["#E45756", "#4C78A8"], width=0.5,
-        text=[format_bytes(m["batched_bytes"]), format_bytes(m["samplewise_bytes"])],
-        textposition="outside"))
-    for gb, name in ((80, "H100 (80 GB)"), (16, "16 GB GPU")):
-        fig.add_hline(y=gb, line=dict(color="#999", dash="dot"), annotation_text=name,
-                      annotation_position="top left")
-    fig.update_layout(template="plotly_white", height=330, width=560,
+        x=["batched", "sample-wise"], y=gb, marker_color=["#E45756", "#4C78A8"], width=0.5,
+        text=[f"{v:.3g} GB" for v in gb], textposition="outside", cliponaxis=False,
+        name="loss step", hovertemplate="%{x}: %{y:.3g} GB<extra></extra>"))
+    # the range follows the bars and the GPU lines: half a decade of room below and above
+    fig.update_layout(template="plotly_white", height=360, width=560,
                       title=f"<b>Loss step</b> · B={batch_size}, {seconds:g} s "
                             f"(T={m['T']}, U={m['U']}), V={vocab_size}",
-                      yaxis=dict(title="memory of the loss step (GB)", type="log"),
+                      yaxis=dict(title="memory of the loss step (GB, log scale)", type="log",
+                                 dtick=1, range=log_range(gb + [g for g, _ in GPUS],
+                                                          below=0.5, above=0.5)),
                       xaxis=dict(title="method"), margin=dict(t=60, b=50))
+    for g, name in GPUS:
+        reference_line(fig, g, name)
     fig.show()
     display(HTML(
         f"<div style='font-size:13px;line-height:1.5'>"
@@ -224,13 +231,13 @@ fig.add_scatter(x=batches, y=curves["batched"], name="batched", mode="lines+mark
                 line=dict(color="#E45756"))
 fig.add_scatter(x=batches, y=curves["samplewise"], name="sample-wise", mode="lines+markers",
                 line=dict(color="#4C78A8"))
-fig.add_hline(y=80, line=dict(color="#999", dash="dot"), annotation_text="H100 (80 GB)")
-fig.add_hline(y=6, line=dict(color="#999", dash="dash"), annotation_text="paper: 6 GB",
-              annotation_position="bottom right")
 fig.update_layout(template="plotly_white", height=380,
                   title="<b>Estimated loss-step memory</b> · 40 s utterances, V = 1024",
-                  xaxis=dict(title="batch size (utterances)", type="log"),
-                  yaxis=dict(title="memory of the loss step (GB)", type="log"))
+                  xaxis=dict(title="batch size (utterances, log scale)", type="log",
+                             tickvals=batches),
+                  yaxis=dict(title="memory of the loss step (GB, log scale)", type="log"))
+reference_line(fig, 80, "H100 (80 GB)")                # after type="log": labels at log10(y)
+reference_line(fig, 6, "paper: 6 GB", dash="dash")
 fig
 
 # %% [markdown]
@@ -285,8 +292,9 @@ fig.add_bar(x=[str(r["group_size"]) for r in sw], y=[r["peak_mib"] for r in sw],
 fig.add_scatter(x=[str(r["group_size"]) for r in sw], y=[r["time_ratio"] for r in sw],
                 name="time / batched time", mode="lines+markers", line=dict(color="#333"),
                 secondary_y=True)
-fig.add_hline(y=sweep_rows[0]["peak_mib"], line=dict(color="#E45756", dash="dash"),
-              annotation_text=f"batched peak {sweep_rows[0]['peak_mib']:.0f} MiB")
+reference_line(fig, sweep_rows[0]["peak_mib"],
+               f"batched peak {sweep_rows[0]['peak_mib']:.1f} MiB", color="#E45756",
+               dash="dash")
 fig.update_layout(template="plotly_white", height=380,
                   title=f"<b>Group size: memory against time</b> · B={BENCH_BATCH}, "
                         f"{BENCH_SECONDS:g} s, V={BENCH_VOCAB}")
@@ -312,7 +320,7 @@ for method, color in (("batched", "#E45756"), ("samplewise", "#4C78A8")):
 fig.update_layout(template="plotly_white", height=360,
                   title=f"<b>Measured peak of the loss step</b> · {BENCH_SECONDS:g} s, "
                         f"V={BENCH_VOCAB}",
-                  xaxis=dict(title="batch size (utterances)"),
+                  xaxis=dict(title="batch size (utterances)", tickvals=BATCH_SIZES),
                   yaxis=dict(title="peak of the loss step (MiB)", rangemode="tozero"))
 fig
 

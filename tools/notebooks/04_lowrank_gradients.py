@@ -48,7 +48,7 @@ import plotly.graph_objects as go
 from memlab.bench import lowrank as study
 from memlab.cli import format_table
 from memlab.memory import format_bytes
-from memlab.widgets import MemoryLab, breakdown_figure, run_summary
+from memlab.widgets import MemoryLab, breakdown_figure, reference_line, run_summary
 
 torch.manual_seed(0)
 
@@ -74,22 +74,25 @@ print(f"TER on held-out utterances of the training speakers: {info['ter']:.3f} "
 # One backward pass of the pretrained model on utterances of the unseen speaker, then the
 # singular values σ₁ ≥ σ₂ ≥ … of the gradient of every weight matrix (conv kernels viewed as
 # out × in·k). If the first few carry almost all of the gradient's energy (Σσᵢ²), a rank-r
-# update loses little. **Look for:** how fast the curves fall (both axes are logarithmic). The
+# update loses little. **Look for:** how fast the curves fall (both axes are logarithmic; a
+# curve stops where it reaches 10⁻⁷, float32's round-off, below which σᵢ is noise). The
 # table gives the rank that holds 90 % of the energy and the share of the top 1 / 4 / 16
 # directions: for most matrices a handful of directions hold 90 % or more. Which matrices are
 # the least low-rank? (In the full-size run: the LSTM predictor's two matrices.)
 
 # %%
 spectra = study.gradient_spectra(FAST, batch_size=SPECTRUM_BATCH)
+SV_FLOOR = 1e-7                                   # float32 round-off, relative to σ₁
 fig = go.Figure()
 for row in spectra:
-    sv = row["sv"]
+    sv = [s for s in row["sv"] if s >= SV_FLOOR]              # the rest is round-off
     fig.add_scatter(x=list(range(1, len(sv) + 1)), y=sv, mode="lines",
                     name=f"{row['name']} {row['shape'][0]}×{row['shape'][1]}")
 fig.update_layout(template="plotly_white", height=420,
                   title="Singular values of the gradient of each weight matrix (σᵢ / σ₁)",
-                  xaxis=dict(title="index i of the singular value", type="log"),
-                  yaxis=dict(title="σᵢ / σ₁ (relative singular value)", type="log"),
+                  xaxis=dict(title="index i of the singular value (log scale)", type="log"),
+                  yaxis=dict(title="σᵢ / σ₁ (relative singular value, log scale)", type="log",
+                             exponentformat="power"),
                   legend=dict(font=dict(size=10)))
 fig
 
@@ -118,12 +121,12 @@ fig.add_scatter(x=[r["rank"] for r in lr_rows], y=[r["predicted_bytes"] / 2**20 
                 mode="lines", name="predicted 4 B × 3 r (m + n)", line=dict(dash="dash"))
 fig.add_scatter(x=[r["rank"] for r in lr_rows], y=[r["measured_bytes"] / 2**20 for r in lr_rows],
                 mode="markers", name="measured (MemoryMeter)", marker=dict(size=9))
-fig.add_hline(y=adam_bytes / 2**20, line=dict(color="#c62828", dash="dot"),
-              annotation_text=f"Adam: gradient + 2 moments = {format_bytes(adam_bytes)}")
 fig.update_layout(template="plotly_white", height=400,
                   title=f"Gradient + Adam state of one {M}×{N} weight matrix",
-                  xaxis=dict(title="rank r", type="log"),
-                  yaxis=dict(title="gradients + optimizer state (MiB)", type="log"))
+                  xaxis=dict(title="rank r (log scale)", type="log", tickvals=RANKS),
+                  yaxis=dict(title="gradients + optimizer state (MiB, log scale)", type="log"))
+reference_line(fig, adam_bytes / 2**20,                # after type="log": label at log10(y)
+               f"Adam: gradient + 2 moments = {format_bytes(adam_bytes)}", color="#c62828")
 fig
 
 # %%
