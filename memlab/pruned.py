@@ -1,0 +1,690 @@
+"""Pruned RNN-T loss: a cheap "simple" joint finds, per frame, the few symbols that matter; the
+full joiner runs only on that band of the lattice. Batched, and sample-wise (band one group of
+samples at a time).
+
+References:
+  F. Kuang, L. Guo, W. Kang, L. Lin, M. Luo, Z. Yao, D. Povey, "Pruned RNN-T for fast,
+     memory-efficient ASR training", Interspeech 2022 (arXiv 2206.13236), as used by k2/icefall.
+  S. Braun, E. McDermott, R. Hsiao, arXiv 2211.16270: the sample-wise computation of the joiner
+     and loss that ``samplewise=True`` applies to the pruned band.
+
+Lattice (as in memlab.transducer): sample b has T_b frames and U_b tokens; from cell (t, u) a
+blank (log-prob ``py[t, u]``) moves to (t+1, u) and token y_{u+1} (log-prob ``px[t, u]``) to
+(t, u+1); the loss is -log of the total probability of the paths from (0, 0) that end with the
+blank out of (T_b-1, U_b).
+
+The three steps:
+
+1. Simple loss. ``am = simple_am_proj(enc_out)`` (B, T, V) and ``lm = simple_lm_proj(pred_out)``
+   (B, U+1, V) are ADDED: logits(t, u) = am[t] + lm[u]. Their log-softmax normaliser
+   logsumexp_v(am[t, v] + lm[u, v]) = log(exp(am[t] - max) @ exp(lm[u] - max)) + maxes is a matrix
+   product, so px/py are gathers of am and lm minus a (B, T, U+1) normaliser and the
+   (B, T, U+1, V) tensor never exists. The loss and its gradient come from one forward-backward
+   (alpha-beta) pass over the lattice.
+2. Bounds. -d loss / d py[t, u] - d loss / d px[t, u] is the occupation probability of cell
+   (t, u). Per frame the window of ``s_range`` consecutive u with the most occupation is picked;
+   its start is then projected onto the feasible set: starts[0] = 0, non-decreasing, steps of at
+   most s_range - 1 (so consecutive windows overlap and a path can cross), the last frame's
+   window holds U_b, every start within [0, max(U_b + 1 - s_range, 0)] (so within
+   [0, U + 1 - s_range]).
+3. Pruned loss. The joiner runs on (B, T, s_range) cells only; the lattice keeps those cells and
+   gives every other one -inf.
+
+``s_range``: an int >= 1; values above U+1 (U = the longest target in the batch) are clipped to
+U+1, where the band is the whole lattice and the pruned loss is the exact RNN-T loss. A band that
+cannot hold a path (U_b > (s_range - 1) * T_b, e.g. s_range = 1 with any token) is refused with a
+ValueError naming s_range and the sample.
+
+The joiner is the one memlab's other losses take: ``joiner(enc (N, T, H_enc), pred (N, U+1,
+H_pred)) -> logits (N, T, U+1, V)``, acting cell by cell. The band is fed to it as N*T rows of one
+frame each: ``joiner(enc (N*T, 1, H_enc), pred_band (N*T, s_range, H_pred))`` -> (N*T, 1, s_range,
+V), so no new calling convention is needed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import numbers
+import operator
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch.autograd.function import once_differentiable
+
+REDUCTIONS = ("mean", "sum", "none")
+DEFAULT_MAX_CHUNK_BYTES = 64 * 2**20   # pruned logits + their gradient of one sample-wise call
+_INF = float("inf")
+
+
+# ----------------------------------------------------------------------------------------------
+# argument checks
+
+
+def _check_tensor(name: str, x, ndim: int, kind: str) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.layout != torch.strided:
+        raise TypeError(f"{name} must be a dense (strided) tensor, got layout {x.layout}")
+    if x.device.type == "meta":
+        raise ValueError(f"{name} must be on a device with data, got device {x.device}")
+    if x.dim() != ndim:
+        raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(x.shape)}")
+    if kind == "float" and not x.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
+    if kind == "int" and (x.is_floating_point() or x.is_complex() or x.dtype == torch.bool):
+        raise TypeError(f"{name} must be an integer tensor (int32 or int64), got dtype {x.dtype}")
+
+
+def _int(name: str, value, low: int) -> int:
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be an int >= {low}, got {value!r}")
+    try:
+        v = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an int >= {low}, got {value!r} of type "
+                        f"{type(value).__name__}") from None
+    if v < low:
+        raise ValueError(f"{name} must be an int >= {low}, got {v}")
+    return v
+
+
+def _scale(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {value!r} of type {type(value).__name__}")
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+    return float(value)
+
+
+def _check_lengths(targets, enc_lengths, target_lengths, B: int, T: int, U: int, device,
+                   blank, vocab_size: int, reduction) -> None:
+    _check_tensor("targets", targets, 2, "int")
+    _check_tensor("enc_lengths", enc_lengths, 1, "int")
+    _check_tensor("target_lengths", target_lengths, 1, "int")
+    if not isinstance(reduction, str) or reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if not isinstance(blank, int) or isinstance(blank, bool):
+        raise TypeError(f"blank must be an int, got {type(blank).__name__}")
+    if not 0 <= blank < vocab_size:
+        raise ValueError(f"blank must lie in [0, V={vocab_size}), got {blank}")
+    if B == 0:
+        raise ValueError("the batch is empty (batch size 0); need at least one sample")
+    for name, x in (("targets", targets), ("enc_lengths", enc_lengths),
+                    ("target_lengths", target_lengths)):
+        if x.device != device:
+            raise ValueError(f"{name} must be on the same device as enc_out ({device}), "
+                             f"got {x.device}")
+        if x.shape[0] != B:
+            raise ValueError(f"{name} must have batch size {B}, got shape {tuple(x.shape)}")
+    if targets.shape[1] != U:
+        raise ValueError(f"targets must have shape (B, U) = ({B}, {U}) to match pred_out's "
+                         f"U+1 = {U + 1} positions, got {tuple(targets.shape)}")
+    lo, hi = int(enc_lengths.min()), int(enc_lengths.max())
+    if lo < 1 or hi > T:
+        raise ValueError(f"enc_lengths must lie in [1, T={T}], got values in [{lo}, {hi}]")
+    lo, hi = int(target_lengths.min()), int(target_lengths.max())
+    if lo < 0 or hi > U:
+        raise ValueError(f"target_lengths must lie in [0, U={U}], got values in [{lo}, {hi}]")
+    valid = torch.arange(U, device=device)[None, :] < target_lengths[:, None]       # (B, U)
+    for bad, what in ((valid & ((targets < 0) | (targets >= vocab_size)), f"lie in [0, V={vocab_size})"),
+                      (valid & (targets == blank), f"differ from blank={blank}")):
+        if bool(bad.any()):
+            b, u = (int(i) for i in bad.nonzero()[0])
+            raise ValueError(f"targets must {what} within target_lengths, got "
+                             f"targets[{b}, {u}] = {int(targets[b, u])}")
+
+
+def _check_args(joiner, enc_out, pred_out, am, lm, targets, enc_lengths, target_lengths,
+                s_range, blank, reduction) -> int:
+    """All checks of pruned_rnnt_loss; returns s_range as an int (before clipping)."""
+    if joiner is not None and not callable(joiner):
+        raise TypeError(f"joiner must be callable (an nn.Module), got {type(joiner).__name__}")
+    for name, x in (("enc_out", enc_out), ("pred_out", pred_out), ("am", am), ("lm", lm)):
+        if x is not None:
+            _check_tensor(name, x, 3, "float")
+    B, T, V = am.shape
+    U1 = lm.shape[1]
+    dev = am.device
+    if U1 < 1:
+        raise ValueError(f"lm must have U+1 >= 1 positions in dim 1 (B, U+1, V), got shape "
+                         f"{tuple(lm.shape)}")
+    if lm.device != dev:
+        raise ValueError(f"lm must be on am's device ({dev}), got {lm.device}")
+    if lm.shape[0] != B or lm.shape[2] != V:
+        raise ValueError(f"lm must have shape (B, U+1, V) with B={B}, V={V} (from am "
+                         f"{tuple(am.shape)}), got {tuple(lm.shape)}")
+    for name, x, want in (("enc_out", enc_out, (B, T)), ("pred_out", pred_out, (B, U1))):
+        if x is None:
+            continue
+        if x.device != dev:
+            raise ValueError(f"{name} must be on am's device ({dev}), got {x.device}")
+        if tuple(x.shape[:2]) != want:
+            raise ValueError(f"{name} must have leading shape {want} to match am {tuple(am.shape)} "
+                             f"and lm {tuple(lm.shape)}, got {tuple(x.shape)}")
+    s_range = _int("s_range", s_range, 1)
+    _check_lengths(targets, enc_lengths, target_lengths, B, T, U1 - 1, dev, blank, V, reduction)
+    return s_range
+
+
+def _check_band(s_range: int, enc_lengths, target_lengths) -> None:
+    """A path fits the band only if U_b <= (s_range - 1) * T_b (s_range already clipped)."""
+    bad = target_lengths.long() > (s_range - 1) * enc_lengths.long()              # (B,)
+    if bool(bad.any()):
+        b = int(bad.nonzero()[0, 0])
+        Tb, Ub = int(enc_lengths[b]), int(target_lengths[b])
+        need = -(-Ub // Tb) + 1
+        raise ValueError(f"s_range={s_range} is too small: sample {b} has {Ub} tokens in {Tb} "
+                         f"frames, and a band of s_range symbols per frame advances at most "
+                         f"s_range - 1 tokens a frame; need s_range >= {need}")
+
+
+def _reduce(losses: torch.Tensor, reduction: str) -> torch.Tensor:
+    if reduction == "sum":
+        return losses.sum()
+    if reduction == "mean":
+        return losses.sum() / losses.shape[0]
+    return losses
+
+
+# ----------------------------------------------------------------------------------------------
+# the lattice: forward-backward over anti-diagonals, gradients computed with the loss
+
+
+def _skew(x: torch.Tensor, N: int) -> torch.Tensor:
+    """(B, T, C) -> (B, N, C) with out[:, n, u] = x[:, n - u, u] (-inf where n - u is off range)."""
+    B, T, C = x.shape
+    n = torch.arange(N, device=x.device)[:, None]                                 # (N, 1)
+    u = torch.arange(C, device=x.device)[None, :]                                 # (1, C)
+    t = n - u                                                                     # (N, C)
+    ok = (t >= 0) & (t < T)
+    return x[:, t.clamp(0, T - 1), u.expand(N, C)].masked_fill(~ok, -_INF)        # (B, N, C)
+
+
+def _unskew(xs: torch.Tensor, T: int) -> torch.Tensor:
+    """Inverse of _skew: (B, N, C) -> (B, T, C)."""
+    C = xs.shape[2]
+    t = torch.arange(T, device=xs.device)[:, None]                                # (T, 1)
+    u = torch.arange(C, device=xs.device)[None, :]                                # (1, C)
+    return xs[:, t + u, u.expand(T, C)]                                           # (B, T, C)
+
+
+@torch.no_grad()
+def lattice_forward_backward(px: torch.Tensor, py: torch.Tensor, enc_lengths: torch.Tensor,
+                             target_lengths: torch.Tensor
+                             ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Losses of a transducer lattice and their gradients, by the alpha-beta recursions.
+
+    px (B, T, U): log-prob of emitting y_{u+1} from (t, u); py (B, T, U+1): log-prob of blank
+    from (t, u); -inf marks a missing arc. Returns (losses (B,), d loss_b / d px, d loss_b / d py);
+    -(the gradients) are the arcs' occupation probabilities. Computed in px's dtype (use float32
+    or float64). One Python step per anti-diagonal, each on (B, U+1) tensors: no V axis anywhere.
+    """
+    B, T, U1 = py.shape
+    U = U1 - 1
+    N = T + U                                                                     # diagonals
+    dev, dt = py.device, py.dtype
+    pxs, pys = _skew(px, N), _skew(py, N)                                         # (B, N, U), (B, N, U+1)
+    ninf = torch.full((B, 1), -_INF, dtype=dt, device=dev)                        # (B, 1)
+    alpha = torch.empty(B, N, U1, dtype=dt, device=dev)                           # (B, N, U+1)
+    a = torch.full((B, U1), -_INF, dtype=dt, device=dev)
+    a[:, 0] = 0.0
+    alpha[:, 0] = a
+    for n in range(1, N):
+        stay = a + pys[:, n - 1]                                                  # blank: (t-1,u) -> (t,u)
+        move = torch.cat([ninf, a[:, :U] + pxs[:, n - 1]], dim=1)                 # emit: (t,u-1) -> (t,u)
+        a = torch.logaddexp(stay, move)                                           # (B, U+1)
+        alpha[:, n] = a
+    b_idx = torch.arange(B, device=dev)
+    Tb, Ub = enc_lengths.long().to(dev), target_lengths.long().to(dev)
+    n_end = Tb - 1 + Ub                                                           # (B,) last cell's diagonal
+    py_end = py[b_idx, Tb - 1, Ub]                                                # (B,) the final blank
+    log_z = alpha[b_idx, n_end, Ub] + py_end                                      # (B,)
+
+    beta = torch.empty(B, N + 1, U1, dtype=dt, device=dev)                        # (B, N+1, U+1)
+    beta[:, N] = -_INF
+    last = torch.arange(U1, device=dev)[None, :] == Ub[:, None]                   # (B, U+1) column U_b
+    bt = beta[:, N]
+    for n in range(N - 1, -1, -1):
+        stay = bt + pys[:, n]                                                     # blank to (t+1, u)
+        move = torch.cat([bt[:, 1:] + pxs[:, n], ninf], dim=1)                    # emit to (t, u+1)
+        bt = torch.logaddexp(stay, move)                                          # (B, U+1)
+        bt = torch.where(last & (n_end == n)[:, None], py_end[:, None], bt)       # seed (T_b-1, U_b)
+        beta[:, n] = bt
+    lz = log_z[:, None, None]
+    occ_y = torch.exp(alpha + pys + beta[:, 1:] - lz)                             # (B, N, U+1)
+    occ_y[b_idx, n_end, Ub] = torch.exp(alpha[b_idx, n_end, Ub] + py_end - log_z)  # final blank (= 1)
+    occ_x = torch.exp(alpha[:, :, :U] + pxs + beta[:, 1:, 1:] - lz)               # (B, N, U)
+    return -log_z, -_unskew(occ_x, T), -_unskew(occ_y, T)
+
+
+class _StoredLattice(torch.autograd.Function):
+    """losses (B,) attached to px, py; backward = grad_output[b] * the stored gradients."""
+
+    @staticmethod
+    def forward(ctx, px, py, losses, grad_px, grad_py):
+        ctx.save_for_backward(grad_px, grad_py)
+        return losses.clone()
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_output):
+        gx, gy = ctx.saved_tensors
+        w = grad_output[:, None, None]
+        return (gx * w).to(gx.dtype), (gy * w).to(gy.dtype), None, None, None
+
+
+def lattice_loss(px: torch.Tensor, py: torch.Tensor, enc_lengths: torch.Tensor,
+                 target_lengths: torch.Tensor):
+    """Per-sample losses (B,) of a lattice, differentiable in px and py; also returns the
+    (detached) gradients d loss / d px and d loss / d py that the bounds are computed from."""
+    losses, gx, gy = lattice_forward_backward(px.detach(), py.detach(), enc_lengths, target_lengths)
+    if px.requires_grad or py.requires_grad:
+        losses = _StoredLattice.apply(px, py, losses, gx, gy)
+    return losses, gx, gy
+
+
+# ----------------------------------------------------------------------------------------------
+# 1. the simple (additive) joint
+
+
+def _lattice_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def simple_lattice(am: torch.Tensor, lm: torch.Tensor, targets: torch.Tensor,
+                   target_lengths: torch.Tensor, blank: int = 0) -> Tuple[torch.Tensor, torch.Tensor]:
+    """px (B, T, U), py (B, T, U+1) of the joint logits am[t] + lm[u], without the 4-D tensor.
+
+    am (B, T, V), lm (B, U+1, V). Float64 stays float64, everything else runs in float32.
+    Positions of targets past target_lengths are read as blank (their arcs lie off the lattice).
+    """
+    work = _lattice_dtype(am)
+    am, lm = am.to(work), lm.to(work)
+    B, T, V = am.shape
+    U = lm.shape[1] - 1
+    valid = torch.arange(U, device=am.device)[None] < target_lengths[:, None]    # (B, U)
+    tgt = torch.where(valid, targets.long(), blank)                               # (B, U)
+    am_max = am.detach().amax(-1, keepdim=True)                                   # (B, T, 1) shifts:
+    lm_max = lm.detach().amax(-1, keepdim=True)                                   # (B, U+1, 1) exact
+    prod = torch.matmul((am - am_max).exp(), (lm - lm_max).exp().transpose(1, 2))  # (B, T, U+1)
+    norm = prod.clamp_min(torch.finfo(work).tiny).log() + am_max + lm_max.transpose(1, 2)
+    py = am[..., blank, None] + lm[..., blank][:, None, :] - norm                 # (B, T, U+1)
+    # indexing, not gather: gather's backward would keep all of am alive
+    b = torch.arange(B, device=am.device)[:, None]                                # (B, 1)
+    am_tgt = am[b[..., None], torch.arange(T, device=am.device)[None, :, None], tgt[:, None, :]]
+    lm_tgt = lm[b, torch.arange(U, device=am.device)[None, :], tgt]               # (B, U)
+    px = am_tgt + lm_tgt[:, None, :] - norm[:, :, :U]                             # (B, T, U) am_tgt too
+    return px, py
+
+
+def simple_rnnt_loss(am: torch.Tensor, lm: torch.Tensor, targets: torch.Tensor,
+                     enc_lengths: torch.Tensor, target_lengths: torch.Tensor, blank: int = 0,
+                     reduction: str = "mean") -> torch.Tensor:
+    """RNN-T loss of the additive joint log_softmax(am[t] + lm[u]) (the "simple" loss)."""
+    _check_args(None, None, None, am, lm, targets, enc_lengths, target_lengths, 1, blank, reduction)
+    px, py = simple_lattice(am, lm, targets, target_lengths, blank)
+    losses, _, _ = lattice_loss(px, py, enc_lengths, target_lengths)
+    return _reduce(losses.to(am.dtype), reduction)
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. pruning bounds
+
+
+@torch.no_grad()
+def prune_ranges(grad_px: torch.Tensor, grad_py: torch.Tensor, enc_lengths: torch.Tensor,
+                 target_lengths: torch.Tensor, s_range: int) -> torch.Tensor:
+    """Start u of each frame's window of ``s_range`` symbols: (B, T) int64.
+
+    grad_px (B, T, U), grad_py (B, T, U+1): gradients of the simple loss (minus occupations).
+    Picks the window with the most cell occupation per frame, then projects the starts onto the
+    feasible set (module docstring, step 2). ``s_range`` must be in [1, U+1] and fit the band
+    (the loss functions clip and check it). Frames past T_b get the last frame's start.
+    """
+    B, T, U1 = grad_py.shape
+    S = _int("s_range", s_range, 1)
+    if S > U1:
+        raise ValueError(f"s_range must be <= U+1 = {U1} here (the losses clip it), got {S}")
+    dev = grad_py.device
+    occ = -(grad_py + torch.cat([grad_px, grad_px.new_zeros(B, T, 1)], dim=2))   # (B, T, U+1)
+    csum = torch.cat([occ.new_zeros(B, T, 1), occ.cumsum(2)], dim=2)              # (B, T, U+2)
+    window = csum[:, :, S:] - csum[:, :, :U1 + 1 - S]                             # (B, T, U+2-S)
+    start = window.argmax(dim=2)                                                  # (B, T)
+    Tb, Ub = enc_lengths.long().to(dev)[:, None], target_lengths.long().to(dev)[:, None]
+    t = torch.arange(T, device=dev)[None, :]                                      # (1, T)
+    top = (Ub + 1 - S).clamp_min(0)                                               # (B, 1) highest start
+    lo = (top - (S - 1) * (Tb - 1 - t)).clamp(min=0)                              # can still reach U_b
+    lo = torch.minimum(lo, top)                                                   # (B, T)
+    hi = torch.minimum(top, (S - 1) * t)                                          # reachable from u=0
+    start = torch.minimum(torch.maximum(start, lo), hi)                           # (B, T)
+    start = start.cummax(dim=1).values                                            # non-decreasing
+    step = (S - 1) * t                                                            # (1, T)
+    start = (start - step).cummin(dim=1).values + step                            # steps <= S-1
+    return start
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. the pruned band
+
+
+def pruned_logits(joiner: Callable, enc_out: torch.Tensor, pred_out: torch.Tensor,
+                  starts: torch.Tensor, s_range: int) -> torch.Tensor:
+    """The joiner on the band only: enc_out (N, T, H), pred_out (N, U+1, H), starts (N, T)
+    -> logits (N, T, s_range, V) of cells (t, starts[t] + k), k < s_range."""
+    N, T, H = enc_out.shape
+    ranges = starts[..., None] + torch.arange(s_range, device=starts.device)      # (N, T, S)
+    pred_band = pred_out[torch.arange(N, device=starts.device)[:, None, None], ranges]  # (N, T, S, Hp)
+    e = enc_out.reshape(N * T, 1, H)                                              # (N*T, 1, H)
+    p = pred_band.reshape(N * T, s_range, pred_out.shape[2])                      # (N*T, S, Hp)
+    logits = joiner(e, p)                                                         # (N*T, 1, S, V)
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 4 \
+            or tuple(logits.shape[:3]) != (N * T, 1, s_range):
+        got = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+        raise ValueError(f"joiner must map enc (N, T, H) and pred (N, U+1, H) to logits (N, T, "
+                         f"U+1, V) cell by cell; for the band inputs {tuple(e.shape)} and "
+                         f"{tuple(p.shape)} it returned {got}, expected ({N * T}, 1, {s_range}, V)")
+    return logits.reshape(N, T, s_range, logits.shape[3])                         # (N, T, S, V)
+
+
+class _BandLogProbs(torch.autograd.Function):
+    """(log_softmax(logits)[..., blank], log_softmax(logits)[..., sym]) of the band's logits.
+
+    Autograd through logsumexp, select and gather would allocate four (N, T, S, V) temporaries in
+    backward; this backward builds the gradient in one buffer: softmax * -(g_blank + g_emit), plus
+    g_blank at blank and g_emit at sym.
+    """
+
+    @staticmethod
+    def forward(ctx, logits, sym, blank, work):
+        lse = logits.to(work).logsumexp(-1)                                       # (N, T, S)
+        blank_lp = logits[..., blank].to(work) - lse                              # (N, T, S)
+        emit = logits.gather(3, sym)[..., 0].to(work) - lse                       # (N, T, S)
+        ctx.blank, ctx.work = blank, work
+        ctx.save_for_backward(logits, lse, sym)
+        return blank_lp, emit
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g_blank, g_emit):
+        logits, lse, sym = ctx.saved_tensors
+        g = logits.to(ctx.work).sub(lse[..., None]).exp_()                        # (N, T, S, V) softmax
+        g.mul_((g_blank + g_emit).neg_()[..., None])
+        g[..., ctx.blank] += g_blank
+        g.scatter_add_(3, sym, g_emit[..., None])
+        return g.to(logits.dtype), None, None, None
+
+
+def pruned_lattice(logits: torch.Tensor, starts: torch.Tensor, targets: torch.Tensor,
+                   target_lengths: torch.Tensor, blank: int = 0) -> Tuple[torch.Tensor, torch.Tensor]:
+    """px (N, T, U), py (N, T, U+1) of the band's logits (N, T, S, V); -inf off the band."""
+    N, T, S, V = logits.shape
+    U = targets.shape[1]
+    work = _lattice_dtype(logits)
+    ranges = starts[..., None] + torch.arange(S, device=starts.device)            # (N, T, S)
+    valid = torch.arange(U, device=targets.device)[None] < target_lengths[:, None]
+    tgt = torch.where(valid, targets.long(), blank)                               # (N, U)
+    tgt = torch.cat([tgt, tgt.new_full((N, 1), blank)], dim=1)                    # (N, U+1): none at u=U
+    sym = tgt.gather(1, ranges.reshape(N, T * S)).reshape(N, T, S, 1)             # y_{u+1} at (t, u)
+    blank_lp, emit = _BandLogProbs.apply(logits, sym, blank, work)                # (N, T, S) each
+    full = blank_lp.new_full((N, T, U + 1), -_INF)                                # (N, T, U+1)
+    py = full.scatter(2, ranges, blank_lp)                                        # (N, T, U+1)
+    px = full.scatter(2, ranges, emit)[:, :, :U]                                  # (N, T, U)
+    return px, py
+
+
+def _band_losses(joiner, enc_out, pred_out, starts, S, targets, enc_lengths, target_lengths,
+                 blank) -> torch.Tensor:
+    logits = pruned_logits(joiner, enc_out, pred_out, starts, S)                  # (N, T, S, V)
+    px, py = pruned_lattice(logits, starts, targets, target_lengths, blank)
+    del logits
+    losses, _, _ = lattice_loss(px, py, enc_lengths, target_lengths)              # (N,)
+    return losses
+
+
+# ----------------------------------------------------------------------------------------------
+# sample-wise band: one group of samples at a time, gradients kept only for enc/pred/params
+
+
+def plan_groups(enc_lengths: Sequence[int], s_range: int, vocab_size: int,
+                max_chunk_bytes: Optional[float] = None, bytes_per_element: int = 4) -> List[List[int]]:
+    """Sample indices grouped so that 2 * n * T_group * s_range * V * bytes (the band's logits and
+    their gradient) fits ``max_chunk_bytes`` (None: 64 MiB; inf: one group). Longest first."""
+    if max_chunk_bytes is None:
+        limit = DEFAULT_MAX_CHUNK_BYTES
+    elif isinstance(max_chunk_bytes, bool) or not isinstance(max_chunk_bytes, numbers.Real) \
+            or math.isnan(max_chunk_bytes) or max_chunk_bytes < 1:
+        raise ValueError(f"max_chunk_bytes must be a number of bytes >= 1, inf or None, got "
+                         f"{max_chunk_bytes!r}")
+    else:
+        limit = max_chunk_bytes
+    T = [int(v) for v in enc_lengths]
+    order = sorted(range(len(T)), key=lambda i: T[i], reverse=True)
+    groups: List[List[int]] = []
+    for i in order:   # longest first, so a group's padded length is its first member's
+        if groups and 2 * (len(groups[-1]) + 1) * T[groups[-1][0]] * s_range * vocab_size \
+                * bytes_per_element <= limit:
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    return groups
+
+
+def _run_groups(joiner, enc_out, pred_out, starts, S, targets, enc_lengths, target_lengths, blank,
+                groups, weights, want_enc, want_pred, params, stats):
+    """Losses (B,) and, if ``weights`` (B,) is given, grads of sum_b w_b loss_b w.r.t. enc_out,
+    pred_out and params (None where not wanted). One group's band exists at a time."""
+    B = enc_out.shape[0]
+    grad = weights is not None
+    enc_grad = torch.zeros_like(enc_out) if grad and want_enc else None           # (B, T, H)
+    pred_grad = torch.zeros_like(pred_out) if grad and want_pred else None        # (B, U+1, H)
+    param_grads: List[Optional[torch.Tensor]] = [None] * len(params)
+    losses = None
+    t_len = enc_lengths.tolist()
+    enc_d, pred_d = enc_out.detach(), pred_out.detach()
+    for group in groups:
+        idx = torch.tensor(group, device=enc_out.device)                          # (n,)
+        tg = max(t_len[i] for i in group)
+        with torch.enable_grad() if grad else torch.no_grad():
+            e = enc_d[idx, :tg].requires_grad_(grad and want_enc)                 # (n, Tg, H)
+            p = pred_d[idx].requires_grad_(grad and want_pred)                    # (n, U+1, H)
+            costs = _band_losses(joiner, e, p, starts[idx, :tg], S, targets[idx], enc_lengths[idx],
+                                 target_lengths[idx], blank)                      # (n,)
+            if grad:
+                inputs = ([e] if want_enc else []) + ([p] if want_pred else []) + list(params)
+                gs = list(torch.autograd.grad(costs, inputs, weights[idx].to(costs.dtype),
+                                              allow_unused=True))
+                if want_enc:
+                    g = gs.pop(0)
+                    if g is not None:
+                        enc_grad[idx, :tg] = g.to(enc_grad.dtype)
+                if want_pred:
+                    g = gs.pop(0)
+                    if g is not None:
+                        pred_grad[idx] = g.to(pred_grad.dtype)
+                for j, g in enumerate(gs):
+                    if g is not None:
+                        param_grads[j] = g if param_grads[j] is None else param_grads[j].add_(g)
+        if losses is None:
+            losses = costs.new_empty(B)                                           # (B,)
+        losses[idx] = costs.detach()
+        if stats is not None:
+            stats.setdefault("chunks", []).append(list(group))
+    param_grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, param_grads)]
+    return losses, enc_grad, pred_grad, param_grads
+
+
+class _StoredGrads(torch.autograd.Function):
+    """A reduced loss whose gradients were computed in forward: backward scales them."""
+
+    @staticmethod
+    def forward(ctx, value, stored, enc_out, pred_out, *params):
+        enc_grad, pred_grad, param_grads = stored
+        ctx.has = (enc_grad is not None, pred_grad is not None)
+        ctx.save_for_backward(*[g for g in (enc_grad, pred_grad) if g is not None], *param_grads)
+        return value.detach().clone()
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_output):
+        saved = list(ctx.saved_tensors)
+        enc_grad = saved.pop(0) * grad_output if ctx.has[0] else None
+        pred_grad = saved.pop(0) * grad_output if ctx.has[1] else None
+        return (None, None, enc_grad, pred_grad, *[g * grad_output for g in saved])
+
+
+@contextlib.contextmanager
+def _replay_rng(state, device: torch.device):
+    cpu, cuda = state
+    with torch.random.fork_rng(devices=[device] if cuda is not None else [], device_type="cuda"):
+        torch.set_rng_state(cpu)
+        if cuda is not None:
+            torch.cuda.set_rng_state(cuda, device)
+        yield
+
+
+class _Recompute(torch.autograd.Function):
+    """reduction="none": per-sample weights arrive in backward, so the band is recomputed there
+    (replaying the forward's RNG state, so a dropout joiner draws the same masks)."""
+
+    @staticmethod
+    def forward(ctx, losses, spec, enc_out, pred_out, *params):
+        ctx.spec = spec
+        ctx.save_for_backward(enc_out, pred_out, *params)
+        return losses.detach().clone()
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_output):
+        enc_out, pred_out, *params = ctx.saved_tensors
+        joiner, starts, S, targets, el, tl, blank, groups, rng = ctx.spec
+        with _replay_rng(rng, enc_out.device):
+            _, eg, pg, param_grads = _run_groups(
+                joiner, enc_out, pred_out, starts, S, targets, el, tl, blank, groups, grad_output,
+                ctx.needs_input_grad[2], ctx.needs_input_grad[3], params, None)
+        return (None, None, eg, pg, *param_grads)
+
+
+def _samplewise_band(joiner, enc_out, pred_out, starts, S, targets, enc_lengths, target_lengths,
+                     blank, reduction, max_chunk_bytes, vocab_size, stats):
+    """(the band's loss reduced and attached to the graph, per-sample losses (B,) detached),
+    computed group by group."""
+    groups = plan_groups(enc_lengths.tolist(), S, vocab_size, max_chunk_bytes,
+                         enc_out.element_size())
+    params = [p for p in (joiner.parameters() if hasattr(joiner, "parameters") else ())
+              if p.requires_grad]
+    want_enc, want_pred = enc_out.requires_grad, pred_out.requires_grad
+    need = torch.is_grad_enabled() and (want_enc or want_pred or bool(params))
+    args = (joiner, enc_out, pred_out, starts, S, targets, enc_lengths, target_lengths, blank, groups)
+    if not need:
+        losses = _run_groups(*args, None, False, False, [], stats)[0]
+        return _reduce(losses, reduction), losses
+    if reduction == "none":
+        cuda = torch.cuda.get_rng_state(enc_out.device) if enc_out.device.type == "cuda" else None
+        rng = (torch.get_rng_state(), cuda)
+        losses = _run_groups(*args, None, False, False, [], stats)[0]
+        spec = (joiner, starts, S, targets, enc_lengths, target_lengths, blank, groups, rng)
+        return _Recompute.apply(losses, spec, enc_out, pred_out, *params), losses
+    B = enc_out.shape[0]
+    weights = torch.full((B,), 1.0 / B if reduction == "mean" else 1.0, dtype=torch.float64,
+                         device=enc_out.device)                                   # (B,) cast per group
+    losses, eg, pg, param_grads = _run_groups(*args, weights, want_enc, want_pred, params, stats)
+    value = _StoredGrads.apply(_reduce(losses, reduction), (eg, pg, param_grads), enc_out,
+                               pred_out, *params)
+    return value, losses
+
+
+# ----------------------------------------------------------------------------------------------
+# the loss
+
+
+def warmup_scales(step: int, warm_step: int = 2000,
+                  simple_loss_scale: float = 0.5) -> Tuple[float, float]:
+    """icefall's warm-up: (simple_scale, pruned_scale) for training step ``step``.
+
+    The simple loss's scale goes linearly from 1.0 to ``simple_loss_scale`` and the pruned loss's
+    from 0.1 to 1.0 over the first ``warm_step`` steps (then they stay), because the pruning bounds
+    are poor until the simple joint has learnt something.
+    """
+    step = _int("step", step, 0)
+    warm_step = _int("warm_step", warm_step, 1)
+    s = _scale("simple_loss_scale", simple_loss_scale)
+    if step >= warm_step:
+        return s, 1.0
+    f = step / warm_step
+    return 1.0 - f * (1.0 - s), 0.1 + 0.9 * f
+
+
+def pruned_rnnt_loss(joiner: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+                     enc_out: torch.Tensor, pred_out: torch.Tensor, am: torch.Tensor,
+                     lm: torch.Tensor, targets: torch.Tensor, enc_lengths: torch.Tensor,
+                     target_lengths: torch.Tensor, s_range: int = 5, blank: int = 0,
+                     reduction: str = "mean", simple_loss_scale: float = 0.5,
+                     pruned_loss_scale: float = 1.0, samplewise: bool = False,
+                     max_chunk_bytes: Optional[float] = None,
+                     stats: Optional[Dict] = None) -> torch.Tensor:
+    """simple_loss_scale * simple loss + pruned_loss_scale * pruned loss (Kuang et al. 2022).
+
+    Args:
+        joiner: maps enc (N, T, H_enc), pred (N, U+1, H_pred) to logits (N, T, U+1, V), cell by
+            cell (memlab.models.transducer.Joiner; see the module docstring for the band call).
+        enc_out (B, T, H_enc), pred_out (B, U+1, H_pred): encoder and predictor outputs.
+        am (B, T, V), lm (B, U+1, V): the "simple" projections of enc_out and pred_out to the
+            vocabulary (two extra Linear layers of the model), added to form the simple joint.
+        targets (B, U), enc_lengths (B,), target_lengths (B,): as in memlab.transducer.
+        s_range: symbols per frame kept for the joiner (>= 1; clipped to U+1, U the longest
+            target; a band that cannot hold a path raises ValueError).
+        reduction: "none" (B,), "sum", or "mean" (over the batch, torchaudio's convention).
+        simple_loss_scale, pruned_loss_scale: weights of the two parts (see :func:`warmup_scales`).
+        samplewise: compute the band one group of samples at a time, so the (B, T, s_range, V)
+            tensor never exists for the whole batch; groups fit ``max_chunk_bytes`` (band logits +
+            their gradient; None: 64 MiB). The joiner's gradients are computed in this call and
+            delivered in backward, as in memlab.transducer.samplewise_rnnt_loss ("none": the band
+            is recomputed in backward instead).
+        stats: optional dict, filled with "simple" and "pruned" per-sample losses (B,), "starts"
+            (B, T') the window starts, "s_range" (after clipping) and, sample-wise, "chunks".
+    The lattices are float32 (float64 for float64 inputs); the result has am's dtype.
+    """
+    s_range = _check_args(joiner, enc_out, pred_out, am, lm, targets, enc_lengths,
+                          target_lengths, s_range, blank, reduction)
+    simple_loss_scale = _scale("simple_loss_scale", simple_loss_scale)
+    pruned_loss_scale = _scale("pruned_loss_scale", pruned_loss_scale)
+    if not isinstance(samplewise, bool):
+        raise TypeError(f"samplewise must be a bool, got {samplewise!r}")
+    if stats is not None and not isinstance(stats, dict):
+        raise TypeError(f"stats must be a dict or None, got {type(stats).__name__}")
+    t_max, u_max = int(enc_lengths.max()), int(target_lengths.max())
+    S = min(s_range, u_max + 1)
+    _check_band(S, enc_lengths, target_lengths)
+    # pad only to the longest sample
+    enc_out, am = enc_out[:, :t_max], am[:, :t_max]                               # (B, T', .)
+    pred_out, lm = pred_out[:, :u_max + 1], lm[:, :u_max + 1]                     # (B, U'+1, .)
+    targets = targets[:, :u_max]                                                  # (B, U')
+
+    px, py = simple_lattice(am, lm, targets, target_lengths, blank)               # (B,T',U'), (B,T',U'+1)
+    simple, gx, gy = lattice_loss(px, py, enc_lengths, target_lengths)            # (B,)
+    starts = prune_ranges(gx, gy, enc_lengths, target_lengths, S)                 # (B, T')
+    if samplewise:
+        pruned, pruned_b = _samplewise_band(joiner, enc_out, pred_out, starts, S, targets,
+                                            enc_lengths, target_lengths, blank, reduction,
+                                            max_chunk_bytes, am.shape[2], stats)
+    else:
+        pruned_b = _band_losses(joiner, enc_out, pred_out, starts, S, targets, enc_lengths,
+                                target_lengths, blank)                            # (B,)
+        pruned = _reduce(pruned_b, reduction)
+    if stats is not None:
+        stats.update(simple=simple.detach(), pruned=pruned_b.detach(), starts=starts, s_range=S)
+    total = simple_loss_scale * _reduce(simple, reduction) + pruned_loss_scale * pruned
+    return total.to(am.dtype)
+
+
+def samplewise_pruned_rnnt_loss(joiner, enc_out, pred_out, am, lm, targets, enc_lengths,
+                                target_lengths, s_range: int = 5, blank: int = 0,
+                                reduction: str = "mean", simple_loss_scale: float = 0.5,
+                                pruned_loss_scale: float = 1.0,
+                                max_chunk_bytes: Optional[float] = None,
+                                stats: Optional[Dict] = None) -> torch.Tensor:
+    """:func:`pruned_rnnt_loss` with the band computed one group of samples at a time."""
+    return pruned_rnnt_loss(joiner, enc_out, pred_out, am, lm, targets, enc_lengths,
+                            target_lengths, s_range, blank, reduction, simple_loss_scale,
+                            pruned_loss_scale, True, max_chunk_bytes, stats)
