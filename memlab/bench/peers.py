@@ -1,0 +1,330 @@
+"""Peers: memlab's techniques side by side with the fastest implementations installed here.
+
+One row per (workload, implementation). Every row is first checked for the same result as a
+reference (``check``: what was compared and the largest difference; a row that fails its check
+is reported with ``ok=False`` and not timed), then timed round-robin with the other rows of its
+workload in one process, so load on the machine affects them alike. ``ratio`` is the row's
+median time over the workload's ``baseline`` row. Peers that are not installed are listed in
+one row each with ``status="missing"`` (install them with ``pip install -e ".[peers]"``).
+
+Workloads:
+
+* ``adam-step`` / ``sgd-step``: one optimizer step on ResNet-like parameters (``optim`` bench
+  shapes: 4.18 M parameters; fast mode 0.26 M). Baseline: torch's fastest fp32 step
+  (``fused=True``); beside it torch ``foreach``, memlab Adam8bit / SGD8bit, bitsandbytes,
+  torchao (AdamW8bit; its first step compiles, excluded from the timing). Check: after the same
+  3 steps from the same start, the parameters' distance to fp32's, relative to fp32's update
+  (an 8-bit optimizer is not bit-equal to fp32: the check bounds it at 5%).
+* ``reversible-stage``: forward + backward of a stage of ``depth`` additive couplings with
+  convolutional F and G (3x3 conv, ReLU, 3x3 conv, on half the channels) on a (B, C, H, W)
+  batch. Baseline: the same couplings under plain autograd (keeps every activation); memlab
+  ``ReversibleSequence``, revlib ``ReversibleSequential``, memcnn ``InvertibleModuleWrapper``.
+  Check: loss and every parameter gradient against plain autograd (relative 1e-4).
+* ``rnnt-loss``: RNN-T loss + joiner forward and backward (B x T x U x V, H-dim joiner).
+  Baseline: torchaudio's batched loss (``memlab.transducer.rnnt_loss_batched``); memlab's
+  sample-wise loss, and ``optimized_transducer`` / ``fast_rnnt`` when installed. Check: loss and
+  joiner gradients against the baseline (relative 1e-4).
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib
+import statistics
+import time
+from typing import Callable, Dict, List, Optional
+
+import torch
+from torch import nn
+
+PEERS = ("bitsandbytes", "torchao", "revlib", "memcnn", "optimized_transducer", "fast_rnnt")
+
+
+def _have(name: str) -> bool:
+    try:
+        importlib.import_module(name)
+        return True
+    except Exception:  # noqa: BLE001 - not installed, or fails to import on this machine
+        return False
+
+
+def _time_round_robin(fns: Dict[str, Callable[[], None]], repeats: int) -> Dict[str, list]:
+    times = {n: [] for n in fns}
+    for _ in range(repeats):
+        for n, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[n].append(time.perf_counter() - t0)
+    return times
+
+
+def _rows(workload: str, times: Dict[str, list], baseline: str, checks: Dict[str, dict],
+          extra: Dict[str, dict]) -> List[dict]:
+    base = statistics.median(times[baseline])
+    rows = []
+    for n, ts in times.items():
+        med = statistics.median(ts)
+        rows.append(dict(workload=workload, subject=n, ms=round(med * 1e3, 3),
+                         ms_min=round(min(ts) * 1e3, 3), ms_max=round(max(ts) * 1e3, 3),
+                         ratio=round(med / base, 3), baseline=baseline, ok=True,
+                         threads=torch.get_num_threads(), **checks.get(n, {}),
+                         **extra.get(n, {})))
+    for n, c in checks.items():
+        if n not in times:                      # failed its check: reported, not timed
+            rows.append(dict(workload=workload, subject=n, ok=False, baseline=baseline, **c))
+    return rows
+
+
+# ----------------------------------------------------------------------------- optimizers
+def _leaves(t: torch.Tensor):
+    """The plain tensors behind ``t`` (tensor subclasses such as torchao's quantized states
+    flatten into their inner tensors)."""
+    if type(t) is torch.Tensor or type(t) is nn.Parameter or not hasattr(t, "__tensor_flatten__"):
+        yield t
+        return
+    names, _ctx = t.__tensor_flatten__()
+    for n in names:
+        yield from _leaves(getattr(t, n))
+
+
+def _state_bytes(opt, params, min_numel: int = 4096) -> float:
+    """Bytes of optimizer state per element of the parameters with >= min_numel elements."""
+    seen, total, numel = set(), 0, 0
+    for p in params:
+        if p.numel() < min_numel:
+            continue
+        numel += p.numel()
+        for v in opt.state[p].values():
+            if isinstance(v, torch.Tensor):
+                for leaf in _leaves(v):
+                    st = leaf.untyped_storage()
+                    if st.data_ptr() not in seen:
+                        seen.add(st.data_ptr())
+                        total += st.nbytes()
+    return total / max(numel, 1)
+
+
+def _optim_makers(kind: str) -> Dict[str, Callable]:
+    from memlab.optim import Adam8bit, SGD8bit
+    if kind == "adam":
+        makers = {"torch-fused": lambda ps: torch.optim.Adam(ps, lr=1e-3, fused=True),
+                  "torch-foreach": lambda ps: torch.optim.Adam(ps, lr=1e-3, foreach=True),
+                  "memlab-adam8bit": lambda ps: Adam8bit(ps, lr=1e-3)}
+        if _have("bitsandbytes"):
+            import bitsandbytes as bnb
+            makers["bitsandbytes-adam8bit"] = lambda ps: bnb.optim.Adam8bit(ps, lr=1e-3)
+        if _have("torchao"):
+            from torchao.optim import AdamW8bit
+            makers["torchao-adamw8bit"] = lambda ps: AdamW8bit(ps, lr=1e-3, weight_decay=0.0)
+        return makers
+    makers = {"torch-fused": lambda ps: torch.optim.SGD(ps, lr=0.01, momentum=0.9, fused=True),
+              "torch-foreach": lambda ps: torch.optim.SGD(ps, lr=0.01, momentum=0.9,
+                                                          foreach=True),
+              "memlab-sgd8bit": lambda ps: SGD8bit(ps, lr=0.01, momentum=0.9)}
+    if _have("bitsandbytes"):
+        import bitsandbytes as bnb
+        makers["bitsandbytes-sgd8bit"] = lambda ps: bnb.optim.SGD8bit(ps, lr=0.01, momentum=0.9)
+    return makers
+
+
+def optimizer_rows(kind: str = "adam", fast: bool = False, repeats: int = 5,
+                   names: Optional[List[str]] = None) -> List[dict]:
+    """``adam-step`` / ``sgd-step`` rows (see the module docstring)."""
+    from memlab.bench.optim import _params, _shapes
+    shapes = _shapes(fast)
+    makers = _optim_makers(kind)
+    if names is not None:
+        makers = {n: m for n, m in makers.items() if n in names or n == "torch-fused"}
+    ref_params = _params(shapes)
+    start = [p.detach().clone() for p in ref_params]
+    grads = [p.grad.clone() for p in ref_params]
+    built, checks, extra = {}, {}, {}
+    for name, make in makers.items():
+        ps = [nn.Parameter(s.clone()) for s in start]
+        opt = make(ps)
+        for _ in range(3):
+            for p, g in zip(ps, grads):
+                p.grad = g.clone()
+            opt.step()
+        built[name] = (ps, opt)
+        extra[name] = dict(state_bytes_per_param=round(_state_bytes(opt, ps), 4),
+                           numel=sum(p.numel() for p in ps))
+    ref_ps = built["torch-fused"][0]
+    update = torch.cat([(r - s).reshape(-1) for r, s in zip(ref_ps, start)]).norm()
+    for name, (ps, _opt) in built.items():
+        dist = torch.cat([(p - r).reshape(-1) for p, r in zip(ps, ref_ps)]).norm() / update
+        checks[name] = dict(check="|p - p_fp32| / |dp_fp32| after 3 steps",
+                            max_diff=round(dist.item(), 5))
+    timed = {n: (lambda opt=opt: opt.step()) for n, (_p, opt) in built.items()
+             if checks[n]["max_diff"] <= 0.05}
+    times = _time_round_robin(timed, repeats)
+    return _rows(f"{kind}-step", times, "torch-fused", checks, extra)
+
+
+# ----------------------------------------------------------------------------- reversible
+class _Half(nn.Module):
+    """F or G of a coupling: 3x3 conv, ReLU, 3x3 conv on ``c`` channels."""
+
+    def __init__(self, c: int):
+        super().__init__()
+        self.net = nn.Sequential(nn.Conv2d(c, c, 3, padding=1), nn.ReLU(),
+                                 nn.Conv2d(c, c, 3, padding=1))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+class _Plain(nn.Module):
+    """The couplings under plain autograd: y1 = x1 + f(x2); y2 = x2 + g(y1)."""
+
+    def __init__(self, pairs):
+        super().__init__()
+        self.pairs = nn.ModuleList(nn.ModuleList(p) for p in pairs)
+
+    def forward(self, x):
+        for f, g in self.pairs:
+            x1, x2 = x.chunk(2, dim=1)
+            y1 = x1 + f(x2)
+            x = torch.cat([y1, x2 + g(y1)], dim=1)
+        return x
+
+
+def _stage_nets(depth: int, channels: int) -> Dict[str, nn.Module]:
+    from memlab.reversible import AdditiveCoupling, ReversibleSequence
+    torch.manual_seed(0)
+    pairs = [(_Half(channels // 2), _Half(channels // 2)) for _ in range(depth)]
+    nets = {"plain-autograd": _Plain(copy.deepcopy(pairs)),
+            "memlab-reversible": ReversibleSequence(
+                [AdditiveCoupling(*copy.deepcopy(p)) for p in pairs])}
+    if _have("revlib"):
+        import revlib
+        mods = [m for p in copy.deepcopy(pairs) for m in p]
+        nets["revlib"] = revlib.ReversibleSequential(*mods, split_dim=1)
+    if _have("memcnn"):
+        import warnings
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            import memcnn
+        nets["memcnn"] = nn.Sequential(*[memcnn.InvertibleModuleWrapper(
+            memcnn.AdditiveCoupling(*copy.deepcopy(p)), keep_input=False,
+            keep_input_inverse=False) for p in pairs])
+    return nets
+
+
+def reversible_rows(depth: int = 32, channels: int = 64, size: int = 16, batch: int = 2,
+                    repeats: int = 5) -> List[dict]:
+    """``reversible-stage`` rows (see the module docstring)."""
+    nets = _stage_nets(depth, channels)
+    x0 = torch.randn(batch, channels, size, size, generator=torch.Generator().manual_seed(1))
+
+    def step(net):
+        net.zero_grad(set_to_none=True)
+        x = x0.clone().requires_grad_()
+        loss = net(x).square().mean()
+        loss.backward()
+        return loss.detach(), [p.grad for p in net.parameters()]
+
+    ref_loss, ref_grads = step(nets["plain-autograd"])
+    checks, timed = {}, {}
+    for name, net in nets.items():
+        loss, grads = step(net)
+        diff = max([(abs(loss - ref_loss) / ref_loss.abs()).item()] +
+                   [((g - r).norm() / r.norm().clamp_min(1e-30)).item()
+                    for g, r in zip(grads, ref_grads)])
+        checks[name] = dict(check="loss and parameter gradients vs plain autograd (relative)",
+                            max_diff=float(f"{diff:.3g}"), depth=depth)
+        if diff <= 1e-4:
+            timed[name] = (lambda net=net: step(net))
+    times = _time_round_robin(timed, repeats)
+    return _rows("reversible-stage", times, "plain-autograd", checks, {})
+
+
+# ----------------------------------------------------------------------------- transducer
+class _Joiner(nn.Module):
+    """out(tanh(enc[t] + pred[u])): (b, T, H), (b, U+1, H) -> (b, T, U+1, V)."""
+
+    def __init__(self, H: int, V: int):
+        super().__init__()
+        self.out = nn.Linear(H, V)
+
+    def forward(self, e, p):
+        return self.out(torch.tanh(e[:, :, None] + p[:, None]))
+
+
+def rnnt_rows(B: int = 32, T: int = 200, U: int = 40, V: int = 512, H: int = 128,
+              repeats: int = 3) -> List[dict]:
+    """``rnnt-loss`` rows (see the module docstring)."""
+    from memlab.memory import MemoryMeter
+    from memlab.transducer import rnnt_loss_batched, samplewise_rnnt_loss
+    g = torch.Generator().manual_seed(0)
+    enc = torch.randn(B, T, H, generator=g)
+    pred = torch.randn(B, U + 1, H, generator=g)
+    targets = torch.randint(1, V, (B, U), generator=g)
+    el = torch.full((B,), T, dtype=torch.long)
+    tl = torch.full((B,), U, dtype=torch.long)
+    join = _Joiner(H, V)
+    joiner = join.out
+
+    impls = {"torchaudio-batched": lambda e, p: rnnt_loss_batched(
+                 join(e, p), targets, el, tl, reduction="sum"),
+             "memlab-samplewise": lambda e, p: samplewise_rnnt_loss(
+                 join, e, p, targets, el, tl, reduction="sum")}
+    if _have("optimized_transducer"):
+        import optimized_transducer as ot
+
+        def _ot(e, p):
+            logits = join(e, p).reshape(-1, V)
+            return ot.transducer_loss(logits=logits, targets=targets.int(),
+                                      logit_lengths=el.int(), target_lengths=tl.int(),
+                                      blank=0, reduction="sum", from_log_softmax=False)
+        impls["optimized_transducer"] = _ot
+    if _have("fast_rnnt"):
+        import fast_rnnt
+
+        def _fr(e, p):
+            bnd = torch.zeros(B, 4, dtype=torch.long)
+            bnd[:, 2], bnd[:, 3] = U, T
+            return fast_rnnt.rnnt_loss(logits=join(e, p), symbols=targets, termination_symbol=0,
+                                       boundary=bnd, reduction="sum")
+        impls["fast_rnnt"] = _fr
+
+    def step(fn):
+        joiner.zero_grad(set_to_none=True)
+        e, p = enc.clone().requires_grad_(), pred.clone().requires_grad_()
+        loss = fn(e, p)
+        loss.backward()
+        return loss.detach(), [joiner.weight.grad, e.grad]
+
+    ref_loss, ref_grads = step(impls["torchaudio-batched"])
+    checks, timed, extra = {}, {}, {}
+    for name, fn in impls.items():
+        with MemoryMeter("cpu", model=joiner, inputs=[enc, pred]) as meter:
+            loss, grads = step(fn)
+        diff = max([(abs(loss - ref_loss) / ref_loss.abs()).item()] +
+                   [((a - b).norm() / b.norm()).item() for a, b in zip(grads, ref_grads)])
+        checks[name] = dict(check="loss, joiner and encoder gradients vs torchaudio (relative)",
+                            max_diff=float(f"{diff:.3g}"))
+        extra[name] = dict(peak_mib=round((meter.peak - meter.baseline) / 2 ** 20, 1))
+        if diff <= 1e-4:
+            timed[name] = (lambda fn=fn: step(fn))
+    times = _time_round_robin(timed, repeats)
+    return _rows("rnnt-loss", times, "torchaudio-batched", checks, extra)
+
+
+# ----------------------------------------------------------------------------- all
+def run(fast: bool = False, threads: Optional[int] = None) -> List[dict]:
+    """Every workload against the peers installed here (fast: tiny sizes, seconds)."""
+    before = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        rows = optimizer_rows("adam", fast, repeats=3 if fast else 7)
+        rows += optimizer_rows("sgd", fast, repeats=3 if fast else 7)
+        rows += reversible_rows(**(dict(depth=4, channels=16, size=8, repeats=2) if fast
+                                   else dict(depth=32)))
+        rows += rnnt_rows(**(dict(B=4, T=20, U=5, V=32, H=16, repeats=2) if fast else {}))
+        rows += [dict(workload="-", subject=p, status="missing") for p in PEERS if not _have(p)]
+        keys = list(dict.fromkeys(k for r in rows for k in r))      # one table: every column
+        return [{k: r.get(k) for k in keys} for r in rows]
+    finally:
+        torch.set_num_threads(before)

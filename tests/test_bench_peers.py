@@ -1,0 +1,51 @@
+"""`memlab bench peers` (fast mode): every installed peer is checked against a reference before
+it is timed; missing peers are listed, not silently dropped. Timings are reported, not asserted."""
+
+import warnings
+
+import pytest
+
+from memlab.bench import peers
+
+
+@pytest.fixture(scope="module")
+def rows():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return peers.run(fast=True, threads=1)
+
+
+def test_every_workload_has_its_baseline_and_memlab(rows):
+    by = {(r["workload"], r["subject"]): r for r in rows}
+    for workload, baseline, ours in (("adam-step", "torch-fused", "memlab-adam8bit"),
+                                     ("sgd-step", "torch-fused", "memlab-sgd8bit"),
+                                     ("reversible-stage", "plain-autograd", "memlab-reversible"),
+                                     ("rnnt-loss", "torchaudio-batched", "memlab-samplewise")):
+        assert by[workload, baseline]["ratio"] == 1.0
+        r = by[workload, ours]
+        assert r["ok"] and r["ms"] > 0 and r["max_diff"] is not None
+
+
+def test_checks_hold_for_memlab(rows):
+    by = {(r["workload"], r["subject"]): r for r in rows}
+    assert by["adam-step", "memlab-adam8bit"]["max_diff"] < 0.05
+    assert by["adam-step", "memlab-adam8bit"]["state_bytes_per_param"] <= 2.04
+    assert by["reversible-stage", "memlab-reversible"]["max_diff"] < 1e-5
+    assert by["rnnt-loss", "memlab-samplewise"]["max_diff"] < 1e-4
+
+
+def test_missing_peers_are_listed_and_failed_checks_not_timed(rows):
+    listed = {r["subject"] for r in rows if r.get("status") == "missing"}
+    for p in peers.PEERS:
+        assert (p in listed) == (not peers._have(p))
+    for r in rows:
+        if r.get("ok") is False:
+            assert r["ms"] is None and r["max_diff"] is not None
+
+
+def test_bench_peers_from_the_cli(capsys, monkeypatch):
+    from memlab import cli
+    monkeypatch.setattr(peers, "run", lambda fast=False: [dict(workload="w", subject="s",
+                                                                ratio=1.0)])
+    assert cli.main(["bench", "peers", "--fast"]) == 0
+    assert "Peers" in capsys.readouterr().out
