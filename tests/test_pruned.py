@@ -159,6 +159,20 @@ def test_full_band_float32_and_total(one_thread):
     assert close(stats["pruned"], bat, 1e-5)
 
 
+def test_bfloat16_inputs_use_a_float32_lattice(one_thread):
+    pr = Problem(dtype=torch.float32)
+    want = pruned_rnnt_loss(*pr.args(), s_range=3)
+    for m in pr.modules():
+        m.to(torch.bfloat16)
+    pr.enc = pr.enc.detach().bfloat16().requires_grad_()
+    pr.pred = pr.pred.detach().bfloat16().requires_grad_()
+    for sw in (False, True):
+        got = pruned_rnnt_loss(*pr.args(), s_range=3, samplewise=sw)
+        assert got.dtype == torch.bfloat16 and abs(float(got) - float(want)) <= 0.02 * float(want)
+        g = pr.grads(got)
+        assert g[0].dtype == torch.bfloat16 and torch.isfinite(g[0].float()).all()
+
+
 def test_narrow_band_is_an_upper_bound_and_finite(one_thread):
     pr = Problem(B=8, T=15, U=8, seed=5)
     full = rnnt_loss_reference(pr.joiner(pr.enc, pr.pred), pr.targets, pr.enc_len, pr.tgt_len,
