@@ -1,0 +1,543 @@
+"""memlab.quant4 and memlab.optim4bit: 4-bit maps, rank-1 normalization, packing, Adam4bit."""
+
+import io
+
+import pytest
+import torch
+
+from memlab.optim4bit import Adam4bit, AdamW4bit, stored_moments
+from memlab.quant4 import (Q4Tensor, dequantize4_blockwise, dynamic_exponent_map, error_rows,
+                           linear_nozero_map, pack4, quantize4_blockwise, rank1_maxes,
+                           rank1_scale, unpack4, use_rank1)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+BIG = 10 ** 9   # min_4bit_size that keeps every state fp32
+
+
+# the deterministic problem of tests/test_optim8bit.py (MLP regression), copied
+
+
+def _mlp(hidden=64, seed=0):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(16, hidden), torch.nn.Tanh(),
+                               torch.nn.Linear(hidden, hidden), torch.nn.Tanh(),
+                               torch.nn.Linear(hidden, 1))
+
+
+def _data(n=4096, noise=0.3):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(n, 16, generator=g)
+    y = x[:, :4].sum(1, keepdim=True).sin() + noise * torch.randn(n, 1, generator=g)
+    return x, y
+
+
+X, Y = _data()
+
+
+def _train(model, opt, steps, sched=None, batch=None):
+    losses = []
+    for i in range(steps):
+        xb, yb = (X, Y) if batch is None else (X[i % 8::8], Y[i % 8::8])
+        opt.zero_grad()
+        loss = ((model(xb) - yb) ** 2).mean()
+        loss.backward()
+        opt.step()
+        if sched is not None:
+            sched.step()
+        losses.append(loss.item())
+    return torch.tensor(losses)
+
+
+def _same(m1, m2):
+    return all(torch.equal(a, b) for a, b in zip(m1.parameters(), m2.parameters()))
+
+
+# ---------------------------------------------------------------------------------------------
+# the maps, value by value
+
+
+def test_dynamic_exponent_map_4bit_signed_values():
+    """Sign bit, E zeros, marker 1, F = 2 - E fraction bits: 10**-E * (0.1 + 0.9 (k+.5) / 2**F),
+    E = 0 (4 values), 1 (2), 2 (1); 0000 is 0 and 1000 ("-0") is 1."""
+    mags = [0.1 + 0.9 * (k + 0.5) / 4 for k in range(4)]            # E = 0: F = 2
+    mags += [0.1 * (0.1 + 0.9 * (k + 0.5) / 2) for k in range(2)]   # E = 1: F = 1
+    mags += [0.01 * (0.1 + 0.9 * 0.5)]                              # E = 2: F = 0
+    want = sorted([0.0, 1.0] + mags + [-x for x in mags])
+    got = dynamic_exponent_map(True, 4)
+    assert got.dtype == torch.float32 and got.shape == (16,)
+    assert torch.equal(got, torch.tensor(want, dtype=torch.float64).float())
+    assert torch.allclose(got, torch.tensor(
+        [-0.8875, -0.6625, -0.4375, -0.2125, -0.0775, -0.0325, -0.0055, 0.0,
+         0.0055, 0.0325, 0.0775, 0.2125, 0.4375, 0.6625, 0.8875, 1.0]), atol=0, rtol=1e-6)
+
+
+def test_dynamic_exponent_map_at_8_bits_is_the_8bit_optimizers_map():
+    from memlab.quant import dynamic_map
+    for signed in (True, False):
+        assert torch.equal(dynamic_exponent_map(signed, 8), dynamic_map(signed))
+
+
+def test_linear_map_excludes_zero():
+    got = linear_nozero_map(4)
+    assert torch.equal(got, torch.tensor([(i + 1) / 16 for i in range(16)]))
+    assert got.min() == 1 / 16 and not bool((got == 0).any())
+
+
+def test_map_arguments_are_checked():
+    with pytest.raises(ValueError, match="bits"):
+        dynamic_exponent_map(True, 9)
+    with pytest.raises(ValueError, match="bits"):
+        linear_nozero_map(0)
+    with pytest.raises(TypeError, match="signed"):
+        dynamic_exponent_map(1, 4)
+
+
+# ---------------------------------------------------------------------------------------------
+# packing, rounding, normalization
+
+
+@pytest.mark.parametrize("n", [1, 2, 7, 128, 1001])
+def test_pack_unpack_round_trip_and_layout(n):
+    codes = torch.randint(0, 16, (n,), dtype=torch.uint8)
+    packed = pack4(codes)
+    assert packed.dtype == torch.uint8 and packed.numel() == (n + 1) // 2
+    assert torch.equal(unpack4(packed, n), codes)
+    assert int(packed[0]) & 15 == int(codes[0])                    # element 0: low nibble
+    if n > 1:
+        assert int(packed[0]) >> 4 == int(codes[1])
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_codes_are_the_nearest_map_value(signed):
+    torch.manual_seed(0)
+    x = torch.randn(1000) * torch.exp(2 * torch.randn(1000))
+    x = x if signed else x.abs()
+    q = Q4Tensor.zeros(x.shape, signed, 128)
+    q.copy_(x)
+    code = dynamic_exponent_map(True, 4) if signed else linear_nozero_map(4)
+    absmax = x.view(-1)[:896].view(7, 128).abs().amax(1).tolist() + [x[896:].abs().max().item()]
+    scale = torch.tensor(absmax).repeat_interleave(torch.tensor([128] * 7 + [104]))
+    xn = x / scale
+    want = (xn[:, None] - code[None]).abs().argmin(1)              # brute force
+    assert torch.equal(unpack4(q.codes, 1000).long(), want)
+    assert torch.allclose(q.dequantize(), code[want] * scale)
+    assert torch.equal(q.scale, torch.tensor(absmax))
+
+
+def test_blockwise_functions_round_trip():
+    x = torch.randn(300)
+    packed, absmax = quantize4_blockwise(x, True, 128)
+    assert packed.numel() == 150 and absmax.numel() == 3
+    y = dequantize4_blockwise(packed, absmax, 300, True, 128)
+    assert (y - x).abs().max() <= 0.5 * 0.225 * x.abs().max() + 1e-6   # half the widest gap
+    with pytest.raises(TypeError, match="x"):
+        quantize4_blockwise(torch.arange(3), True)
+
+
+def test_rank1_scales_are_row_and_column_maxima():
+    torch.manual_seed(0)
+    v = torch.rand(6, 9) ** 4
+    maxes = rank1_maxes(v)
+    assert torch.equal(maxes[:6], v.amax(1)) and torch.equal(maxes[6:], v.amax(0))
+    scale = rank1_scale(maxes, v.shape)
+    assert torch.equal(scale, torch.minimum(v.amax(1)[:, None], v.amax(0)[None, :]))
+    assert bool((scale >= v).all())
+    t = torch.rand(4, 1, 5, 3)                                      # size-1 dims are skipped
+    m = rank1_maxes(t)
+    assert m.numel() == 12
+    s = rank1_scale(m, t.shape)
+    a = t.squeeze(1)
+    ref = torch.minimum(torch.minimum(a.amax((1, 2))[:, None, None], a.amax((0, 2))[None, :, None]),
+                        a.amax((0, 1))[None, None, :])
+    assert torch.equal(s, ref.unsqueeze(1))
+
+
+def test_rank1_is_chosen_where_it_costs_no_more_than_blocks():
+    assert use_rank1((1024, 1024)) and use_rank1((512, 256)) and use_rank1((128, 128, 3, 3))
+    assert not use_rank1((64, 64)) and not use_rank1((4096,)) and not use_rank1((4096, 1))
+    assert use_rank1((64, 64), rank1=True) and not use_rank1((4096, 1), rank1=True)
+    assert not use_rank1((1024, 1024), rank1=False)
+
+
+@pytest.mark.parametrize("shape,rank1", [((1 << 14,), False), ((128, 128), True),
+                                         ((128, 128), False)])
+def test_no_nonzero_second_moment_is_stored_as_zero(shape, rank1):
+    """Second moments spanning ~30 decades (a map with 0 would store most as 0): every positive
+    value reads back positive (block-wise: at least its block absmax / 16 >= itself / 16); a
+    scale of zeros reads back as zeros."""
+    torch.manual_seed(0)
+    v = torch.exp(7 * torch.randn(shape)).clamp(max=1e15)
+    v.view(-1)[::97] = 0
+    q = Q4Tensor.zeros(shape, False, 128, rank1)
+    v_hat = q.copy_(v).dequantize()
+    assert bool((v_hat[v > 0] > 0).all())
+    assert bool((v_hat[v > 0] >= v[v > 0] / 16 * 0.999).all()) or rank1  # block: >= absmax/16
+    zero_blocks = Q4Tensor.zeros(shape, False, 128, rank1).copy_(torch.zeros(shape))
+    assert bool((zero_blocks.dequantize() == 0).all())
+
+
+# ---------------------------------------------------------------------------------------------
+# the optimizer: fp32 path, memory
+
+
+@pytest.mark.parametrize("ours,theirs", [
+    (lambda p: Adam4bit(p, lr=3e-3, weight_decay=1e-2, min_4bit_size=BIG),
+     lambda p: torch.optim.Adam(p, lr=3e-3, weight_decay=1e-2, foreach=False)),
+    (lambda p: AdamW4bit(p, lr=3e-3, min_4bit_size=BIG),
+     lambda p: torch.optim.AdamW(p, lr=3e-3, foreach=False)),
+    (lambda p: Adam4bit(p, lr=3e-3, maximize=True, min_4bit_size=BIG),
+     lambda p: torch.optim.Adam(p, lr=3e-3, maximize=True, foreach=False)),
+])
+def test_fp32_state_path_equals_torch(ours, theirs):
+    m1, m2 = _mlp(32), _mlp(32)
+    _train(m1, ours(m1.parameters()), 30)
+    _train(m2, theirs(m2.parameters()), 30)
+    assert _same(m1, m2)
+
+
+SHAPES = [(1024, 512), (512, 256), (256, 64), (100, 300), (64, 64, 3, 3), (8192,), (4095,), (7,)]
+
+
+def _stepped(make, shapes=SHAPES):
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt = make(params)
+    opt.step()
+    return opt, params
+
+
+@pytest.mark.parametrize("make", [lambda p: Adam4bit(p), lambda p: AdamW4bit(p),
+                                  lambda p: Adam4bit(p, rank1=False)])
+def test_state_bytes_per_param(make):
+    """<= 1.07 B/param over the 4-bit tensors, counted from the storages in optimizer.state and
+    by MemoryMeter's optimizer category (fp32 Adam: 8)."""
+    from memlab.bench.optim import state_bytes_per_param
+    from memlab.memory import MemoryMeter
+    opt, params = _stepped(make)
+    bpp = state_bytes_per_param(opt, params, min_numel=4096)
+    assert bpp <= 1.07, bpp
+    ref, ref_params = _stepped(lambda p: torch.optim.Adam(p, foreach=False))
+    assert state_bytes_per_param(ref, ref_params, min_numel=4096) == pytest.approx(8, abs=1e-3)
+    big = [p for p in params if p.numel() >= 4096]
+    Q4Tensor.zeros((2,), True)                # the cached maps exist before metering
+    Q4Tensor.zeros((2,), False)
+    opt2, params2 = _stepped(make, [p.shape for p in big])
+    with MemoryMeter("cpu", optimizer=opt2) as meter:
+        opt2.step()
+    numel = sum(p.numel() for p in params2)
+    assert meter.now()["optimizer"] == opt2.state_nbytes()
+    assert meter.now()["optimizer"] / numel <= 1.07
+    for p in big:
+        st = opt.state[p]
+        assert st["exp_avg_q4"].dtype == st["exp_avg_sq_q4"].dtype == torch.uint8
+        assert st["exp_avg_q4"].numel() == (p.numel() + 1) // 2
+        assert ("exp_avg_sq_rank1" in st) == use_rank1(p.shape, 128, opt.defaults["rank1"])
+
+
+def test_small_tensors_keep_fp32_state():
+    opt, params = _stepped(lambda p: Adam4bit(p))
+    small = [p for p in params if p.numel() < 4096]
+    assert small
+    for p in small:
+        assert set(opt.state[p]) == {"step", "exp_avg", "exp_avg_sq"}
+        assert opt.state[p]["exp_avg"].dtype == torch.float32
+
+
+def test_estimate_on_fake_tensors_measures_the_real_step():
+    from memlab.memory import MemoryMeter, estimate
+
+    def setup():
+        net = torch.nn.Sequential(torch.nn.Linear(256, 512), torch.nn.ReLU(),
+                                  torch.nn.Linear(512, 64))
+        return net, Adam4bit(net.parameters()), torch.randn(16, 256)
+
+    def step(m, o, x):
+        m(x).sum().backward()
+        o.step()
+    est = estimate(step, setup, steps=2)
+    net, opt, x = setup()
+    with MemoryMeter("cpu", model=net, optimizer=opt) as meter:
+        for _ in range(2):
+            step(net, opt, x)
+    assert est.category_peaks()["optimizer"] == meter.category_peaks()["optimizer"]
+
+
+# ---------------------------------------------------------------------------------------------
+# training behaviour
+
+
+def _curve_gaps(got, ref):
+    """(max pointwise relative gap, relative gap of the final loss, mean relative gap over the
+    second half of the run)."""
+    d = (got - ref).abs() / ref
+    return d.max().item(), d[-1].item(), d[len(d) // 2:].mean().item()
+
+
+def test_loss_curve_close_to_fp32_adam():
+    """200 full-batch steps of the 8-bit tests' MLP regression with the defaults (the 64 x 64
+    matrix in 4 bits, the smaller tensors fp32): the 4-bit states delay the steep part of the
+    curve by a few steps (the pointwise gap there is large: printed); after it the curves agree
+    within 5%, and so do the final losses."""
+    m1, m2 = _mlp(), _mlp()
+    ref = _train(m1, torch.optim.Adam(m1.parameters(), lr=3e-3), 200)
+    got = _train(m2, Adam4bit(m2.parameters(), lr=3e-3), 200)
+    worst, final, late = _curve_gaps(got, ref)
+    print(f"defaults: max gap {worst:.3f}, final gap {final:.4f}, mean gap steps 100-199 "
+          f"{late:.4f}")
+    assert got[-1] < 0.2 * ref[0]                 # it learns
+    assert late < 0.05 and final < 0.05, (worst, final, late)
+
+
+@pytest.mark.parametrize("hidden,kw", [(64, dict(rank1=True)), (64, dict()),
+                                       (128, dict(rank1=True))])
+def test_loss_curve_every_state_in_4bit(hidden, kw):
+    """min_4bit_size=0 (every tensor in 4 bits): it learns and ends within 15% of fp32 Adam
+    (figures printed; the 8-bit tests' 5%-everywhere criterion is the xfail below)."""
+    m1, m2 = _mlp(hidden), _mlp(hidden)
+    ref = _train(m1, torch.optim.Adam(m1.parameters(), lr=3e-3), 200)
+    got = _train(m2, Adam4bit(m2.parameters(), lr=3e-3, min_4bit_size=0, **kw), 200)
+    worst, final, late = _curve_gaps(got, ref)
+    print(f"hidden={hidden} min_4bit_size=0 {kw}: max gap {worst:.3f}, final gap {final:.4f}, "
+          f"mean gap steps 100-199 {late:.4f}")
+    assert got[-1] < 0.2 * ref[0]
+    assert final < 0.15, (worst, final, late)
+
+
+@pytest.mark.xfail(strict=True, reason="4-bit states delay the steep drop of this full-batch "
+                   "curve by a few steps: pointwise gap up to ~1.0 (8-bit: 0.013)")
+def test_loss_curve_within_5_percent_everywhere_like_8bit():
+    m1, m2 = _mlp(), _mlp()
+    ref = _train(m1, torch.optim.Adam(m1.parameters(), lr=3e-3), 200)
+    got = _train(m2, Adam4bit(m2.parameters(), lr=3e-3, min_4bit_size=0, rank1=True), 200)
+    assert ((got - ref).abs() / ref).max().item() < 0.05
+
+
+def _sched(opt):
+    return torch.optim.lr_scheduler.StepLR(opt, step_size=7, gamma=0.5)
+
+
+@pytest.mark.parametrize("make", [
+    lambda p: Adam4bit(p, lr=3e-3, min_4bit_size=1024),
+    lambda p: AdamW4bit(p, lr=3e-3, min_4bit_size=1024, rank1=True, block_size=64),
+])
+def test_resume_is_bit_for_bit(make):
+    m_ref = _mlp()
+    o_ref = make(m_ref.parameters())
+    s_ref = _sched(o_ref)
+    _train(m_ref, o_ref, 25, s_ref, batch=True)
+
+    m_a = _mlp()
+    o_a = make(m_a.parameters())
+    s_a = _sched(o_a)
+    _train(m_a, o_a, 10, s_a, batch=True)
+    assert any(k.endswith("_q4") for st in o_a.state.values() for k in st)
+    buf = io.BytesIO()
+    torch.save({"model": m_a.state_dict(), "opt": o_a.state_dict(), "sched": s_a.state_dict()},
+               buf)
+    buf.seek(0)
+    ckpt = torch.load(buf, weights_only=True)
+
+    m_b = _mlp(seed=123)
+    m_b.load_state_dict(ckpt["model"])
+    o_b = make(m_b.parameters())
+    s_b = _sched(o_b)
+    o_b.load_state_dict(ckpt["opt"])
+    s_b.load_state_dict(ckpt["sched"])
+    for st in o_b.state.values():
+        for k, v in st.items():
+            if k.endswith("_q4"):
+                assert v.dtype == torch.uint8
+    for i in range(10, 25):
+        xb, yb = X[i % 8::8], Y[i % 8::8]
+        o_b.zero_grad()
+        ((m_b(xb) - yb) ** 2).mean().backward()
+        o_b.step()
+        s_b.step()
+    assert _same(m_ref, m_b)
+
+
+def test_lr_scheduler_drives_the_update():
+    def lam(i):
+        return 1.0 / (1 + i)
+    m1, m2 = _mlp(), _mlp()
+    o1 = Adam4bit(m1.parameters(), lr=1e-2, min_4bit_size=0)
+    o2 = Adam4bit(m2.parameters(), lr=1e-2, min_4bit_size=0)
+    s1 = torch.optim.lr_scheduler.LambdaLR(o1, lam)
+    for i in range(12):
+        for m, o in ((m1, o1), (m2, o2)):
+            o.zero_grad()
+            ((m(X[:256]) - Y[:256]) ** 2).mean().backward()
+        o2.param_groups[0]["lr"] = 1e-2 * lam(i)
+        o1.step()
+        o2.step()
+        s1.step()
+    assert _same(m1, m2)
+    assert o1.param_groups[0]["lr"] == pytest.approx(1e-2 / 13)
+
+
+def test_param_groups_grad_none_and_closure():
+    m = _mlp()
+    first, rest = list(m[0].parameters()), list(m[2].parameters()) + list(m[4].parameters())
+    before = [p.detach().clone() for p in m.parameters()]
+    opt = Adam4bit([{"params": first, "lr": 0.0}, {"params": rest}], lr=1e-2, min_4bit_size=0)
+    calls = []
+
+    def closure():
+        calls.append(1)
+        opt.zero_grad()
+        loss = ((m(X[:64]) - Y[:64]) ** 2).mean()
+        loss.backward()
+        return loss
+    assert torch.is_tensor(opt.step(closure)) and calls
+    after = list(m.parameters())
+    assert all(torch.equal(a, b) for a, b in zip(before[:2], after[:2]))
+    assert not any(torch.equal(a, b) for a, b in zip(before[2:], after[2:]))
+    lone = torch.nn.Parameter(torch.randn(5000))
+    opt.add_param_group({"params": [lone]})
+    opt.step()                                               # lone has no grad: no state
+    assert len(opt.state[lone]) == 0
+    with pytest.raises(ValueError, match="lr"):
+        opt.add_param_group({"params": [torch.nn.Parameter(torch.zeros(3))], "lr": -1.0})
+    assert len(opt.param_groups) == 3
+
+
+def test_bad_gradient_changes_nothing():
+    a, b = torch.nn.Parameter(torch.randn(5000)), torch.nn.Parameter(torch.randn(5000))
+    opt = Adam4bit([a, b])
+    a.grad, b.grad = torch.randn(5000), torch.randn(5000).to_sparse()
+    a0 = a.detach().clone()
+    with pytest.raises(TypeError, match="sparse"):
+        opt.step()
+    assert torch.equal(a, a0) and len(opt.state) == 0
+
+
+def test_bad_hyperparameters_raise():
+    ps = [torch.nn.Parameter(torch.zeros(3))]
+    cases = [
+        (lambda: Adam4bit(ps, lr=-1), "lr"),
+        (lambda: Adam4bit(ps, lr=float("nan")), "lr"),
+        (lambda: Adam4bit(ps, betas=(1.0, 0.999)), "betas"),
+        (lambda: Adam4bit(ps, betas=(0.9,)), "betas"),
+        (lambda: Adam4bit(ps, eps=0), "eps"),
+        (lambda: AdamW4bit(ps, weight_decay=-0.1), "weight_decay"),
+        (lambda: Adam4bit(ps, block_size=0), "block_size"),
+        (lambda: Adam4bit(ps, block_size=True), "block_size"),
+        (lambda: Adam4bit(ps, min_4bit_size=-1), "min_4bit_size"),
+        (lambda: Adam4bit(ps, min_4bit_size=1.5), "min_4bit_size"),
+        (lambda: Adam4bit(ps, rank1=1), "rank1"),
+        (lambda: Adam4bit(ps, maximize=1), "maximize"),
+    ]
+    for make, name in cases:
+        with pytest.raises(ValueError, match=name):
+            make()
+    with pytest.raises(TypeError, match="floating-point"):
+        Adam4bit([torch.zeros(3, dtype=torch.long)])
+
+
+def test_load_state_dict_checks_before_changing_anything():
+    m = _mlp()
+    opt = Adam4bit(m.parameters(), lr=3e-3, min_4bit_size=1024)
+    _train(m, opt, 3)
+    good = opt.state_dict()
+    snapshot = {k: {n: (v.clone() if torch.is_tensor(v) else v) for n, v in st.items()}
+                for k, st in opt.state.items()}
+
+    def unchanged():
+        return all(all(torch.equal(v, snapshot[p][n]) if torch.is_tensor(v) else v == snapshot[p][n]
+                       for n, v in st.items()) for p, st in opt.state.items())
+
+    def broken(key, value, pid=2):
+        sd = {"state": {k: dict(v) for k, v in good["state"].items()},
+              "param_groups": [dict(g) for g in good["param_groups"]]}
+        sd["state"][pid][key] = value
+        return sd
+    q4 = good["state"][2]["exp_avg_q4"]
+    for sd, match in [
+        (broken("exp_avg_q4", q4[:-1]), "exp_avg_q4"),
+        (broken("exp_avg_q4", q4.float()), "uint8"),
+        (broken("exp_avg_absmax", torch.zeros(3)), "block_size=128"),
+        (broken("step", -1), "step"),
+        (broken("exp_avg_sq", torch.zeros(3), pid=1), "exp_avg_sq"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            opt.load_state_dict(sd)
+        assert unchanged() and opt.param_groups[0]["lr"] == 3e-3
+    torch_sd = torch.optim.Adam(m.parameters()).state_dict()
+    with pytest.raises(ValueError, match="min_4bit_size"):
+        opt.load_state_dict(torch_sd)
+    sd = opt.state_dict()
+    sd["param_groups"][0]["lr"] = -1.0
+    with pytest.raises(ValueError, match="lr"):
+        opt.load_state_dict(sd)
+    opt.load_state_dict(good)                          # copies: never shares storage
+    pid = next(k for k, st in good["state"].items() if "exp_avg_sq" in st)
+    p = list(m.parameters())[pid]
+    assert opt.state[p]["exp_avg_sq"].data_ptr() != good["state"][pid]["exp_avg_sq"].data_ptr()
+    assert torch.equal(opt.state[p]["exp_avg_sq"], good["state"][pid]["exp_avg_sq"])
+
+
+# ---------------------------------------------------------------------------------------------
+# figures: error vs 8-bit on Adam-like states, drift to fp32 Adam on heavy tails
+
+
+def test_error_rows_against_8bit():
+    from memlab.bench.optim import adam_like_states
+    m, v = adam_like_states(2 ** 16)
+    rows = error_rows(m, v)
+    by = {(r["measure"], r["subject"]): r for r in rows}
+    for r in rows:
+        print(r)
+    m4 = by["quant_error", "exp_avg de4 block128"]
+    assert 1 < m4["ratio"] < 30                                  # 4 bits: coarser than 8
+    assert by["quant_error", "exp_avg_sq linear0-4 block128"]["zero_fraction"] == 0
+    assert by["quant_error", "exp_avg_sq linear0-4 rank1"]["zero_fraction"] == 0
+    assert by["quant_error", "exp_avg_sq de4 block128"]["zero_fraction"] > 0.1   # the problem
+    assert 0 < by["update_error", "adam4bit block128"]["value"] < 1
+
+
+def test_drift_to_fp32_on_heavy_tails_vs_adam8bit():
+    from memlab.bench.optim import drift_to_fp32, heavy_tailed_gradients
+    from memlab.optim import Adam8bit
+    n, steps = 2 ** 16, 20
+    for sigma in (0.5, 1.5):
+        made = []
+
+        def make4(ps):
+            made.append(Adam4bit(ps, lr=1e-3))
+            return made[-1]
+        d4 = drift_to_fp32(make4, sigma=sigma, n=n, steps=steps)
+        d8 = drift_to_fp32(lambda ps: Adam8bit(ps, lr=1e-3), sigma=sigma, n=n, steps=steps)
+        v = torch.zeros(n)
+        for g in heavy_tailed_gradients(n, steps, sigma):
+            v.mul_(0.999).addcmul_(g, g, value=0.001)
+        opt = made[0]
+        p = opt.param_groups[0]["params"][0]
+        _, v_hat = stored_moments(opt, p)
+        zeros = ((v_hat == 0) & (v > 0)).float().mean().item()
+        print(f"sigma={sigma}: drift adam4bit {d4['distance']:.4f}, adam8bit "
+              f"{d8['distance']:.4f}, adam4bit zero fraction {zeros}")
+        assert zeros == 0
+        assert d8["distance"] < d4["distance"] < 1.0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_matches_cpu():
+    m_a = _mlp(128)
+    m_b = _mlp(128).cuda()
+    o_a = Adam4bit(m_a.parameters(), lr=3e-3, min_4bit_size=0, rank1=True)
+    o_b = Adam4bit(m_b.parameters(), lr=3e-3, min_4bit_size=0, rank1=True)
+    la = _train(m_a, o_a, 30)
+    lb = []
+    for _ in range(30):
+        o_b.zero_grad()
+        loss = ((m_b(X.cuda()) - Y.cuda()) ** 2).mean()
+        loss.backward()
+        o_b.step()
+        lb.append(loss.item())
+    assert ((la - torch.tensor(lb)).abs() / la).max() < 0.05
+    st = o_b.state[next(iter(o_b.state))]
+    assert all(v.is_cuda for v in st.values() if torch.is_tensor(v))
