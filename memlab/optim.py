@@ -38,6 +38,17 @@ are passed as 0-dim tensors so an LR schedule does not recompile, and a failure 
 once and falls back to eager. ``compile=True`` forces torch.compile on any device (on CPU
 inductor's code for this gather-heavy step measured no faster than eager).
 
+Data parallel: under DDP parameters and states are ordinary tensors; nothing changes. Under
+FSDP2 (``torch.distributed.fsdp.fully_shard``, DTensor parameters) each rank steps its local
+shard (``p.to_local()`` / ``grad.to_local()``, the fused kernel included) and holds states for
+that shard only: ~1/world of the unsharded state bytes per rank. Blocks are counted from each
+shard's first element, so a run equals a single-process run (same bits of state for the same
+gradients) exactly when every shard starts on a multiple of ``block_size`` in the flattened
+parameter (Shard(0) of an (R, C) weight: ceil(R / world) * C a multiple of ``block_size``);
+otherwise the blocks that straddle two shards are quantized as two. 8-bit or fp32 is decided on
+the global numel. ``state_dict()`` gives a sharding-independent form that
+``torch.distributed.checkpoint`` saves on N ranks and loads on M (see :mod:`memlab._optim_state`).
+
 Non-finite gradients: the update is computed in fp32 exactly as torch does, so a NaN/inf
 gradient element makes that parameter element NaN/inf just as with ``torch.optim``. In the 8-bit
 state it also makes its *block's* absmax non-finite, so the whole block (at most ``block_size``
@@ -47,9 +58,7 @@ are untouched. Skip such steps (``torch.amp.GradScaler`` does) if that matters.
 
 from __future__ import annotations
 
-import math
 import warnings
-from collections.abc import Mapping
 from typing import Callable, Optional, Union
 
 import torch
@@ -57,6 +66,10 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from memlab import _cpu_kernels
+from memlab._optim_state import (  # noqa: F401  (the helpers stay importable from here)
+    _budget_meter, _check, _check_common, _checked_step, _compile_errors, _copy_state,
+    _describe, _is_fake, _is_number, _own, _tensors, checked_states, to_checkpoint)
+from memlab.distributed import is_dtensor, local
 from memlab.quant import QTensor
 
 __all__ = ["SGD8bit", "Adam8bit", "AdamW8bit", "LowRankAdam"]
@@ -161,95 +174,6 @@ def _adam8bit_step(p: Tensor, grad: Tensor, exp_avg: State, exp_avg_sq: State, *
 # bookkeeping
 
 
-def _compile_errors() -> tuple:
-    """Exception types torch.compile raises while tracing / compiling (not while running)."""
-    from torch._dynamo import exc
-    names = ("TorchDynamoException", "FailOnRecompileLimitHit", "TritonUnavailableError")
-    return tuple(getattr(exc, n) for n in names if hasattr(exc, n))
-
-
-def _check(name: str, value, ok: bool, expected: str):
-    if not ok:
-        raise ValueError(f"{name} must be {expected}, got {value!r}")
-
-
-def _is_number(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
-
-
-def _check_common(group: dict) -> None:
-    _check("lr", group["lr"], _is_number(group["lr"]) and group["lr"] >= 0, "a float >= 0")
-    wd = group["weight_decay"]
-    _check("weight_decay", wd, _is_number(wd) and wd >= 0, "a float >= 0")
-    m8 = group["min_8bit_size"]
-    _check("min_8bit_size", m8, isinstance(m8, int) and not isinstance(m8, bool) and m8 >= 0,
-           "an int >= 0")
-    bs = group["block_size"]
-    _check("block_size", bs, isinstance(bs, int) and not isinstance(bs, bool) and bs > 0,
-           "a positive int")
-    _check("maximize", group["maximize"], isinstance(group["maximize"], bool), "a bool")
-
-
-def _describe(t) -> str:
-    if isinstance(t, Tensor):
-        return f"{str(t.dtype)[6:]} with {t.numel()} elements of shape {tuple(t.shape)}"
-    return f"{type(t).__name__} {t!r}"[:120]
-
-
-def _own(t: Tensor, device: torch.device) -> Tensor:
-    """``t`` on ``device``, contiguous, with a storage of its own of exactly its size (a view
-    of a bigger storage, or a stride-0 expand, is copied)."""
-    t = t.to(device=device)
-    if not (t.is_contiguous() and t.storage_offset() == 0
-            and t.untyped_storage().nbytes() == t.numel() * t.element_size()):
-        t = t.clone(memory_format=torch.contiguous_format)
-    return t
-
-
-def _checked_step(s, where: str) -> int:
-    """A saved step counter: an int >= 0 or a 0-dim real tensor holding one."""
-    val = None
-    if isinstance(s, Tensor):
-        if s.dim() == 0 and not s.is_complex() and s.dtype != torch.bool:
-            val = s.item()
-    elif isinstance(s, int) and not isinstance(s, bool):
-        val = s
-    if val is None or not math.isfinite(val) or val < 0 or val != int(val):
-        raise ValueError(f"{where}: state 'step' must be an int >= 0 (or a 0-dim tensor holding "
-                         f"one), got {_describe(s)}")
-    return int(val)
-
-
-def _budget_meter():
-    """The innermost active ``memlab.memory.MemoryMeter`` with a budget, or None (found on
-    torch's dispatch-mode stack; no import of memlab.memory unless one is active)."""
-    from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
-    for mode in reversed(_get_current_dispatch_mode_stack()):
-        meter = getattr(mode, "meter", None)
-        if (type(mode).__module__ == "memlab.memory" and meter is not None
-                and getattr(meter, "budget", None) is not None):
-            return meter
-    return None
-
-
-def _copy_state(s: State) -> State:
-    if isinstance(s, QTensor):
-        return QTensor(s.codes.clone(), s.absmax.clone(), s.shape, s.signed, s.block_size)
-    return s.clone()
-
-
-def _tensors(s: State) -> tuple:
-    return (s.codes, s.absmax) if isinstance(s, QTensor) else (s,)
-
-
-def _is_fake(t: Tensor) -> bool:
-    try:
-        from torch._subclasses.fake_tensor import is_fake
-    except ImportError:  # pragma: no cover
-        return False
-    return is_fake(t)
-
-
 class _Optimizer8bit(Optimizer):
     """Shared bookkeeping: states as QTensor (>= min_8bit_size elements) or fp32 tensors.
 
@@ -287,14 +211,17 @@ class _Optimizer8bit(Optimizer):
     def _prepare(self, p: Tensor, state: dict, group: dict, staged: Optional[dict] = None):
         """The states of ``p`` (created as zeros when missing) as QTensor views over the stored
         tensors or fp32 tensors, and whether any was just created. New tensors go into
-        ``staged`` when given (``state`` is then only read), else into ``state``."""
+        ``staged`` when given (``state`` is then only read), else into ``state``. A DTensor
+        ``p`` (FSDP2) gets states of its local shard; 8-bit or not is decided on its global
+        numel, so every rank decides alike and a shard below ``min_8bit_size`` stays 8-bit."""
+        numel, p = p.numel(), local(p)                # global numel; the local shard
         out = state if staged is None else staged
         states, fresh = [], False
         for name, signed in self._state_specs(group):
             have = {**state, **out} if staged is not None else state
             if name not in have and name + "_codes" not in have:
                 fresh = True
-                if p.numel() >= group["min_8bit_size"]:
+                if numel >= group["min_8bit_size"]:
                     q = QTensor.zeros(p.shape, signed, group["block_size"], p.device)
                     out[name + "_codes"], out[name + "_absmax"] = q.codes, q.absmax
                 else:
@@ -316,93 +243,24 @@ class _Optimizer8bit(Optimizer):
         state key and expected vs got, and leaves the optimizer as it was. Loaded tensors are
         moved to the parameter's device and get contiguous storage of their own (a crafted
         view, e.g. stride 0, never reaches the fused kernel's raw pointers)."""
-        states = self._checked_states(state_dict)
+        states = checked_states(self, state_dict)
         super().load_state_dict({**state_dict, "state": {}})
         for p, st in states.items():
             self.state[p] = st
 
-    def _checked_states(self, state_dict) -> dict:
-        """{param: its new state} from ``state_dict``, every check done; raises ValueError."""
-        name = type(self).__name__
-        if not (isinstance(state_dict, Mapping) and "state" in state_dict
-                and "param_groups" in state_dict):
-            raise ValueError(f"state_dict must be a mapping with 'state' and 'param_groups' (from "
-                             f"{name}.state_dict()), got {type(state_dict).__name__}")
-        saved, groups = state_dict["state"], state_dict["param_groups"]
-        if not isinstance(saved, Mapping) or not isinstance(groups, (list, tuple)):
-            raise ValueError("state_dict: 'state' must be a mapping and 'param_groups' a list, "
-                             f"got {type(saved).__name__} and {type(groups).__name__}")
-        if len(groups) != len(self.param_groups):
-            raise ValueError(f"state_dict has {len(groups)} param groups, this {name} has "
-                             f"{len(self.param_groups)}")
-        id_map = {}
-        for gi, (sg, g) in enumerate(zip(groups, self.param_groups)):
-            if not isinstance(sg, Mapping) or not isinstance(sg.get("params"), (list, tuple)):
-                raise ValueError(f"state_dict: param_groups[{gi}] must be a dict with a 'params' "
-                                 f"list, got {sg!r}"[:300])
-            missing = sorted(k for k in self.defaults if k not in sg)
-            if missing:
-                art = "an" if name[0] in "AEIOU" else "a"
-                raise ValueError(
-                    f"state_dict is not {art} {name} state: param_groups[{gi}] lacks "
-                    f"{', '.join(missing)} (a torch.optim state_dict has no 8-bit settings; load "
-                    f"it into the optimizer that saved it)")
-            if len(sg["params"]) != len(g["params"]):
-                raise ValueError(f"state_dict: param_groups[{gi}] has {len(sg['params'])} params, "
-                                 f"this {name} has {len(g['params'])} there")
-            merged = {**sg, "params": g["params"]}
-            try:
-                _check_common(merged)
-                self._validate(merged)
-            except (ValueError, TypeError) as e:
-                raise ValueError(f"state_dict: param_groups[{gi}]: {e}") from None
-            for pi, (k, p) in enumerate(zip(sg["params"], g["params"])):
-                id_map[k] = (gi, pi, p, merged)
-        out = {}
-        for k, st in saved.items():
-            if k not in id_map:
-                raise ValueError(f"state_dict: 'state' has an entry for parameter id {k!r}, "
-                                 f"which no param group lists")
-            gi, pi, p, group = id_map[k]
-            where = f"state_dict: param_groups[{gi}] param {pi} (shape {tuple(p.shape)})"
-            if not isinstance(st, Mapping):
-                raise ValueError(f"{where}: state must be a dict, got {type(st).__name__}")
-            out[p] = self._checked_param_state(st, p, group, where)
-        return out
-
-    def _checked_param_state(self, st: Mapping, p: Tensor, group: dict, where: str) -> dict:
-        if not st:
-            return {}
-        if "step" not in st:
-            raise ValueError(f"{where}: state has no 'step' (keys: {sorted(map(str, st))})")
-        new = {k: (_own(v, p.device) if isinstance(v, Tensor) else v) for k, v in st.items()}
-        new["step"] = _checked_step(st["step"], where)
-        n, bs = p.numel(), group["block_size"]
-        nb = -(-n // bs)
-        for name, _ in self._state_specs(group):
-            if name in st:
-                t = st[name]
-                if not (isinstance(t, Tensor) and t.dtype == torch.float32
-                        and t.shape == p.shape):
-                    raise ValueError(f"{where}: state '{name}' must be a float32 tensor of shape "
-                                     f"{tuple(p.shape)}, got {_describe(t)}")
-            elif name + "_codes" in st or name + "_absmax" in st:
-                codes, absmax = st.get(name + "_codes"), st.get(name + "_absmax")
-                for key, t, dtype, count in ((name + "_codes", codes, torch.uint8, n),
-                                             (name + "_absmax", absmax, torch.float32, nb)):
-                    if t is None:
-                        raise ValueError(f"{where}: state has '{name}_codes' or '{name}_absmax' "
-                                         f"but not both (no '{key}')")
-                    if not (isinstance(t, Tensor) and t.dtype == dtype and t.numel() == count):
-                        extra = f" (block_size={bs})" if key.endswith("_absmax") else ""
-                        raise ValueError(f"{where}: state '{key}' must be {str(dtype)[6:]} with "
-                                         f"{count} elements{extra}, got {_describe(t)}")
-                new[name + "_codes"] = new[name + "_codes"].view(-1)
-                new[name + "_absmax"] = new[name + "_absmax"].view(-1)
-            else:
-                raise ValueError(f"{where}: state lacks '{name}' (fp32) or '{name}_codes' + "
-                                 f"'{name}_absmax' (8-bit); it has {sorted(map(str, st))}")
-        return new
+    def state_dict(self) -> dict:
+        """As torch's; the states of DTensor (FSDP2) parameters in their checkpoint form, which
+        does not depend on the sharding (:mod:`memlab._optim_state`): codes and fp32 states as
+        DTensors laid out like the parameter, absmax all-gathered (a collective: call on every
+        rank) -- what ``torch.distributed.checkpoint`` saves on N ranks and loads on M."""
+        sd = super().state_dict()
+        owners = [(p, g) for g in self.param_groups for p in g["params"]]   # torch's ids
+        if any(is_dtensor(p) for p, _ in owners):
+            sd["state"] = {k: (to_checkpoint(self, st, *owners[k], f"param {k} (shape "
+                                             f"{tuple(owners[k][0].shape)})")
+                               if is_dtensor(owners[k][0]) and st else st)
+                           for k, st in sd["state"].items()}
+        return sd
 
     def state_nbytes(self) -> int:
         """Bytes held in ``self.state`` (each storage once)."""
@@ -484,23 +342,24 @@ class _Optimizer8bit(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         plan = self._plan()                          # phase 1: may raise, changes nothing
-        for p, group, staged, step, states, fresh, how, work in plan:   # phase 2: commit
+        for p, lp, lg, group, staged, step, states, fresh, how, work in plan:   # phase 2
             state = self.state[p]
             state.update(staged)
             state["step"] = step
             if how == "fused":
-                self._fused(p.detach(), p.grad, states, group, step, fresh)
+                self._fused(lp, lg, states, group, step, fresh)
             elif how == "eager":
                 fn, kw, pieces = work
                 for pp, gg, ss in pieces:
-                    self._run(fn, p.device, pp, gg, *ss, **kw)
+                    self._run(fn, lp.device, pp, gg, *ss, **kw)
             # how == "fake-fused": fake tensors (memlab.memory.estimate) of a step that the real
             # run does in the fused C kernel, which allocates no torch tensor: nothing to run
         return loss
 
     def _plan(self) -> list:
-        """Phase 1 of ``step``: (param, group, staged states, new step, states, fresh, how,
-        work) per parameter with a gradient; raises before anything is modified."""
+        """Phase 1 of ``step``: (param, local param, local grad, group, staged states, new step,
+        states, fresh, how, work) per parameter with a gradient; raises before anything is
+        modified. A DTensor (FSDP2) param is stepped on ``p.to_local()`` / ``grad.to_local()``."""
         plan = []
         for group in self.param_groups:
             for p in group["params"]:
@@ -511,22 +370,28 @@ class _Optimizer8bit(Optimizer):
                 if p.grad.shape != p.shape or p.grad.device != p.device:
                     raise ValueError(f"grad of a parameter of shape {tuple(p.shape)} on {p.device} "
                                      f"has shape {tuple(p.grad.shape)} on {p.grad.device}")
+                lp, lg = local(p).detach(), local(p.grad)       # this rank's shard
+                if is_dtensor(p) != is_dtensor(p.grad) or lg.shape != lp.shape:
+                    raise ValueError(f"grad of a {type(p).__name__} parameter with local shape "
+                                     f"{tuple(lp.shape)} is a {type(p.grad).__name__} with local "
+                                     f"shape {tuple(lg.shape)}")
                 old = self.state.get(p, {})
                 step = old.get("step", 0)       # int; a tensor in a torch.optim checkpoint
                 step = (int(step.item()) if isinstance(step, Tensor) else step) + 1
                 staged: dict = {}
                 states, fresh = self._prepare(p, old, group, staged)
-                if self._fused_ok(p, states):
-                    plan.append((p, group, staged, step, states, fresh, "fused", None))
+                head = (p, lp, lg, group, staged, step, states, fresh)
+                if self._fused_ok(lp, states, lg):
+                    plan.append((*head, "fused", None))
                     continue
-                if self._fused_on_fake(p, states):
-                    plan.append((p, group, staged, step, states, fresh, "fake-fused", None))
+                if self._fused_on_fake(lp, states, lg):
+                    plan.append((*head, "fake-fused", None))
                     continue
-                fn = self._step_fn(p.device)
-                kw = self._kwargs(group, step, fresh, p.device,
+                fn = self._step_fn(lp.device)
+                kw = self._kwargs(group, step, fresh, lp.device,
                                   compiled=fn is not type(self)._math)
-                pieces = list(self._pieces(p, p.grad, states, group["block_size"]))
-                plan.append((p, group, staged, step, states, fresh, "eager", (fn, kw, pieces)))
+                pieces = list(self._pieces(lp, lg, states, group["block_size"]))
+                plan.append((*head, "eager", (fn, kw, pieces)))
         meter = _budget_meter()
         if meter is not None:
             self._reserve(plan, meter)
@@ -539,7 +404,7 @@ class _Optimizer8bit(Optimizer):
         from torch.utils._python_dispatch import _disable_current_modes
         all_devices = getattr(meter, "_all_devices", False)
         largest: dict = {}               # kind of piece -> (numel, fn, kw, piece, device)
-        for p, group, _, _, _, fresh, how, work in plan:
+        for _, p, _, group, _, _, _, fresh, how, work in plan:
             if how != "eager" or not (all_devices or p.device.type == meter.device_type):
                 continue
             fn, kw, pieces = work
@@ -560,17 +425,19 @@ class _Optimizer8bit(Optimizer):
         if need:
             torch.empty(need, dtype=torch.uint8, device=device)   # the meter raises if over
 
-    def _fused_ok(self, p: Tensor, states: list) -> bool:
+    def _fused_ok(self, p: Tensor, states: list, g: Optional[Tensor] = None) -> bool:
         """Use the fused C kernel (``memlab._cpu_kernels``): CPU, ``compile`` left at None,
-        every state 8-bit, a float32 contiguous parameter and gradient, and a compiler found."""
+        every state 8-bit, a float32 contiguous parameter and gradient (plain tensors: a
+        DTensor's local shard; ``g`` defaults to ``p.grad``), and a compiler found."""
+        g = p.grad if g is None else g
         return (self._compile is None and p.device.type == "cpu" and bool(states)
                 and all(isinstance(s, QTensor) for s in states)
-                and _cpu_kernels.usable(p.detach(), p.grad) and _cpu_kernels.available())
+                and _cpu_kernels.usable(p, g) and _cpu_kernels.available())
 
-    def _fused_on_fake(self, p: Tensor, states: list) -> bool:
+    def _fused_on_fake(self, p: Tensor, states: list, g: Optional[Tensor] = None) -> bool:
         """Whether ``p`` is a fake tensor (``memlab.memory.estimate``) whose real counterpart
         would take the fused kernel (``_fused_ok``, which refuses fake tensors)."""
-        g = p.grad
+        g = p.grad if g is None else g
         return (self._compile is None and p.device.type == "cpu" and bool(states)
                 and all(isinstance(s, QTensor) for s in states) and _is_fake(p)
                 and p.dtype == torch.float32 and g.dtype == torch.float32

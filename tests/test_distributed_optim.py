@@ -1,0 +1,211 @@
+"""8-bit optimizers under FSDP2 (DTensor parameters) and DDP, on 2 CPU ranks (gloo).
+
+Each test launches its ranks with ``memlab.distributed.launch`` (spawn, a timeout, every process
+ended before it returns). Model: Linear(64, 256) -> Linear(256, 64): each weight (16384
+elements) is split in two shards of 8192 starting on a 256-block boundary ("block-aligned"), so
+the sharded 8-bit states are the single-process states cut in two; with ``min_8bit_size=12000``
+a weight is 8-bit on its global size although each shard (8192) is below it.
+"""
+
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from memlab.distributed import launch
+from memlab.optim import Adam8bit, AdamW8bit, SGD8bit
+
+pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
+                                reason="needs torch.distributed with gloo")
+
+MIN8 = 12000
+OPTS = {
+    "adam8bit": lambda ps: Adam8bit(ps, lr=1e-2, min_8bit_size=MIN8),
+    "adamw8bit": lambda ps: AdamW8bit(ps, lr=1e-2, min_8bit_size=MIN8),
+    "sgd8bit": lambda ps: SGD8bit(ps, lr=1e-2, momentum=0.9, min_8bit_size=MIN8),
+    "adam": lambda ps: torch.optim.Adam(ps, lr=1e-2),
+}
+GLOBAL_BATCH = 16
+
+
+def _model(shape=(64, 256, 64)):
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(shape[0], shape[1]), nn.ReLU(), nn.Linear(shape[1], shape[2]))
+
+
+def _batch(step, n=GLOBAL_BATCH, d=64):
+    g = torch.Generator().manual_seed(100 + step)
+    return torch.randn(n, d, generator=g), torch.randn(n, 64, generator=g)   # (B, 64) each
+
+
+def _loss(model, x, y):
+    return (model(x) - y).square().mean()
+
+
+def _shard(model):
+    from torch.distributed.fsdp import fully_shard
+    for layer in model:
+        if isinstance(layer, nn.Linear):
+            fully_shard(layer)
+    return fully_shard(model)
+
+
+def _full(model):
+    return {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().clone()
+            for k, v in model.named_parameters()}
+
+
+def _single(name, steps=3, shape=(64, 256, 64)):
+    """Single-process reference at the global batch: params after ``steps``, state bytes."""
+    model = _model(shape)
+    opt = OPTS[name](model.parameters())
+    t0 = time.perf_counter()
+    for s in range(steps):
+        x, y = _batch(s, d=shape[0])
+        opt.zero_grad()
+        _loss(model, x, y).backward()
+        opt.step()
+    nbytes = opt.state_nbytes() if hasattr(opt, "state_nbytes") else None
+    return _full(model), nbytes, time.perf_counter() - t0
+
+
+# ---------------------------------------------------------------------------------- rank bodies
+def _fsdp_steps(rank, world, names, steps):
+    """FSDP2: each rank trains on its half of the global batch."""
+    from torch.distributed.tensor import DTensor
+    out = {}
+    for name in names:
+        model = _shard(_model())
+        opt = OPTS[name](model.parameters())
+        t0 = time.perf_counter()
+        for s in range(steps):
+            x, y = _batch(s)
+            part = slice(rank * GLOBAL_BATCH // world, (rank + 1) * GLOBAL_BATCH // world)
+            opt.zero_grad()
+            _loss(model, x[part], y[part]).backward()
+            opt.step()
+        w = model[0].weight
+        st = opt.state[w]
+        out[name] = dict(params=_full(model), seconds=time.perf_counter() - t0,
+                         nbytes=opt.state_nbytes(), is_dtensor=isinstance(w, DTensor),
+                         keys=sorted(st), local_numel=w.to_local().numel(),
+                         codes=[v.numel() for k, v in st.items() if k.endswith("_codes")],
+                         plain=all(type(v) is torch.Tensor for v in st.values()
+                                   if isinstance(v, torch.Tensor)))
+    # not block-aligned: weight (5, 1000), shards of 3000 and 2000 elements (3000 % 256 != 0)
+    model = _shard(_model((1000, 5, 64)))
+    opt = Adam8bit(model.parameters(), lr=1e-2, min_8bit_size=4096)   # 5000 elements: 8-bit
+    x, y = _batch(0, d=1000)
+    _loss(model, x, y).backward()
+    opt.step()
+    try:
+        opt.state_dict()
+        out["unaligned"] = "no error"
+    except ValueError as e:
+        out["unaligned"] = str(e)
+    return out
+
+
+def _dcp_run(rank, world, plan):
+    """Train on the same batch on every rank (the gradient is then the single-process one, bit
+    for bit); ``plan``: list of (load checkpoint or None, first step, last step, {step: save})."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    out = []
+    for load, first, last, saves in plan:
+        model = _shard(_model())
+        opt = OPTS["adam8bit"](model.parameters())
+        if load is not None:
+            msd, osd = get_state_dict(model, opt)               # templates of our layout
+            sd = {"model": msd, "optim": osd}
+            dcp.load(sd, checkpoint_id=load)
+            set_state_dict(model, opt, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
+        for s in range(first, last + 1):
+            x, y = _batch(s)
+            opt.zero_grad()
+            _loss(model, x, y).backward()
+            opt.step()
+            if s in saves:
+                msd, osd = get_state_dict(model, opt)
+                dcp.save({"model": msd, "optim": osd}, checkpoint_id=saves[s])
+        out.append(dict(params=_full(model), step=opt.state[model[0].weight]["step"]))
+    return out
+
+
+def _ddp_steps(rank, world, names, steps):
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    out = {}
+    for name in names:
+        model = DDP(_model())
+        opt = OPTS[name](model.parameters())
+        t0 = time.perf_counter()
+        for s in range(steps):
+            x, y = _batch(s)
+            part = slice(rank * GLOBAL_BATCH // world, (rank + 1) * GLOBAL_BATCH // world)
+            opt.zero_grad()
+            _loss(model, x[part], y[part]).backward()
+            opt.step()
+        st = opt.state[model.module[0].weight]
+        out[name] = dict(params=_full(model.module), seconds=time.perf_counter() - t0,
+                         plain=all(type(v) is torch.Tensor for v in st.values()
+                                   if isinstance(v, torch.Tensor)))
+    return out
+
+
+def _assert_close(a, b, tol, what):
+    assert a.keys() == b.keys()
+    for k in a:
+        d = (a[k] - b[k]).abs().max().item()
+        assert d <= tol, f"{what}: {k} differs by {d:.3g} > {tol}"
+
+
+# ---------------------------------------------------------------------------------- tests
+@pytest.mark.distributed
+def test_fsdp2_8bit_states_are_sharded_and_match_a_single_process(one_thread):
+    names = ["adam8bit", "adamw8bit", "sgd8bit"]
+    ranks = launch(_fsdp_steps, 2, (names, 3), timeout=240)
+    for name in names:
+        ref, ref_bytes, ref_s = _single(name)
+        for r in ranks:
+            got = r[name]
+            assert got["is_dtensor"] and got["plain"]          # states: plain local tensors
+            assert got["local_numel"] == 8192 and all(n == 8192 for n in got["codes"]), got
+            assert any(k.endswith("_codes") for k in got["keys"])  # 8-bit on the global size
+            _assert_close(got["params"], ref, 1e-5, f"{name} FSDP2 vs single process")
+        per_rank = [r[name]["nbytes"] for r in ranks]
+        assert sum(per_rank) == ref_bytes                      # shards tile the states
+        assert all(0.45 <= b / ref_bytes <= 0.55 for b in per_rank), (per_rank, ref_bytes)
+        print(f"{name}: state bytes per rank {per_rank} vs single process {ref_bytes}; 3 steps "
+              f"{[round(r[name]['seconds'], 4) for r in ranks]} s per rank vs {ref_s:.4f} s")
+    assert "block-aligned" in ranks[0]["unaligned"] and "block_size=256" in ranks[0]["unaligned"]
+
+
+@pytest.mark.distributed
+def test_fsdp2_dcp_checkpoint_resumes_bit_for_bit_on_2_and_1_ranks(tmp_path, one_thread):
+    a, c = str(tmp_path / "step2_2ranks"), str(tmp_path / "step3_1rank")
+    (uninterrupted,), _ = launch(_dcp_run, 2, ([(None, 0, 3, {1: a})],), timeout=240)
+    (on_one,) = launch(_dcp_run, 1, ([(a, 2, 3, {2: c})],), timeout=240)[0]     # 2 -> 1
+    r0, r1 = launch(_dcp_run, 2, ([(a, 2, 3, {}), (c, 3, 3, {})],), timeout=240)  # 2->2, 1->2
+    want = uninterrupted["params"]
+    for got, what in ((on_one, "2 ranks -> 1"), (r0[0], "2 -> 2"), (r1[0], "2 -> 2 (rank 1)"),
+                      (r0[1], "1 rank -> 2"), (r1[1], "1 -> 2 (rank 1)")):
+        assert got["step"] == uninterrupted["step"] == 4, what
+        for k in want:
+            assert torch.equal(got["params"][k], want[k]), f"{what}: {k} differs"
+    ref, _, _ = _single("adam8bit", steps=4)       # the same batch on every rank: one process
+    _assert_close(want, ref, 1e-6, "FSDP2 (same batch on each rank) vs single process")
+
+
+@pytest.mark.distributed
+def test_ddp_matches_a_single_process_for_adam_and_adam8bit(one_thread):
+    names = ["adam", "adam8bit"]
+    ranks = launch(_ddp_steps, 2, (names, 3), timeout=240)
+    for name in names:
+        ref, _, ref_s = _single(name)
+        for r in ranks:
+            assert r[name]["plain"]
+            _assert_close(r[name]["params"], ref, 1e-5, f"{name} DDP vs single process")
+        print(f"DDP {name}: 3 steps {[round(r[name]['seconds'], 4) for r in ranks]} s per rank "
+              f"vs {ref_s:.4f} s single process")
