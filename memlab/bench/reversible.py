@@ -113,7 +113,7 @@ def run(fast: bool = False, depths: Optional[Sequence[int]] = None,
         batch_size: Optional[int] = None, model: str = "resnet", frames: Optional[int] = None,
         width: Optional[int] = None, steps: Optional[int] = None,
         strategies: Sequence[str] = STRATEGIES, threads: Optional[int] = None,
-        seed: int = 0, feat_dim: Optional[int] = None) -> List[dict]:
+        seed: int = 0, feat_dim: Optional[int] = None, device="cpu") -> List[dict]:
     """One row per (depth, strategy); see the module docstring for the columns.
 
     Args:
@@ -125,7 +125,11 @@ def run(fast: bool = False, depths: Optional[Sequence[int]] = None,
         steps: timed steps per strategy (median reported).
         threads: ``torch.set_num_threads`` for the run (restored afterwards); on a loaded
             machine 1 thread gives the steadiest ratios.
+        device: where the nets and the batch live ("cuda": the meter also reads the allocator;
+            times are wall times after a synchronize, ``cpu_s`` is then host time).
     """
+    device = torch.device(device)
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     depths = tuple(depths) if depths is not None else ((2, 8) if fast else (4, 8, 16, 32))
     batch_size = batch_size or 2
     frames = frames or (32 if fast else 100)
@@ -142,8 +146,8 @@ def run(fast: bool = False, depths: Optional[Sequence[int]] = None,
     try:
         for depth in depths:
             torch.manual_seed(seed)
-            x = torch.randn(batch_size, frames, feat_dim)              # (B, T, F)
-            nets = {s: _build(model, s, depth, width, feat_dim) for s in strategies}
+            x = torch.randn(batch_size, frames, feat_dim).to(device)   # (B, T, F)
+            nets = {s: _build(model, s, depth, width, feat_dim).to(device) for s in strategies}
             mem = {s: _measure_memory(nets[s], x) for s in strategies}
             wall: Dict[str, list] = {s: [] for s in strategies}
             cpu: Dict[str, list] = {s: [] for s in strategies}
@@ -151,8 +155,10 @@ def run(fast: bool = False, depths: Optional[Sequence[int]] = None,
                 _step(nets[s], x)
             for _ in range(steps):
                 for s in strategies:                                   # round-robin
+                    sync()
                     t0, c0 = time.perf_counter(), time.process_time()
                     _step(nets[s], x)
+                    sync()
                     wall[s].append(time.perf_counter() - t0)
                     cpu[s].append(time.process_time() - c0)
             base = strategies[0] if "vanilla" not in strategies else "vanilla"
