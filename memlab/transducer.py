@@ -34,15 +34,15 @@ The sample-wise loss runs the joiner itself, so it takes the joiner and its two 
 
 from __future__ import annotations
 
-import contextlib
 import math
 import numbers
 import operator
-import warnings
 from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
-from torch.autograd.function import once_differentiable
+
+from memlab._samplewise import (_capture_rng, _EagerJoinerLoss, _joiner_params, _RecomputeLoss,
+                                _run_chunks, _StoredGradLoss)
 
 REDUCTIONS = ("mean", "sum", "none")
 DEFAULT_MAX_CHUNK_BYTES = 64 * 2**20   # logits + their gradient of one joiner/loss call
@@ -350,157 +350,6 @@ def plan_chunks(enc_lengths: Sequence[int], target_lengths: Sequence[int], vocab
     return chunks
 
 
-def _joiner_params(joiner) -> List[torch.nn.Parameter]:
-    params = getattr(joiner, "parameters", None)
-    if params is None:
-        return []
-    return [p for p in params() if p.requires_grad]
-
-
-def _run_chunks(joiner, enc_out, pred_out, targets, enc_lengths, target_lengths, blank, chunks,
-                weights: Optional[torch.Tensor], want_enc: bool, want_pred: bool,
-                params: List[torch.Tensor], stats: Optional[Dict]):
-    """Loss of every sample and, if ``weights`` (B,) is given, the gradient of sum_i w_i loss_i.
-
-    Returns (losses (B,), enc_grad (B, T, H_enc) or None, pred_grad (B, U+1, H_pred) or None,
-    [grad of each param] or []). At most one group's logits (and their gradient) exist at once.
-    """
-    B = enc_out.shape[0]
-    grad = weights is not None
-    losses = None
-    enc_grad = torch.zeros_like(enc_out) if grad and want_enc else None       # (B, T, H_enc)
-    pred_grad = torch.zeros_like(pred_out) if grad and want_pred else None    # (B, U+1, H_pred)
-    param_grads: List[Optional[torch.Tensor]] = [None] * len(params)
-    enc_d, pred_d = enc_out.detach(), pred_out.detach()
-    t_len, u_len = enc_lengths.tolist(), target_lengths.tolist()
-    ctx = torch.enable_grad() if grad else torch.no_grad()
-    for chunk in chunks:
-        idx = torch.tensor(chunk, device=enc_out.device)                       # (N,)
-        tg, ug = max(t_len[i] for i in chunk), max(u_len[i] for i in chunk)
-        with ctx:
-            e = enc_d[idx, :tg].requires_grad_(grad and want_enc)              # (N, Tg, H_enc)
-            p = pred_d[idx, :ug + 1].requires_grad_(grad and want_pred)        # (N, Ug+1, H_pred)
-            logits = joiner(e, p)                                              # (N, Tg, Ug+1, V)
-            if logits.dim() != 4 or tuple(logits.shape[:3]) != (len(chunk), tg, ug + 1):
-                raise ValueError(f"joiner must map enc_out (N, T, H) and pred_out (N, U+1, H) to "
-                                 f"logits (N, T, U+1, V); for inputs {tuple(e.shape)} and "
-                                 f"{tuple(p.shape)} it returned {tuple(logits.shape)}")
-            costs = _torchaudio_costs(logits, targets[idx, :ug], enc_lengths[idx],
-                                      target_lengths[idx], blank)              # (N,)
-            del logits  # torchaudio saved d costs / d logits; the logits themselves can go
-            if grad:
-                inputs = ([e] if want_enc else []) + ([p] if want_pred else []) + list(params)
-                gs = torch.autograd.grad(costs, inputs, grad_outputs=weights[idx].to(costs.dtype),
-                                         allow_unused=True)
-                k = 0
-                if want_enc:
-                    if gs[0] is not None:
-                        enc_grad[idx, :tg] = gs[0]
-                    k = 1
-                if want_pred:
-                    if gs[k] is not None:
-                        pred_grad[idx, :ug + 1] = gs[k]
-                    k += 1
-                for j, g in enumerate(gs[k:]):
-                    if g is not None:
-                        param_grads[j] = g if param_grads[j] is None else param_grads[j].add_(g)
-        if losses is None:
-            losses = costs.new_empty(B)                                        # (B,)
-        losses[idx] = costs.detach()
-        if stats is not None:
-            stats.setdefault("chunks", []).append(list(chunk))
-            stats.setdefault("chunk_shapes", []).append((len(chunk), tg, ug + 1))
-    param_grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, param_grads)]
-    return losses, enc_grad, pred_grad, param_grads
-
-
-def _stored_backward(ctx, grad_output):
-    saved = list(ctx.saved_tensors)
-    enc_grad = saved.pop(0) * grad_output if ctx.has_enc else None
-    pred_grad = saved.pop(0) * grad_output if ctx.has_pred else None
-    param_grads = [g * grad_output for g in saved]
-    return (None, None, enc_grad, pred_grad, *param_grads)
-
-
-class _StoredGradLoss(torch.autograd.Function):
-    """Hands out gradients computed in forward: d out / d input = grad_output * stored gradient.
-
-    Inputs: (value, (enc_grad, pred_grad, param_grads), enc_out, pred_out, *joiner params), where
-    ``value`` is the already reduced (scalar) loss, so grad_output is a scalar.
-    """
-
-    @staticmethod
-    def forward(ctx, value, stored, enc_out, pred_out, *params):
-        enc_grad, pred_grad, param_grads = stored
-        ctx.has_enc, ctx.has_pred = enc_grad is not None, pred_grad is not None
-        ctx.save_for_backward(*([enc_grad] if ctx.has_enc else []),
-                              *([pred_grad] if ctx.has_pred else []), *param_grads)
-        return value.detach().clone()
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_output):
-        return _stored_backward(ctx, grad_output)
-
-
-class _EagerJoinerLoss(_StoredGradLoss):
-    """Like _StoredGradLoss, but the joiner's gradients were already added to ``.grad``."""
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_output):
-        if bool((grad_output != 1).any()):
-            warnings.warn("samplewise_rnnt_loss(accumulate_joiner_grads=True): the joiner's "
-                          "gradients were accumulated in forward for grad_output = 1; the "
-                          f"incoming grad_output {float(grad_output):g} (loss scaling?) reaches "
-                          "only the encoder and predictor", stacklevel=2)
-        return _stored_backward(ctx, grad_output)
-
-
-def _capture_rng(device: torch.device):
-    """The CPU (and, for a CUDA device, that device's) RNG state a joiner call may consume."""
-    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
-    return torch.get_rng_state(), cuda
-
-
-@contextlib.contextmanager
-def _replay_rng(state, device: torch.device):
-    """Run the body from the recorded RNG state; the current state is restored afterwards."""
-    cpu, cuda = state
-    devices = [device] if cuda is not None else []
-    with torch.random.fork_rng(devices=devices, device_type="cuda"):
-        torch.set_rng_state(cpu)
-        if cuda is not None:
-            torch.cuda.set_rng_state(cuda, device)
-        yield
-
-
-class _RecomputeLoss(torch.autograd.Function):
-    """reduction="none": per-sample weights are known only in backward, so recompute there.
-
-    Inputs: (losses (B,), spec, enc_out, pred_out, *joiner params); ``spec`` holds the rest of
-    the arguments of _run_chunks and the RNG state before the forward's joiner calls, which the
-    recomputation replays (as the reversible blocks do), so a stochastic joiner (dropout) draws
-    the same masks and the gradient is that of the returned losses.
-    """
-
-    @staticmethod
-    def forward(ctx, losses, spec, enc_out, pred_out, *params):
-        ctx.spec = spec
-        ctx.save_for_backward(enc_out, pred_out, *params)
-        return losses.detach().clone()
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_output):
-        enc_out, pred_out, *params = ctx.saved_tensors
-        joiner, targets, enc_lengths, target_lengths, blank, chunks, rng = ctx.spec
-        with _replay_rng(rng, enc_out.device):
-            _, enc_grad, pred_grad, param_grads = _run_chunks(
-                joiner, enc_out, pred_out, targets, enc_lengths, target_lengths, blank, chunks,
-                grad_output, ctx.needs_input_grad[2], ctx.needs_input_grad[3], params, None)
-        return (None, None, enc_grad, pred_grad, *param_grads)
-
 
 def samplewise_rnnt_loss(joiner: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
                          enc_out: torch.Tensor, pred_out: torch.Tensor, targets: torch.Tensor,
@@ -520,16 +369,24 @@ def samplewise_rnnt_loss(joiner: Callable[[torch.Tensor, torch.Tensor], torch.Te
             are grouped up to this budget so they run in parallel. None -> 64 MiB; ``math.inf``
             -> no limit (one call for the whole batch); NaN, bool and values < 1 are refused.
         accumulate_joiner_grads: see "Joiner gradients" below.
-        stats: optional dict, filled with "chunks" (the sample indices of each call) and
-            "chunk_shapes" ((N, T, U+1) of each call) -- for tests and teaching.
+        stats: optional dict, filled with "chunks" (the sample indices of each call),
+            "chunk_shapes" ((N, T, U+1) of each call) and, when gradients are computed,
+            "in_place" (per call: whether the gradient overwrote the logits) -- for tests and
+            teaching.
 
     How it works. Samples are sorted by length and grouped (:func:`plan_chunks`). For each group,
     only its valid T_i x (U_i+1) region (padded to the group's longest member) goes through the
-    joiner and torchaudio's loss, which computes d loss / d logits inside its forward; that
-    gradient is immediately back-propagated through the joiner, and only the gradients w.r.t. the
-    group's enc_out and pred_out slices (small: no V axis) are kept. The returned loss is attached
-    to the graph by a custom autograd Function whose backward sends grad_output times those stored
-    gradients into the encoder and the predictor. So the peak holds one group's logits, never B.
+    joiner. One pass over those logits gives the log-normaliser and the log-probabilities of
+    blank and of the next token at every cell (the paper's "function merging"); the alpha/beta
+    recursions run on the small T x (U+1) lattice; and d loss / d logits, in closed form, is
+    written over the logits themselves (``memlab._lattice``; a C kernel on CPU, torch elsewhere).
+    That gradient is immediately back-propagated through the joiner, and only the gradients
+    w.r.t. the group's enc_out and pred_out slices (small: no V axis) are kept. The returned loss
+    is attached to the graph by a custom autograd Function whose backward sends grad_output times
+    those stored gradients into the encoder and the predictor. So the peak holds one group's
+    logits, never B; the gradient takes a second buffer as large only when the joiner's graph
+    saved its output (e.g. a joiner ending in tanh), which :func:`chunk_bytes` budgets for. The
+    joiner's output tensor is overwritten: a joiner must not keep a reference to it for later.
 
     Joiner gradients. The joiner's parameter gradients are also computed during this call.
     By default (``accumulate_joiner_grads=False``) they are kept in a buffer of the parameters'
