@@ -117,7 +117,14 @@ def _dcp_run(rank, world, plan):
     for load, first, last, saves in plan:
         model = _shard(_model())
         opt = OPTS["adam8bit"](model.parameters())
-        if load is not None:
+        if load is not None and load.endswith(".pt"):          # a single-process torch.save
+            from torch.distributed.checkpoint.state_dict import (StateDictOptions,
+                                                                 set_model_state_dict)
+            full = torch.load(load, weights_only=True)
+            set_model_state_dict(model, full["model"],
+                                 options=StateDictOptions(full_state_dict=True))
+            opt.load_state_dict(full["optim"])     # full-size states: each rank takes its shard
+        elif load is not None:
             msd, osd = get_state_dict(model, opt)               # templates of our layout
             sd = {"model": msd, "optim": osd}
             dcp.load(sd, checkpoint_id=load)
@@ -185,12 +192,23 @@ def test_fsdp2_8bit_states_are_sharded_and_match_a_single_process(one_thread):
 @pytest.mark.distributed
 def test_fsdp2_dcp_checkpoint_resumes_bit_for_bit_on_2_and_1_ranks(tmp_path, one_thread):
     a, c = str(tmp_path / "step2_2ranks"), str(tmp_path / "step3_1rank")
+    single = str(tmp_path / "step2_single_process.pt")
+    model = _model()                              # a plain single-process run's checkpoint
+    opt = OPTS["adam8bit"](model.parameters())
+    for s in range(2):
+        x, y = _batch(s)
+        opt.zero_grad()
+        _loss(model, x, y).backward()
+        opt.step()
+    torch.save({"model": model.state_dict(), "optim": opt.state_dict()}, single)
     (uninterrupted,), _ = launch(_dcp_run, 2, ([(None, 0, 3, {1: a})],), timeout=240)
     (on_one,) = launch(_dcp_run, 1, ([(a, 2, 3, {2: c})],), timeout=240)[0]     # 2 -> 1
-    r0, r1 = launch(_dcp_run, 2, ([(a, 2, 3, {}), (c, 3, 3, {})],), timeout=240)  # 2->2, 1->2
+    r0, r1 = launch(_dcp_run, 2, ([(a, 2, 3, {}), (c, 3, 3, {}), (single, 2, 3, {})],),
+                    timeout=240)                                   # 2 -> 2, 1 -> 2, plain -> 2
     want = uninterrupted["params"]
     for got, what in ((on_one, "2 ranks -> 1"), (r0[0], "2 -> 2"), (r1[0], "2 -> 2 (rank 1)"),
-                      (r0[1], "1 rank -> 2"), (r1[1], "1 -> 2 (rank 1)")):
+                      (r0[1], "1 rank -> 2"), (r1[1], "1 -> 2 (rank 1)"),
+                      (r0[2], "single-process torch.save -> 2"), (r1[2], "plain -> 2 (rank 1)")):
         assert got["step"] == uninterrupted["step"] == 4, what
         for k in want:
             assert torch.equal(got["params"][k], want[k]), f"{what}: {k} differs"
@@ -209,3 +227,21 @@ def test_ddp_matches_a_single_process_for_adam_and_adam8bit(one_thread):
             _assert_close(r[name]["params"], ref, 1e-5, f"{name} DDP vs single process")
         print(f"DDP {name}: 3 steps {[round(r[name]['seconds'], 4) for r in ranks]} s per rank "
               f"vs {ref_s:.4f} s single process")
+
+
+def _fail_or_hang(rank, world):
+    if rank == 0:
+        raise RuntimeError("rank 0 fails on purpose")
+    time.sleep(600)                       # rank 1 would hang: launch must end it
+
+
+@pytest.mark.distributed
+def test_launch_ends_every_process_when_a_rank_fails():
+    import multiprocessing as mp
+    t0 = time.perf_counter()
+    with pytest.raises(RuntimeError, match="(?s)rank 0 failed.*fails on purpose"):
+        launch(_fail_or_hang, 2, timeout=120)
+    assert time.perf_counter() - t0 < 100
+    assert not mp.active_children()
+    with pytest.raises(ValueError, match="nprocs"):
+        launch(_fail_or_hang, 0)
