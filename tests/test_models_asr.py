@@ -125,3 +125,27 @@ def test_subsampling_factors(subsample):
     assert enc.shape[1] == -(-37 // subsample)
     assert lengths.tolist() == [-(-int(n) // subsample) for n in fl]
     assert torch.isfinite(model(feats, fl, tg, tl))
+
+
+@pytest.mark.parametrize("loss", ["pruned", "samplewise-pruned"])
+def test_pruned_losses_from_the_model_table(loss):
+    """loss='pruned' adds the simple joint's projections; with a band as wide as the lattice the
+    pruned part is the full RNN-T loss, so the model's loss = 0.5 * simple + full (fp64)."""
+    from memlab.models.transducer import LOSSES, batched_loss
+    from memlab.pruned import simple_rnnt_loss
+    torch.manual_seed(0)
+    m = Transducer(10, enc_dim=16, enc_layers=0, pred_dim=16, joint_dim=16, loss=loss,
+                   prune_range=8, dropout=0.0).double()
+    enc = torch.randn(2, 12, 16, dtype=torch.float64)
+    pred = torch.randn(2, 5, 16, dtype=torch.float64)
+    t, el, tl = torch.randint(1, 10, (2, 4)), torch.tensor([12, 9]), torch.tensor([4, 2])
+    got = LOSSES[loss](m, enc, pred, t, el, tl)
+    simple = simple_rnnt_loss(m.simple_am_proj(enc), m.simple_lm_proj(pred), t, el, tl)
+    want = 0.5 * simple + batched_loss(m, enc, pred, t, el, tl)
+    assert torch.allclose(got, want, rtol=1e-6)      # torchaudio computes in float32
+    feats = torch.randn(2, 40, 80, dtype=torch.float64)
+    m(feats, torch.tensor([40, 28]), t, tl).backward()
+    assert m.simple_am_proj.weight.grad is not None and m.simple_lm_proj.weight.grad is not None
+    assert not hasattr(Transducer(10, enc_dim=16, pred_dim=16, joint_dim=16), "simple_am_proj")
+    with pytest.raises(ValueError, match="prune_range"):
+        Transducer(10, loss=loss, prune_range=0)

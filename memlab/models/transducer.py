@@ -139,8 +139,28 @@ def samplewise_loss(model, enc_out, pred_out, targets, enc_lengths, target_lengt
                                 max_chunk_bytes=model.max_chunk_bytes)
 
 
+def pruned_loss(model, enc_out, pred_out, targets, enc_lengths, target_lengths,
+                samplewise: bool = False):
+    """Pruned RNN-T (Kuang et al. 2022): a simple additive joint gives per-frame bounds, the
+    joiner runs on ``model.prune_range`` symbols per frame only (memlab.pruned)."""
+    from memlab.pruned import pruned_rnnt_loss
+    return pruned_rnnt_loss(model.joiner, enc_out, pred_out, model.simple_am_proj(enc_out),
+                            model.simple_lm_proj(pred_out), targets, enc_lengths,
+                            target_lengths, s_range=model.prune_range, blank=model.blank,
+                            samplewise=samplewise,
+                            max_chunk_bytes=model.max_chunk_bytes if samplewise else None)
+
+
+def samplewise_pruned_loss(model, enc_out, pred_out, targets, enc_lengths, target_lengths):
+    """The pruned band computed one sample (or small group) at a time."""
+    return pruned_loss(model, enc_out, pred_out, targets, enc_lengths, target_lengths,
+                       samplewise=True)
+
+
 # loss= name -> loss function (the model's own table; a callable works too)
-LOSSES = {"batched": batched_loss, "samplewise": samplewise_loss}
+LOSSES = {"batched": batched_loss, "samplewise": samplewise_loss, "pruned": pruned_loss,
+          "samplewise-pruned": samplewise_pruned_loss}
+PRUNED = ("pruned", "samplewise-pruned")     # these add the two simple-joint projections
 
 
 class Transducer(nn.Module):
@@ -157,14 +177,19 @@ class Transducer(nn.Module):
         heads: encoder attention heads (None: 4, or the largest of 2, 1 that divides enc_dim).
         dropout: encoder dropout.
         max_chunk_bytes: budget of one sample-wise joiner call (None: 64 MiB).
+        prune_range: symbols per frame the pruned losses keep (``loss="pruned"`` /
+            ``"samplewise-pruned"``, which also add the simple joint's two projections).
     """
 
     def __init__(self, vocab_size: int, feat_dim: int = 80, enc_dim: int = 144, enc_layers: int = 2,
                  pred_dim: int = 144, joint_dim: int = 144, loss: str = "batched", blank: int = 0,
                  subsample: int = 4, heads: Optional[int] = None, dropout: float = 0.1,
-                 max_chunk_bytes: Optional[int] = None):
+                 max_chunk_bytes: Optional[int] = None, prune_range: int = 5):
         super().__init__()
         self.loss, self._loss_fn = choose("loss", loss, LOSSES)
+        if isinstance(prune_range, bool) or not isinstance(prune_range, int) or prune_range < 1:
+            raise ValueError(f"prune_range must be an int >= 1, got {prune_range!r}")
+        self.prune_range = prune_range
         if not isinstance(vocab_size, int) or vocab_size < 2:
             raise ValueError(f"vocab_size must be an int >= 2 (blank + 1 token), got {vocab_size!r}")
         if not 0 <= blank < vocab_size:
@@ -184,6 +209,9 @@ class Transducer(nn.Module):
         self.enc_norm = nn.LayerNorm(enc_dim)
         self.predictor = Predictor(vocab_size, pred_dim, blank)
         self.joiner = Joiner(enc_dim, pred_dim, joint_dim, vocab_size)
+        if self.loss in PRUNED:                 # the simple joint: am[t] + lm[u] in vocab space
+            self.simple_am_proj = nn.Linear(enc_dim, vocab_size)
+            self.simple_lm_proj = nn.Linear(pred_dim, vocab_size)
 
     # -- checks ---------------------------------------------------------------------------------
     def _check_feats(self, feats, feat_lengths) -> None:
