@@ -13,9 +13,11 @@ minDCF on unseen speakers; ASR task -> token error rate with greedy decoding.
 
 What a run trains on comes from its task (``memlab.tasks``: data, model, loss of a batch,
 evaluation, random batches, defaults); how it saves memory comes from the techniques it chooses,
-one per kind (``memlab.techniques``: model arguments, optimizer, step contexts). ``train_step``
-is the one training step (Experiment, ``estimate_config`` and the benches use it);
-``peak_record`` the one rule for a run's peak.
+one per kind (``memlab.techniques``: model arguments, optimizer, checks, hooks of the step;
+step-level techniques such as precision and accumulation in ``memlab.steps``). ``train_step``
+is the one training step (Experiment, ``estimate_config`` and the benches use it); a step is
+one optimizer step, however many micro-batches it runs. ``peak_record`` the one rule for a
+run's peak.
 
 ``MEMLAB_FAST=1`` (``memlab.fast_mode()``) shrinks ``Config.for_task`` defaults to a few seconds
 of work (tests, CI).
@@ -235,7 +237,8 @@ class Config:
         for kind in self.techniques:
             if kind not in tech.kinds():
                 raise ValueError(f"techniques: kind must be one of {tech.kinds()}, got {kind!r}")
-        self.chosen()                        # ValueError naming the kind and its choices
+        chosen = self.chosen()               # ValueError naming the kind and its choices
+        tech.step_hooks(chosen.values())     # two techniques replacing one hook: ValueError
         task.validate(self)
         try:
             dev = torch.device(self.device)
@@ -248,6 +251,9 @@ class Config:
         if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
             raise ValueError(f"device={self.device!r} but only {torch.cuda.device_count()} CUDA "
                              f"device(s) are visible")
+        for t in chosen.values():            # combinations and devices a technique refuses
+            if t.check is not None:
+                t.check(self)
         return self
 
 
@@ -263,6 +269,7 @@ class Record:
     breakdown: Optional[Dict[str, int]] = None          # by category at the peak
     category_peaks: Optional[Dict[str, int]] = None     # each category's own maximum
     device_peak: Optional[int] = None      # torch.cuda.max_memory_allocated (CUDA only)
+    host_peak: Optional[int] = None        # host bytes allocated in the step (CUDA: offload)
     timeline: Optional[Dict[str, list]] = None          # MemoryMeter.timeline_arrays()
     metrics: Optional[Dict[str, float]] = None          # accuracy/eer/min_dcf or ter
     final: bool = False                    # last record of the run (stopped or finished)
@@ -315,10 +322,16 @@ def load_init(model: nn.Module, path) -> nn.Module:
 
 
 def build_optimizer(cfg: Config, model: nn.Module) -> torch.optim.Optimizer:
-    """The optimizer of the chosen "optimizer" technique (lr: Config.lr or its default_lr)."""
+    """The optimizer of the chosen "optimizer" technique (lr: Config.lr or its default_lr), or
+    what a technique's ``build_optimizer`` hook builds from that factory (step in backward)."""
     entry = tech.get("optimizer", cfg.optimizer, cfg.task)
     lr = cfg.lr if cfg.lr is not None else entry.options.get("default_lr", 1e-3)
-    return entry.factory(model, lr=lr, weight_decay=cfg.weight_decay, **dict(cfg.optimizer_kwargs))
+
+    def make(module: nn.Module) -> torch.optim.Optimizer:
+        return entry.factory(module, lr=lr, weight_decay=cfg.weight_decay,
+                             **dict(cfg.optimizer_kwargs))
+    hook = tech.step_hooks(cfg.chosen().values()).get("build_optimizer")
+    return hook.build_optimizer(model, make) if hook is not None else make(model)
 
 
 # ----------------------------------------------------------------------------- the training step
@@ -326,29 +339,51 @@ LossFn = Callable[[nn.Module, tuple], torch.Tensor]
 
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: tuple, loss_fn: LossFn,
-               contexts: Sequence["tech.Technique"] = ()) -> torch.Tensor:
-    """The one training step: zero_grad, forward + loss and backward inside every technique's
-    step context, optimizer step. Returns the loss, detached (no ``.item()``: fake tensors)."""
+               techniques: Sequence["tech.Technique"] = (),
+               state: Optional[Dict[str, Any]] = None) -> torch.Tensor:
+    """The one training step (its hooks: ``memlab.techniques.base``). zero_grad; inside every
+    technique's step context, for each (micro-batch, share) of ``split_batch``: forward + loss
+    inside every forward context, ``backward(loss * share)``; then ``optimizer_step``. Returns
+    the batch's loss (the shares' sum), detached (no ``.item()``: fake tensors). ``state``: a
+    dict kept by the caller across the steps of one run (e.g. the fp16 gradient scaler)."""
+    hooks = tech.step_hooks(techniques)
     optimizer.zero_grad(set_to_none=True)
-    info = tech.StepInfo(model, optimizer, batch)
+    info = tech.StepInfo(model, optimizer, batch, {} if state is None else state)
+    parts = hooks["split_batch"].split_batch(batch) if "split_batch" in hooks else [(batch, 1.0)]
+    total = None
     with contextlib.ExitStack() as stack:
-        for t in contexts:
+        for t in techniques:
             stack.enter_context(t.context(info))
-        loss = loss_fn(model, batch)
-        loss.backward()
-    optimizer.step()
-    return loss.detach()
+        for micro, share in parts:
+            with contextlib.ExitStack() as forward:
+                for t in techniques:
+                    forward.enter_context(t.forward(info))
+                loss = loss_fn(model, micro)
+            loss = loss if share == 1 else loss * share     # summed: the full batch's mean loss
+            if "backward" in hooks:
+                hooks["backward"].backward(loss, info)
+            else:
+                loss.backward()
+            total = loss.detach() if total is None else total + loss.detach()
+            del loss                                        # the graph is gone; so is its root
+    if "optimizer_step" in hooks:
+        hooks["optimizer_step"].optimizer_step(info)
+    else:
+        optimizer.step()
+    return total
 
 
 def training_step(cfg: Config) -> Callable[[nn.Module, torch.optim.Optimizer, tuple],
                                            torch.Tensor]:
-    """``step(model, optimizer, batch)``: ``train_step`` with ``cfg``'s task loss and the step
-    contexts of its techniques (what Experiment, estimate_config and the benches run)."""
+    """``step(model, optimizer, batch)``: ``train_step`` with ``cfg``'s task loss, its chosen
+    techniques and one state dict for the run (what Experiment, estimate_config and the benches
+    run)."""
     loss_fn = tasks.get(cfg.task).loss
-    contexts = [t for t in cfg.chosen().values() if t.step_context is not None]
+    chosen = list(cfg.chosen().values())
+    state: Dict[str, Any] = {}
 
     def step(model, optimizer, batch):
-        return train_step(model, optimizer, batch, loss_fn, contexts)
+        return train_step(model, optimizer, batch, loss_fn, chosen, state)
     return step
 
 
@@ -482,7 +517,7 @@ class Experiment:
             if metered:
                 rec.peak, rec.breakdown = meter.peak, meter.breakdown()
                 rec.category_peaks = meter.category_peaks()
-                rec.device_peak = meter.device_peak
+                rec.device_peak, rec.host_peak = meter.device_peak, meter.host_peak
                 rec.timeline = meter.timeline_arrays(max_points=400)
             if final or step % cfg.eval_every == 0:
                 rec.metrics = self.evaluate()

@@ -24,6 +24,7 @@ Categories (the same rule for the timeline and for the breakdown at the peak)
 
 On CUDA the meter also reads ``torch.cuda.max_memory_allocated`` (``meter.device_peak``); the two
 agree up to the caching allocator's rounding (blocks of 512 bytes) and library workspaces.
+Host storages a CUDA meter sees allocated (offload) count apart: ``host_peak``, ``host_allocated``.
 
 ``estimate(step_fn, setup=...)`` runs the same meter over fake tensors
 (``torch._subclasses.FakeTensorMode``): shapes, dtypes and storages exist, data does not, so a
@@ -159,6 +160,21 @@ class MemoryMeter:
         self.device_peak: Optional[int] = None
         self.device_baseline: Optional[int] = None
         self._active = False
+        self._host_live, self._host_current, self._host_peak, self.host_allocated = {}, 0, 0, 0
+
+    host_peak = property(lambda self: None if self.device_type == "cpu" else self._host_peak)
+
+    def _add_host(self, storage) -> None:
+        key, nbytes = id(storage), int(storage.nbytes())
+
+        def _freed(_ref, key=key, meter_ref=weakref.ref(self)):
+            m = meter_ref()
+            if m is not None and key in m._host_live:
+                m._host_current -= m._host_live.pop(key)[1]
+        self._host_live[key] = (weakref.ref(storage, _freed), nbytes)
+        self._host_current, self.host_allocated = (self._host_current + nbytes,
+                                                   self.host_allocated + nbytes)
+        self._host_peak = max(self._host_peak, self._host_current)
 
     def _counts(self, storage) -> bool:
         if self._all_devices:
@@ -247,7 +263,12 @@ class MemoryMeter:
                 st = t.untyped_storage()
             except Exception:
                 continue
-            if id(st) in self._live or not self._counts(st):
+            if id(st) in self._live or id(st) in self._host_live:
+                continue
+            if self.device_type != "cpu" and t.device.type == "cpu":
+                self._add_host(st)                   # host memory: counted apart (offload)
+                continue
+            if not self._counts(st):
                 continue
             if cat is None:
                 cat = self._category_for_allocation()
@@ -345,6 +366,7 @@ class MemoryMeter:
                 torch.cuda.synchronize(self.device)
                 self.device_peak = torch.cuda.max_memory_allocated(self.device)
             self._live = {}  # stop following storages that outlive the region
+            self._host_live = {}
         return False
 
     # ------------------------------------------------------------------ results
@@ -394,7 +416,7 @@ class MemoryMeter:
         s = f"peak {format_bytes(self.peak)} in {self.peak_phase} ({parts})"
         if self.device_peak is not None:
             s += f"; torch.cuda.max_memory_allocated {format_bytes(self.device_peak)}"
-        return s
+        return s + (f"; host {format_bytes(self.host_peak)}" if self.host_peak else "")
 
     def __repr__(self) -> str:
         return f"MemoryMeter(device={self.device_type!r}, peak={self.peak}, current={self.current})"
@@ -533,6 +555,7 @@ class Estimate:
     peak_phase: Optional[str]
     _breakdown: Dict[str, int]
     _category_peaks: Dict[str, int]
+    host_peak: Optional[int] = None    # host bytes at most (a CUDA estimate; None on CPU)
 
     def breakdown(self) -> Dict[str, int]:
         return dict(self._breakdown)
@@ -594,4 +617,4 @@ def estimate(step_fn: Callable[..., Any], setup: Optional[Callable[[], Any]] = N
                         "shapes but no data. Measure a smaller real step with MemoryMeter, or "
                         "use memlab.bench.transducer.estimate_bytes for the loss.") from e
     return Estimate(meter.peak, meter.baseline, meter.peak_phase, meter.breakdown(),
-                    meter.category_peaks())
+                    meter.category_peaks(), meter.host_peak)

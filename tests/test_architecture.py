@@ -169,9 +169,9 @@ def test_one_definition_each():
                 defs.setdefault(name, []).append(p.name)
     assert defs == {"train_step": ["lab.py"], "peak_record": ["lab.py"],
                     "fast_mode": ["__init__.py"], "storage_bytes": ["memory.py"]}
-    # random batches: one per task, nowhere else (widgets.py keeps its old helper for now)
+    # random batches: one per task, nowhere else (widgets.py may keep its old helper for now)
     rb = [p.name for p, text in _sources() if re.search(r"def _?random_batch\(", text)]
-    assert sorted(rb) == ["tasks.py", "widgets.py"]
+    assert sorted(rb) in (["tasks.py"], ["tasks.py", "widgets.py"])
     # MEMLAB_FAST is read by memlab.fast_mode only (bench/optim.py's __main__ excepted for now)
     readers = [p.name for p, text in _sources()
                if re.search(r"environ(\.get)?\(?\[?[\"']MEMLAB_FAST", text)]
@@ -192,7 +192,7 @@ def test_peak_rule():
 def test_owned_modules_stay_small():
     owned = ["lab.py", "registry.py", "strategies.py", "tasks.py", "cli.py", "memory.py",
              "__init__.py", "techniques/__init__.py", "techniques/base.py",
-             "techniques/builtin.py", "bench/reversible.py", "bench/transducer.py",
+             "techniques/builtin.py", "steps.py", "bench/reversible.py", "bench/transducer.py",
              "bench/lowrank.py", *(f"models/{p.name}" for p in (ROOT / "models").glob("*.py"))]
     sizes = {m: len((ROOT / m).read_text().splitlines()) for m in owned}
     assert max(sizes.values()) <= 620, sizes

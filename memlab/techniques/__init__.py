@@ -7,12 +7,16 @@
 
 Registering once (``register`` / ``register_kind``) makes a technique appear in
 ``memlab.lab.Config`` validation, ``memlab compare`` (one ``--<kind>`` option per kind) and the
-dashboard. See ``memlab.techniques.base`` for the hooks a technique contributes through.
+dashboard. See ``memlab.techniques.base`` for the hooks a technique contributes through (model
+arguments, optimizer factory, checks, and the hooks of the one training step) and
+``memlab.steps`` for the step-level techniques (precision, accumulation, optimizer step in
+backward, activation offload).
 """
 
-from memlab.techniques.base import (Kind, StepInfo, Technique, applies, default, get, kind,
-                                    kinds, names, register, register_kind, unregister,
-                                    unregister_kind)
+from memlab.techniques.base import (REPLACING_HOOKS, Kind, StepInfo, Technique, applies, default,
+                                    get, kind, kinds, make, names, register, register_kind,
+                                    step_hooks, unregister, unregister_kind)
 
-__all__ = ["Kind", "StepInfo", "Technique", "applies", "default", "get", "kind", "kinds",
-           "names", "register", "register_kind", "unregister", "unregister_kind"]
+__all__ = ["REPLACING_HOOKS", "Kind", "StepInfo", "Technique", "applies", "default", "get",
+           "kind", "kinds", "make", "names", "register", "register_kind", "step_hooks",
+           "unregister", "unregister_kind"]

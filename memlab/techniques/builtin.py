@@ -7,7 +7,7 @@ their own ``{name: builder}`` tables (``memlab.models.resnet.MEMORY`` ...).
 
 from __future__ import annotations
 
-from memlab.techniques.base import register, register_kind
+from memlab.techniques.base import register, register_kind, unregister
 
 register_kind("memory", default="vanilla", description="activation strategies")
 register_kind("optimizer", default="adam", description="optimizers")
@@ -92,7 +92,55 @@ def _adamw8bit(model, lr, weight_decay=0.0, **kw):
 
 
 @optimizer("lowrank-adam", description="Adam on rank-r gradient factors of weight matrices "
-           "(Gooneratne et al. 2020)", **_ADAM_LRS)
+           "(Gooneratne et al. 2020)", per_parameter=False, **_ADAM_LRS)
 def _lowrank_adam(model, lr, weight_decay=0.0, **kw):
     from memlab.optim import LowRankAdam
     return LowRankAdam(model, lr=lr, weight_decay=weight_decay, **kw)
+
+
+# --- step-level techniques (memlab.steps): hooks into memlab.lab.train_step -------------------
+# Every kind below has a no-op default, so configurations written before it keep working.
+from memlab import steps as _steps  # noqa: E402  (imports torch, not the lab)
+
+register_kind("precision", default="fp32", description="numeric precision of forward + loss",
+              noop="fp32 everywhere")
+register("precision", "bf16", description="torch.autocast to bfloat16 around forward + loss; "
+         "fp32 master weights", forward_context=_steps.autocast(_steps.DTYPES["bf16"]))
+
+register_kind("accumulation", default="none", description="gradient accumulation (or "
+              "accumulateK / K for any K)", noop="one forward + backward per optimizer step",
+              resolve=_steps.resolve_accumulation)
+for _k in (2, 4):
+    register("accumulation", f"accumulate{_k}", **_steps.accumulation(_k))
+
+register_kind("optimizer-step", default="after-backward", description="when the optimizer "
+              "steps", noop="after backward, with every gradient")
+register("optimizer-step", "in-backward", description="each parameter stepped and its gradient "
+         "freed as soon as it is complete (post-accumulate-grad hooks)",
+         build_optimizer=_steps.build_in_backward, check=_steps.in_backward_check)
+
+register_kind("offload", default="none", description="where tensors saved for backward live",
+              noop="on the device")
+
+
+def register_cuda_only(available=None) -> bool:
+    """Register the techniques that exist only where CUDA does (precision fp16 with a gradient
+    scaler, offload to host); unregister them elsewhere. Returns whether CUDA is available."""
+    import torch
+    available = torch.cuda.is_available() if available is None else available
+    if not available:
+        unregister("precision", "fp16")
+        unregister("offload", "host")
+        return False
+    register("precision", "fp16", description="torch.autocast to float16 + GradScaler (scale "
+             "the loss, unscale, step, update); CUDA only", needs_gradients=True,
+             forward_context=_steps.autocast(_steps.DTYPES["fp16"]),
+             backward=_steps.scaled_backward, optimizer_step=_steps.scaled_optimizer_step,
+             check=_steps.needs_cuda("precision", "fp16"))
+    register("offload", "host", description="torch.autograd.graph.save_on_cpu(pin_memory=True): "
+             "saved activations in pinned host memory; CUDA only",
+             step_context=_steps.offload_context, check=_steps.needs_cuda("offload", "host"))
+    return True
+
+
+register_cuda_only()
