@@ -476,7 +476,7 @@ def samplewise_rnnt_loss(joiner: Callable[[torch.Tensor, torch.Tensor], torch.Te
         return _RecomputeLoss.apply(losses, spec, enc_out, pred_out, *params)
 
     scale = 1.0 / B if reduction == "mean" else 1.0
-    weights = torch.full((B,), scale, device=enc_out.device)                  # (B,)
+    weights = torch.full((B,), scale, dtype=torch.float64, device=enc_out.device)   # (B,)
     losses, enc_grad, pred_grad, param_grads = _run_chunks(*args, weights, want_enc, want_pred,
                                                            params, stats)
     value = _reduce(losses, reduction)

@@ -408,3 +408,48 @@ def test_loss_memory_calculator():
         loss_memory(32, 0, 512)
     with pytest.raises(ValueError, match="batch_size"):
         loss_memory(0, 8.0, 512)
+
+
+# ---------------------------------------------------------------------------------- fused path
+def test_samplewise_fp64_matches_reference_tightly():
+    joiner, enc, pred, targets, el, tl = problem(seed=8)
+    joiner.double()
+    enc = enc.detach().double().requires_grad_()
+    pred = pred.detach().double().requires_grad_()
+    prob = (joiner, enc, pred, targets, el, tl)
+    for reduction in ("mean", "sum"):
+        ref_loss, ref_g = run("reference", *prob, reduction=reduction)
+        sw_loss, sw_g = run("samplewise", *prob, reduction=reduction,
+                            max_chunk_bytes=chunk_bytes(2, 12, 5, 9))
+        assert rel(sw_loss, ref_loss) <= 1e-12
+        for a, b in zip(sw_g, ref_g):
+            assert rel(a, b) <= 1e-10
+
+
+def test_samplewise_kernel_and_torch_lattice_agree(monkeypatch):
+    prob = problem(seed=9)
+    stats = {}
+    k_loss, k_g = run("samplewise", *prob, stats=stats)
+    assert stats["in_place"] == [True]                  # TinyJoiner ends in a Linear
+    monkeypatch.setenv("MEMLAB_CPU_KERNEL", "0")        # the torch code (as on CUDA)
+    t_loss, t_g = run("samplewise", *prob)
+    assert rel(k_loss, t_loss) <= 1e-6
+    for a, b in zip(k_g, t_g):
+        assert rel(a, b) <= 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_samplewise_low_precision_joiner(dtype):
+    joiner, enc, pred, targets, el, tl = problem(seed=10)
+    joiner.to(dtype)
+    enc = enc.detach().to(dtype).requires_grad_()
+    pred = pred.detach().to(dtype).requires_grad_()
+    loss = samplewise_rnnt_loss(joiner, enc, pred, targets, el, tl, reduction="sum")
+    assert loss.dtype == dtype
+    got = torch.autograd.grad(loss, [enc, pred, *joiner.parameters()])
+    logits = joiner(enc, pred).float()                  # the same logits, fp32 reference
+    want_loss = rnnt_loss_reference(logits, targets, el, tl, reduction="sum")
+    want = torch.autograd.grad(want_loss, [enc, pred, *joiner.parameters()])
+    assert rel(loss.float(), want_loss) <= 1e-2
+    for a, b in zip(got, want):
+        assert rel(a, b) <= 3e-2
