@@ -87,9 +87,10 @@ def scaled_backward(loss: torch.Tensor, step) -> None:
 def scaled_optimizer_step(step) -> None:
     """``optimizer_step``: unscale the gradients, step unless one is inf/NaN, update the scale."""
     scaler = _scaler(step)
-    if _is_fake(scaler._scale if scaler._scale is not None else torch.empty(0)):
-        scaler.unscale_(step.optimizer)     # estimate: same tensors, but no data to check for inf
-        step.optimizer.step()
+    grads = [p.grad for g in step.optimizer.param_groups for p in g["params"]
+             if p.grad is not None]
+    if grads and _is_fake(grads[0]):         # estimate: no data to check for inf (the unscale is
+        step.optimizer.step()                # in place and allocates nothing); the same step
         return
     scaler.step(step.optimizer)
     scaler.update()

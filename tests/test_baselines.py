@@ -139,6 +139,43 @@ def test_bf16_halves_the_activations_of_a_linear_stack():
     assert all(p.grad is None or p.grad.dtype == torch.float32 for p in model.parameters())
 
 
+def test_fp16_step_scales_unscales_steps_and_updates():
+    """The fp16 hooks (registered where CUDA exists) on CPU autocast: the scaler lives in the
+    run's state, the step uses unscaled gradients, an inf gradient skips the step and halves
+    the scale; on fake tensors (estimate) the step runs without reading data."""
+    from memlab.memory import estimate
+    try:
+        builtin.register_cuda_only(available=True)
+        fp16 = techniques.get("precision", "fp16")
+    finally:
+        builtin.register_cuda_only()
+    x = torch.randn(8, D)
+
+    def mse(m, b):
+        return m(b[0]).float().pow(2).mean()
+    ref, model = stack(act=True), stack(act=True)
+    ref_opt, opt = (torch.optim.SGD(m.parameters(), lr=0.1) for m in (ref, model))
+    state = {}
+    train_step(ref, ref_opt, (x,), mse)
+    train_step(model, opt, (x,), mse, [fp16], state)
+    assert state["grad_scaler"].get_scale() == 65536.0
+    for p, q in zip(ref.parameters(), model.parameters()):
+        assert p.dtype == q.dtype == torch.float32
+        assert (p - q).abs().max().item() < 1e-3                     # fp16 rounding only
+    before = [p.detach().clone() for p in model.parameters()]
+    loss = train_step(model, opt, (x,), lambda m, b: mse(m, b) * float("inf"), [fp16], state)
+    assert not math.isfinite(float(loss)) and state["grad_scaler"].get_scale() == 32768.0
+    assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))   # skipped
+
+    def setup():
+        m = nn.Sequential(*[nn.Linear(D, D) for _ in range(L)])    # no .to(): fake tensors
+        return m, torch.optim.SGD(m.parameters(), lr=0.1), torch.randn(8, D)
+    fake_state = {}
+    est = estimate(lambda m, o, xb: train_step(m, o, (xb,), mse, [fp16], fake_state), setup,
+                   steps=2)
+    assert est.peak > 0 and "grad_scaler" in fake_state
+
+
 @pytest.mark.parametrize("task", ["speaker", "asr"])
 def test_bf16_trains_like_fp32(task):
     """Fast mode: the same losses within bf16 noise and a metric in range; the real runs (the
