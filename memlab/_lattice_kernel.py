@@ -103,7 +103,9 @@ void NAME(const R *x, const int64_t *tgt, const int64_t *tlen, const int64_t *ul
         int64_t n = r / T, t = r % T;                                                         \
         for (int64_t u = 0; u < U1; u++) {                                                    \
             int64_t c = r * U1 + u;                                                           \
-            if (t >= tlen[n] || u > ulen[n]) { ln[c] = 0.0; lpb[c] = lpe[c] = -INFINITY; continue; } \
+            if (t >= tlen[n] || u > ulen[n]) {                                                \
+                ln[c] = 0.0; lpb[c] = lpe[c] = -INFINITY; continue;                           \
+            }                                                                                 \
             const R *row = x + c * V;                                                         \
             double l = LSE(row, V);                                                           \
             ln[c] = l;                                                                        \
@@ -172,7 +174,9 @@ void NAME(const R *x, R *out, const int64_t *tgt, const int64_t *tlen, const int
             int64_t c = r * U1 + u;                                                           \
             const R *row = x + c * V;                                                         \
             R *o = out + c * V;                                                               \
-            if (t >= tlen[n] || u > ulen[n] || occ[c] == 0.0) { memset(o, 0, sizeof(R) * V); continue; } \
+            if (t >= tlen[n] || u > ulen[n] || occ[c] == 0.0) {                               \
+                memset(o, 0, sizeof(R) * V); continue;                                        \
+            }                                                                                 \
             double l = ln[c], k = occ[c];                                                     \
             int64_t y = u < ulen[n] ? tgt[n * (U1 - 1) + u] : -1;                             \
             double gb = exp((double)row[blank] - l) * k - tb[c];                              \
@@ -217,7 +221,8 @@ def _digest(path: Path) -> str:
 
 
 def _compiler() -> Optional[str]:
-    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    return (os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+            or shutil.which("clang"))
 
 
 def _compile(cc: str, folder: Path, name: str) -> Path:

@@ -2,11 +2,12 @@
 and its gradient one chunk (a sample or a small group) at a time, and hand the stored gradients
 to autograd.
 
-For each chunk the joiner builds the chunk's logits (N, T, U+1, V); :func:`memlab._lattice.chunk_loss`
-computes the losses and writes d loss / d logits into the same buffer (when nothing in the
-joiner's graph saved its output: otherwise into a second buffer, as large); the gradient is
-back-propagated through the joiner at once, and only the gradients w.r.t. the chunk's enc_out and
-pred_out slices (no V axis) and the joiner's parameters are kept.
+For each chunk the joiner builds the chunk's logits (N, T, U+1, V);
+:func:`memlab._lattice.chunk_loss` computes the losses and writes d loss / d logits into the
+same buffer (when nothing in the joiner's graph saved its output: otherwise into a second
+buffer, as large); the gradient is back-propagated through the joiner at once, and only the
+gradients w.r.t. the chunk's enc_out and pred_out slices (no V axis) and the joiner's parameters
+are kept.
 """
 
 from __future__ import annotations
