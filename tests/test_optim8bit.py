@@ -483,3 +483,78 @@ def test_float64_params_with_l2_weight_decay_step(make):
     before = p.detach().clone()
     make([p]).step()
     assert p.dtype == torch.float64 and not torch.equal(p.detach(), before)
+
+
+def test_fast_encoder_matches_the_codebook_on_every_midpoint_and_neighbour():
+    """The kernels' compact table + vector search gives the codes of ``_Codebook.encode`` (and
+    the zero rule): every midpoint and its 8 neighbours each side, every 16-bit key boundary in
+    [-1, 1], and random values (the full check over all 2^31 floats in [-1, 1] was run once)."""
+    import ctypes
+    from memlab import _cpu_kernels
+    from memlab.quant import _state_book
+    _needs_kernel()
+    lib = _cpu_kernels.library()
+    for signed in (True, False):
+        book = _state_book(signed, torch.device("cpu"))
+        tab = _cpu_kernels.enc_table(book)
+        assert tab is not None
+        mids = book.mid.view(torch.int32)                                   # (255,)
+        near = (mids[:, None] + torch.arange(-8, 9, dtype=torch.int32)).reshape(-1)
+        keys = torch.arange(0, 0x3F81, dtype=torch.int32) << 16             # key boundaries
+        edges = torch.cat([keys, keys - 1, keys | 0xFFFF]).clamp(0, 0x3F800000)
+        rand = torch.rand(1 << 16, generator=torch.Generator().manual_seed(0)).view(torch.int32)
+        tiny = torch.tensor([0, 1, 0x7FFFFF, 0x800000, 0x33800000, 0x33FFFFFF], dtype=torch.int32)
+        pos = torch.cat([near.clamp(0, 0x3F800000), edges, rand, tiny])
+        xn = torch.cat([pos.view(torch.float32), -pos.view(torch.float32)])  # both signs, -0.0
+        xn = torch.cat([xn, xn[: (-xn.numel()) % 16]])                      # len % 16 == 0
+        keep = -1 if signed else book.zero_index
+        ref = torch.empty(xn.numel(), dtype=torch.uint8)
+        book.encode(xn, ref)
+        if keep >= 0:
+            ref.add_((ref == keep) & (xn > 0))
+        out = torch.empty_like(ref)
+        if lib.memlab_encode_fast(xn.data_ptr(), xn.numel(), out.data_ptr(), tab.data_ptr(),
+                                  ctypes.c_int32(keep)) != 0:
+            pytest.skip("kernel built without AVX-512 VBMI: the vector encoder is not compiled")
+        assert torch.equal(out, ref)
+
+
+@pytest.mark.parametrize("make", [
+    lambda p, **k: Adam8bit(p, lr=1e-2, min_8bit_size=0, **k),
+    lambda p, **k: SGD8bit(p, lr=0.05, min_8bit_size=0, **k),
+])
+def test_fused_kernel_matches_eager_on_zeros_subnormals_and_huge_values(make):
+    """Blocks of exact zeros, subnormal and huge gradients, and a tail block shorter than the
+    vector width: the vector path and its scalar fallbacks give the eager bits."""
+    _needs_kernel()
+    n = 256 * 6 + 37
+    g = torch.randn(n, generator=torch.Generator().manual_seed(1))
+    g[:256] = 0.0                                           # an all-zero block
+    g[256:512] *= 1e-40                                     # subnormal gradients
+    g[512:768] *= 1e30                                      # huge: v overflows to inf
+    g[800] = -0.0
+    pa, pb = torch.nn.Parameter(torch.zeros(n)), torch.nn.Parameter(torch.zeros(n))
+    oa, ob = make([pa], compile=False), make([pb])
+    for k in range(3):
+        pa.grad, pb.grad = g.clone(), g.clone()
+        oa.step()
+        ob.step()
+        g = g.roll(1)
+    same = lambda x, y: torch.equal(x.isnan(), y.isnan()) and torch.equal(  # noqa: E731
+        x.nan_to_num(0.0).view(torch.int32) if x.is_floating_point() else x,
+        y.nan_to_num(0.0).view(torch.int32) if y.is_floating_point() else y)
+    assert same(pa.detach(), pb.detach())
+    for key, v in oa.state[pa].items():
+        if isinstance(v, torch.Tensor) and v.numel() > 1:
+            assert same(v, ob.state[pb][key]), key
+
+
+def test_bench_optim_step_rows_compare_with_torch_fused_and_foreach():
+    from memlab.bench import optim as study
+    rows = study.step_times(fast=True, repeats=1, threads=1)
+    by = {r["subject"]: r for r in rows}
+    r = by["adam8bit"]
+    assert r["reference"] in ("adam(fused)", "adam(foreach)")
+    assert r["foreach_value"] > 0 and r["fused_vs_foreach"] > 0
+    assert r["range"][0] <= r["value"] <= r["range"][1]
+    assert abs(sum(torch.Size(s).numel() for s in study._big_shapes()) - 33e6) < 0.1e6

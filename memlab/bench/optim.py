@@ -8,13 +8,18 @@ What is measured (one row each, ``run(fast)`` returns the list):
   SGD (momentum) and SGD8bit, Adam and Adam8bit. Reference: the fp32 optimizer; ratio = 8-bit /
   fp32 (the paper's "75% less optimizer-state memory" is ratio 0.25).
 * ``step_time`` -- wall time of one ``optimizer.step()`` on the same parameters (ResNet-like conv
-  and linear shapes, fixed random gradients), median over repeats, the 8-bit optimizer and
-  ``torch.optim.SGD`` / ``Adam`` with ``foreach=True`` timed alternately in one process. Rows:
-  the default 8-bit optimizers (``path``: ``fused-c`` = the C kernel of
-  :mod:`memlab._cpu_kernels` on CPU, ``compiled`` = torch.compile on CUDA, ``eager`` when neither
-  is available) and, on CPU, the eager torch-op path of the same math (``sgd8bit-eager``,
-  ``adam8bit-eager``: ``compile=False``). Reported in ms with the torch thread count and the
-  device (CUDA too when present); the ratio is what to compare across machines.
+  and linear shapes, fixed random gradients; 4.18 M parameters, and in full mode also 33 M),
+  median over repeats, the 8-bit optimizer, torch's fastest fp32 step (``fused=True``, which
+  torch offers on CPU and CUDA; ``foreach`` where it does not) and torch's ``foreach`` step
+  timed alternately in one process. ``reference`` is the fused step, ``foreach_value`` /
+  ``foreach_ratio`` report the foreach one beside it and ``fused_vs_foreach`` (fused / foreach)
+  is a load check: on an idle machine it is a property of the CPU, on a loaded one it drifts.
+  ``range`` is (min, max) of our times. Rows: the default 8-bit optimizers (``path``:
+  ``fused-c`` = the C kernel of :mod:`memlab._cpu_kernels` on CPU, ``compiled`` = torch.compile
+  on CUDA, ``eager`` when neither is available) and, on CPU and the small size, the eager
+  torch-op path of the same math (``sgd8bit-eager``, ``adam8bit-eager``: ``compile=False``).
+  Reported in ms with the torch thread count and the device (CUDA too when present); the ratio
+  is what to compare across machines.
 * ``quant_error`` -- quantize -> dequantize error on Adam-like states (first and second moment of a
   simulated Adam run: per-element gradient scales log-normal, so heavy-tailed across elements),
   for the dynamic tree map vs the linear (int8) map, block-wise (256) vs per-tensor absmax
@@ -51,6 +56,15 @@ def _shapes(fast: bool) -> list:
     return shapes
 
 
+def _big_shapes() -> list:
+    """~33 M parameters: a wider ResNet-like net (12.5 M in 3x3 convs) with large projections."""
+    widths = (64, 128, 256, 512)
+    shapes = [(c, c, 3, 3) for c in widths for _ in range(4)]
+    shapes += [(4096, 2048), (2048, 4096), (1024, 3584)]
+    shapes += [(c,) for c in widths for _ in range(4)]
+    return shapes
+
+
 def _params(shapes, seed: int = 0) -> List[torch.nn.Parameter]:
     g = torch.Generator().manual_seed(seed)
     ps = [torch.nn.Parameter(torch.randn(s, generator=g) * 0.05) for s in shapes]
@@ -84,17 +98,32 @@ def _builders() -> Dict[str, Callable]:
     }
 
 
+def _fused_or_foreach(cls, **kw) -> Callable:
+    """torch's fastest fp32 step: ``fused=True`` where this torch offers it (CPU since 2.4),
+    else ``foreach=True``."""
+    def make(ps):
+        try:
+            return cls(ps, fused=True, **kw)
+        except (RuntimeError, TypeError, ValueError):
+            return cls(ps, foreach=True, **kw)
+    return make
+
+
 def _timed_builders() -> Dict[str, Callable]:
     """The default 8-bit optimizers (fused C kernel on CPU when a compiler exists, torch.compile
-    on CUDA), the eager torch-op path of the same math (``compile=False``), and torch's fp32."""
+    on CUDA), the eager torch-op path of the same math (``compile=False``), and torch's fp32
+    steps: fused (the fastest) and foreach."""
     return {**_builders(),
+            "sgd-fused": _fused_or_foreach(torch.optim.SGD, lr=0.01, momentum=0.9),
+            "adam-fused": _fused_or_foreach(torch.optim.Adam, lr=1e-3),
             "sgd8bit-eager": lambda ps: SGD8bit(ps, lr=0.01, momentum=0.9, compile=False),
             "adam8bit-eager": lambda ps: Adam8bit(ps, lr=1e-3, compile=False)}
 
 
 PAIRS = (("sgd8bit", "sgd"), ("adam8bit", "adam"))
-TIMED = (("sgd8bit", "sgd"), ("sgd8bit-eager", "sgd"), ("adam8bit", "adam"),
-         ("adam8bit-eager", "adam"))
+# (ours, torch's fastest, torch foreach)
+TIMED = (("sgd8bit", "sgd-fused", "sgd"), ("sgd8bit-eager", "sgd-fused", "sgd"),
+         ("adam8bit", "adam-fused", "adam"), ("adam8bit-eager", "adam-fused", "adam"))
 
 
 def _memory_rows(shapes) -> list:
@@ -113,9 +142,10 @@ def _memory_rows(shapes) -> list:
 
 
 def _path(opt, device: str) -> str:
-    """Which implementation ran the step: 'fused-c', 'compiled', 'eager' or 'torch'."""
+    """Which implementation ran the step: 'fused-c', 'compiled', 'eager', or torch's
+    'torch-fused' / 'torch-foreach'."""
     if not isinstance(opt, (SGD8bit, Adam8bit)):
-        return "torch-foreach"
+        return "torch-fused" if opt.defaults.get("fused") else "torch-foreach"
     if opt._compile is None and device == "cpu":
         from memlab import _cpu_kernels
         return "fused-c" if _cpu_kernels.available() else "eager"
@@ -124,40 +154,46 @@ def _path(opt, device: str) -> str:
     return "compiled" if opt._compiled.get(device) else "eager"
 
 
-def _time_rows(shapes, repeats: int, devices=None) -> list:
+def _time_rows(shapes, repeats: int, devices=None, eager: bool = True) -> list:
     rows, build = [], _timed_builders()
     devices = devices or (["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+    numel = sum(torch.Size(s).numel() for s in shapes)
     for device in devices:
         sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-        for ours, ref in TIMED:
-            if device == "cuda" and ours.endswith("-eager"):
+        for ours, fast, ref in TIMED:
+            if ours.endswith("-eager") and (device == "cuda" or not eager):
                 continue
             opts = {}
-            for n in (ours, ref):
+            for n in (ours, fast, ref):
                 ps = [torch.nn.Parameter(p.detach().to(device)) for p in _params(shapes)]
                 for p, q in zip(ps, _params(shapes)):
                     p.grad = q.grad.to(device)
                 opts[n] = build[n](ps)
-            times = {ours: [], ref: []}
+            times = {n: [] for n in opts}
             for n in opts:                          # warm-up: state creation, caches, compiling
                 for _ in range(3):
                     opts[n].step()
                 sync()
-            for _ in range(repeats):                # alternate: both see the same machine load
+            for _ in range(repeats):                # alternate: all see the same machine load
                 for n, opt in opts.items():
                     sync()
                     t0 = time.perf_counter()
                     opt.step()
                     sync()
                     times[n].append(time.perf_counter() - t0)
-            a, b = statistics.median(times[ours]) * 1e3, statistics.median(times[ref]) * 1e3
+            a, b, c = (statistics.median(times[n]) * 1e3 for n in (ours, fast, ref))
             dev_name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
+            fast_path = _path(opts[fast], device)
             rows.append(dict(measure="step_time", subject=ours, value=round(a, 3), unit="ms",
-                             reference=f"{ref}(foreach)", reference_value=round(b, 3),
-                             ratio=round(a / b, 3), device=dev_name,
-                             path=_path(opts[ours], device),
+                             reference=f"{ref}({fast_path.split('-')[1]})",
+                             reference_value=round(b, 3), ratio=round(a / b, 3),
+                             foreach_value=round(c, 3), foreach_ratio=round(a / c, 3),
+                             fused_vs_foreach=round(b / c, 3),
+                             range=(round(min(times[ours]) * 1e3, 3),
+                                    round(max(times[ours]) * 1e3, 3)),
+                             device=dev_name, path=_path(opts[ours], device),
                              threads=torch.get_num_threads() if device == "cpu" else None,
-                             numel=sum(torch.Size(s).numel() for s in shapes)))
+                             numel=numel))
     return rows
 
 
@@ -349,7 +385,9 @@ def error_rows(n: int) -> list:
 
 def step_times(fast: bool = False, repeats: Optional[int] = None,
                threads: Optional[int] = None) -> List[dict]:
-    """The ``step_time`` rows only: each 8-bit optimizer against torch's fp32 ``foreach`` one.
+    """The ``step_time`` rows only: each 8-bit optimizer against torch's fastest fp32 step
+    (``fused``), with its ``foreach`` step beside it; in full mode also on ~33 M parameters
+    (:func:`_big_shapes`; the 8-bit defaults only, not the slow eager path).
 
     ``threads``: torch intra-op threads for the timings (default: leave torch's setting);
     on a busy machine ``threads=1`` gives steadier ratios.
@@ -359,14 +397,18 @@ def step_times(fast: bool = False, repeats: Optional[int] = None,
     if threads is not None:
         torch.set_num_threads(threads)
     try:
-        return _time_rows(_shapes(fast), repeats)
+        rows = _time_rows(_shapes(fast), repeats)
+        if not fast:
+            rows += _time_rows(_big_shapes(), max(5, repeats // 3), eager=False)
+        return rows
     finally:
         torch.set_num_threads(before)
 
 
 def run(fast: bool = False, repeats: Optional[int] = None,
         threads: Optional[int] = None) -> List[dict]:
-    """All rows: state bytes/param, step time vs torch (foreach), quantization error."""
+    """All rows: state bytes/param, step time vs torch (fused, foreach beside),
+    quantization error, drift to fp32 Adam."""
     times = step_times(fast, repeats, threads)
     drift = drift_rows(sigmas=(0.5, 1.5) if fast else (0.5, 1.0, 1.5, 2.0),
                        n=2 ** 16 if fast else 2 ** 20, steps=20 if fast else 50)
