@@ -25,6 +25,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.dropout import _DropoutNd
+from memlab._rng import capture_rng as _capture_rng, replay_rng as _replay_rng  # noqa: F401
 
 __all__ = ["frozen_running_stats"]
 
@@ -33,27 +34,6 @@ __all__ = ["frozen_running_stats"]
 def _has_dropout(m: nn.Module) -> bool:
     return any(isinstance(s, (_DropoutNd, nn.AlphaDropout, nn.FeatureAlphaDropout))
                for s in m.modules())
-
-
-def _capture_rng(device: torch.device):
-    """RNG state(s) that a module call on ``device`` may consume."""
-    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
-    return torch.get_rng_state(), cuda
-
-
-@contextlib.contextmanager
-def _replay_rng(state, device: torch.device):
-    """Run the body with the recorded RNG state; restore the current one afterwards."""
-    if state is None:
-        yield
-        return
-    cpu, cuda = state
-    devices = [device] if cuda is not None else []
-    with torch.random.fork_rng(devices=devices, device_type="cuda"):
-        torch.set_rng_state(cpu)
-        if cuda is not None:
-            torch.cuda.set_rng_state(cuda, device)
-        yield
 
 
 @contextlib.contextmanager

@@ -12,7 +12,6 @@ are kept.
 
 from __future__ import annotations
 
-import contextlib
 import warnings
 from typing import Dict, List, Optional
 
@@ -20,6 +19,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from memlab._lattice import chunk_loss
+from memlab._rng import capture_rng as _capture_rng, replay_rng as _replay_rng  # noqa: F401
 
 
 def _joiner_params(joiner) -> List[torch.nn.Parameter]:
@@ -183,24 +183,6 @@ class _EagerJoinerLoss(_StoredGradLoss):
                           f"incoming grad_output {float(grad_output):g} (loss scaling?) reaches "
                           "only the encoder and predictor", stacklevel=2)
         return _stored_backward(ctx, grad_output)
-
-
-def _capture_rng(device: torch.device):
-    """The CPU (and, for a CUDA device, that device's) RNG state a joiner call may consume."""
-    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
-    return torch.get_rng_state(), cuda
-
-
-@contextlib.contextmanager
-def _replay_rng(state, device: torch.device):
-    """Run the body from the recorded RNG state; the current state is restored afterwards."""
-    cpu, cuda = state
-    devices = [device] if cuda is not None else []
-    with torch.random.fork_rng(devices=devices, device_type="cuda"):
-        torch.set_rng_state(cpu)
-        if cuda is not None:
-            torch.cuda.set_rng_state(cuda, device)
-        yield
 
 
 class _RecomputeLoss(torch.autograd.Function):

@@ -43,7 +43,6 @@ V), so no new calling convention is needed.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import numbers
 import operator
@@ -51,6 +50,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch.autograd.function import once_differentiable
+
+from memlab._rng import capture_rng as _capture_rng, replay_rng as _replay_rng
 
 REDUCTIONS = ("mean", "sum", "none")
 DEFAULT_MAX_CHUNK_BYTES = 64 * 2**20   # pruned logits + their gradient of one sample-wise call
@@ -533,16 +534,6 @@ class _StoredGrads(torch.autograd.Function):
         return (None, None, enc_grad, pred_grad, *[g * grad_output for g in saved])
 
 
-@contextlib.contextmanager
-def _replay_rng(state, device: torch.device):
-    cpu, cuda = state
-    with torch.random.fork_rng(devices=[device] if cuda is not None else [], device_type="cuda"):
-        torch.set_rng_state(cpu)
-        if cuda is not None:
-            torch.cuda.set_rng_state(cuda, device)
-        yield
-
-
 class _Recompute(torch.autograd.Function):
     """reduction="none": per-sample weights arrive in backward, so the band is recomputed there
     (replaying the forward's RNG state, so a dropout joiner draws the same masks)."""
@@ -580,8 +571,7 @@ def _samplewise_band(joiner, enc_out, pred_out, starts, S, targets, enc_lengths,
         losses = _run_groups(*args, None, False, False, [], stats)[0]
         return _reduce(losses, reduction), losses
     if reduction == "none":
-        cuda = torch.cuda.get_rng_state(enc_out.device) if enc_out.device.type == "cuda" else None
-        rng = (torch.get_rng_state(), cuda)
+        rng = _capture_rng(enc_out.device)     # backward replays it: same dropout masks
         losses = _run_groups(*args, None, False, False, [], stats)[0]
         spec = (joiner, starts, S, targets, enc_lengths, target_lengths, blank, groups, rng)
         return _Recompute.apply(losses, spec, enc_out, pred_out, *params), losses
