@@ -1,4 +1,4 @@
-"""memlab command line: ``memlab compare | bench | lab | data``.
+"""memlab command line: ``memlab compare | plan | bench | lab | data``.
 
     memlab compare --task speaker --optimizer adam,adam8bit      # train side by side, print a table
     memlab bench optim --json                                    # a technique's measurements
@@ -24,34 +24,10 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 from memlab import fast_mode, tasks
 from memlab import techniques as tech
 from memlab.memory import CATEGORIES, format_bytes
+from memlab.report import format_table  # noqa: F401  (re-exported: memlab.cli.format_table)
 
 
 # ----------------------------------------------------------------------------- tables
-def format_table(rows: Sequence[Dict[str, Any]], columns: Optional[Sequence[str]] = None) -> str:
-    """Plain-text table of dict rows (bytes columns ending in '_bytes' are humanised)."""
-    if not rows:
-        return "(no rows)"
-    columns = list(columns or rows[0].keys())
-
-    def cell(k, v):
-        if v is None:
-            return "-"
-        if isinstance(v, float):
-            if math.isnan(v):
-                return "-"
-            return f"{v:.4g}"
-        if isinstance(v, int) and (k.endswith("bytes") or k in CATEGORIES or k == "peak"):
-            return format_bytes(v)
-        return str(v)
-
-    body = [[cell(c, r.get(c)) for c in columns] for r in rows]
-    widths = [max(len(c), *(len(b[i]) for b in body)) for i, c in enumerate(columns)]
-    line = "  ".join(c.ljust(w) for c, w in zip(columns, widths))
-    sep = "  ".join("-" * w for w in widths)
-    out = [line, sep] + ["  ".join(v.ljust(w) for v, w in zip(b, widths)) for b in body]
-    return "\n".join(out)
-
-
 def _progress(total: int, desc: str):
     try:
         from tqdm.auto import tqdm
@@ -260,7 +236,17 @@ def _cmd_compare(args) -> int:
             overrides[name] = v
     # every combination is validated (and its memory checked) before the first run starts
     choices = {kind: getattr(args, _kind_option(kind)) for kind in tech.kinds()}
-    cfgs = compare_configs(args.task, overrides, choices=choices)
+    scenario = getattr(args, "scenario", None)
+    if scenario is not None:      # memlab.scenarios: its sizes and comparison (--<kind> overrides)
+        from memlab import scenarios
+        if args.task is not None and args.task != scenarios.get(scenario).task:
+            raise ValueError(f"task: scenario {scenario!r} is a {scenarios.get(scenario).task} "
+                             f"scenario, got --task {args.task}")
+        cfgs = scenarios.configs(scenario, choices, **overrides)
+        args.task = cfgs[0].task
+    else:
+        args.task = args.task or "speaker"
+        cfgs = compare_configs(args.task, overrides, choices=choices)
     if not args.force:
         check_memory(cfgs)
     rows: List[Dict[str, Any]] = []
@@ -276,8 +262,18 @@ def _cmd_compare(args) -> int:
         _print_rows(rows, args.task, args.json)
         print(f"memlab compare: error: {e}", file=sys.stderr)
         return 1
+    if scenario is not None:      # the saving against the scenario's baseline, live
+        for row, r in zip(rows, scenarios.ratios(scenario, rows, cfgs)):
+            row["vs_baseline"] = r
     _print_rows(rows, args.task, args.json)
+    if scenario is not None and not args.json:   # ... and at its full-size twin
+        print("\n" + scenarios.report(scenario, rows, cfgs))
     return 0
+
+
+def _cmd_plan(args) -> int:
+    from memlab import planner
+    return planner.command(args)
 
 
 # ----------------------------------------------------------------------------- bench
@@ -470,8 +466,13 @@ def build_parser() -> argparse.ArgumentParser:
                     "error rate).",
         epilog="example: memlab compare --task speaker --memory vanilla,reversible "
                "--optimizer adam,adam8bit")
-    c.add_argument("--task", choices=tasks.names(), default="speaker",
-                   help="speaker verification (ResNet) or transducer ASR (default: speaker)")
+    from memlab import scenarios
+    c.add_argument("--task", choices=tasks.names(), default=None,
+                   help="speaker verification (ResNet) or transducer ASR (default: speaker, "
+                        "or the scenario's)")
+    c.add_argument("--scenario", help=f"a named preset whose sizes reach a technique's regime "
+                   f"(runs its comparison; --<kind> options override it): "
+                   f"{', '.join(scenarios.names())}")
     for kind in tech.kinds():             # one option per registered kind
         what = tech.kind(kind).description or f"{kind} techniques"
         c.add_argument(f"--{kind}", dest=_kind_option(kind),
@@ -489,6 +490,17 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--force", action="store_true",
                    help="run even when the estimated peak exceeds the memory available now")
     c.set_defaults(func=_cmd_compare)
+
+    from memlab.planner import add_arguments as _plan_arguments
+    pl = sub.add_parser(
+        "plan", help="which technique combinations make a configuration fit into N GB",
+        description="Estimate (on fake tensors: no memory needed) a configuration under every "
+                    "registered combination of techniques and list those that fit into --fit, "
+                    "cheapest first, with the peak, its breakdown and the expected step-time "
+                    "factor from the benchmarks' measured ratios.",
+        epilog="example: memlab plan --scenario deep-speaker --full-size --fit 11GiB")
+    _plan_arguments(pl)
+    pl.set_defaults(func=_cmd_plan)
 
     b = sub.add_parser("bench", help="measure one technique side by side (table or JSON)",
                        description="Benchmarks: reversible (activation peak and step time vs "

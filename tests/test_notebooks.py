@@ -6,6 +6,7 @@ of the same execution.
 """
 
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -99,6 +100,11 @@ def test_notebook_committed_clean(path):
     params = [c for c in nb.cells if "parameters" in c.get("metadata", {}).get("tags", [])]
     assert len(params) == 1, f"{path.name}: needs exactly one cell tagged 'parameters'"
     assert "MEMLAB_FAST" in params[0].source
+    # fast mode has one reader, memlab.fast_mode()
+    assert "fast_mode()" in params[0].source, f"{path.name}: read fast mode with fast_mode()"
+    readers = [c.id for c in nb.cells if c.cell_type == "code"
+               and re.search(r"environ(\.get)?\(?\[?[\"']MEMLAB_FAST", c.source)]
+    assert not readers, f"{path.name}: cells {readers} read MEMLAB_FAST; use memlab.fast_mode()"
 
 
 def test_there_are_notebooks():
@@ -106,7 +112,8 @@ def test_there_are_notebooks():
 
 
 def test_generated_notebooks_are_current():
-    """Notebooks built by tools/make_notebook.py match their sources."""
+    """Notebooks built by tools/make_notebook.py (jupytext) match their sources."""
+    pytest.importorskip("jupytext")
     tool = ROOT / "tools" / "make_notebook.py"
     if not tool.exists():
         pytest.skip("no tools/make_notebook.py")

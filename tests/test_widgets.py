@@ -1,5 +1,6 @@
 """MemoryLab in-process (no browser): controls -> config, runs -> figures, stop, errors, budget."""
 
+import contextlib
 import time
 
 import pytest
@@ -217,7 +218,7 @@ def test_notebook_helpers():
 
 
 def test_estimate_failure_is_shown_not_raised(monkeypatch):
-    import memlab.widgets as mw
+    import memlab.ui.dashboard as mw
 
     def fail(*a, **k):
         raise RuntimeError("cannot estimate this")
@@ -256,3 +257,76 @@ def test_run_summary_line():
         run_summary("adam", recs, "weights")
     with pytest.raises(ValueError, match="records"):
         run_summary("adam", [])
+
+
+def test_headless_modules_import_neither_ipywidgets_nor_plotly():
+    import subprocess
+    import sys
+    code = ("import sys, memlab.report, memlab.ui.measure, memlab.cli; "
+            "bad = [m for m in ('ipywidgets', 'plotly') if m in sys.modules]; "
+            "assert not bad, bad")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    code = "import sys, memlab.ui.figures; assert 'ipywidgets' not in sys.modules"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+
+
+def test_a_new_kind_appears_as_a_control():
+    """A kind registered once (here, in the test) gets its own dropdown, reaches the Config and
+    the training step; no edit of the dashboard."""
+    from memlab import techniques
+
+    entered = []
+
+    @contextlib.contextmanager
+    def note(step):
+        entered.append(type(step.model).__name__)
+        yield
+
+    techniques.register_kind("toy-step", default="off", noop="does nothing")
+    techniques.register("toy-step", "on", description="counts steps (test)", step_context=note)
+    try:
+        lab = MemoryLab(task="speaker", **TINY)
+        w = lab.kind_controls["toy-step"]
+        assert w is lab.w_toy_step and w in lab.w_kinds.children
+        assert tuple(w.options) == ("off", "on") and w.layout.display is None
+        assert "memlab-kind-toy-step" in w._dom_classes
+        lab.set(**{"toy-step": "on"})
+        assert lab.config.techniques["toy-step"] == "on" and "on" in lab.w_hint.value
+        lab.run(block=True, steps=1)
+        assert entered == ["SpeakerNet"]          # the step context ran around the step
+        # registered after the dashboard was built: the next refresh adds a dropdown
+        techniques.register_kind("toy-late", default="a", noop="nothing")
+        techniques.register("toy-late", "b", description="b (test)", tasks=("asr",))
+        lab.refresh_strategies()
+        assert lab.w_toy_late.layout.display is None and lab.w_toy_late.disabled  # speaker: a
+        lab.w_task.value = "asr"
+        assert tuple(lab.w_toy_late.options) == ("a", "b")
+    finally:
+        techniques.unregister_kind("toy-step")
+        techniques.unregister_kind("toy-late")
+
+
+def test_architecture_example_runs():
+    """docs/ARCHITECTURE.md's worked example, as written: the file, then its use."""
+    import re
+    from pathlib import Path
+
+    from memlab import techniques
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "ARCHITECTURE.md").read_text()
+    section = doc.split("## Worked example", 1)[1]
+    blocks = re.findall(r"```python\n(.*?)```", section, re.S)
+    assert len(blocks) == 2
+    try:
+        namespace = {"TINY": TINY}
+        exec(compile(blocks[0], "ARCHITECTURE.md:technique", "exec"), namespace)
+        exec(compile(blocks[1].replace('task="speaker")', 'task="speaker", **TINY)'),
+                     "ARCHITECTURE.md:use", "exec"), namespace)
+        lab = namespace["lab"]
+        assert "saved-tensors" in lab.kind_controls
+        lab.set(**{"saved-tensors": "bf16"})
+        assert lab.config.techniques["saved-tensors"] == "bf16"
+    finally:
+        techniques.unregister_kind("saved-tensors")

@@ -1,4 +1,12 @@
-"""Source of notebooks/00_where_memory_goes.ipynb (python tools/make_notebook.py rebuilds it)."""
+# ---
+# jupyter:
+#   kernelspec:
+#     display_name: Python 3 (ipykernel)
+#     language: python
+#     name: python3
+#   language_info:
+#     name: python
+# ---
 
 # %% [markdown]
 # # 00 · Where the memory goes
@@ -27,9 +35,9 @@
 # papermill can override it). `FAST` picks tiny sizes for tests and CI.
 
 # %% tags=["parameters"]
-import os
+from memlab import fast_mode
 
-FAST = os.environ.get("MEMLAB_FAST") == "1"
+FAST = fast_mode()                      # MEMLAB_FAST=1: tiny sizes (tests, CI)
 BATCH = 8 if FAST else 16              # utterances per step (sections 1-3)
 FRAMES = 100 if FAST else 200          # 10 ms fbank frames per utterance: 1 s / 2 s of speech
 WIDTH = 8                              # base channels of the small ResNet
@@ -45,7 +53,9 @@ import torch
 from memlab.lab import Config, build_model, build_optimizer, estimate_config
 from memlab.memory import CATEGORIES, MemoryMeter, format_bytes
 from memlab.models.dfresnet import DEPTHS as DF_DEPTHS
-from memlab.widgets import MemoryLab, breakdown_figure, sweep, timeline_figure
+from memlab.ui.figures import breakdown_figure, timeline_figure
+from memlab.ui.measure import sweep
+from memlab.widgets import MemoryLab
 
 _ = torch.manual_seed(0)  # the same weights every run
 

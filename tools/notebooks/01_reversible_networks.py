@@ -1,4 +1,12 @@
-"""Source of notebooks/01_reversible_networks.ipynb (python tools/make_notebook.py rebuilds it)."""
+# ---
+# jupyter:
+#   kernelspec:
+#     display_name: Python 3 (ipykernel)
+#     language: python
+#     name: python3
+#   language_info:
+#     name: python
+# ---
 
 # %% [markdown]
 # # 01 · Reversible networks: recompute activations instead of storing them
@@ -29,9 +37,9 @@
 # can override it). `FAST` picks tiny sizes for tests and CI.
 
 # %% tags=["parameters"]
-import os
+from memlab import fast_mode
 
-FAST = os.environ.get("MEMLAB_FAST") == "1"
+FAST = fast_mode()                      # MEMLAB_FAST=1: tiny sizes (tests, CI)
 RECON_DEPTHS = [1, 4, 16] if FAST else [1, 2, 4, 8, 16, 32, 64]   # couplings in one stage
 BENCH_DEPTHS = [2, 8] if FAST else [4, 8, 16, 32]     # blocks in stage 3 of the bench ResNet
 LAB_DEPTH = 1                          # blocks per stage of the dashboard's ResNet
@@ -46,9 +54,10 @@ import plotly.graph_objects as go
 from torch import nn
 
 from memlab.bench import reversible as study
-from memlab.cli import format_table
+from memlab.report import format_table, run_summary
 from memlab.reversible import AdditiveCoupling
-from memlab.widgets import MemoryLab, breakdown_figure, run_summary, timeline_figure
+from memlab.ui.figures import breakdown_figure, timeline_figure
+from memlab.widgets import MemoryLab
 
 torch.manual_seed(0)
 torch.set_num_threads(1)     # tiny models: one thread is as fast, and steadier on a shared CPU

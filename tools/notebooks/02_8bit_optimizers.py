@@ -1,4 +1,12 @@
-"""Source of notebooks/02_8bit_optimizers.ipynb (build with python tools/make_notebook.py)."""
+# ---
+# jupyter:
+#   kernelspec:
+#     display_name: Python 3 (ipykernel)
+#     language: python
+#     name: python3
+#   language_info:
+#     name: python
+# ---
 
 # %% [markdown]
 # # 02 · 8-bit optimizers: the same training with a quarter of the optimizer state
@@ -26,9 +34,9 @@
 # sizes for tests and CI: read the figures from a full run.
 
 # %% tags=["parameters"]
-import os
+from memlab import fast_mode
 
-FAST = os.environ.get("MEMLAB_FAST") == "1"
+FAST = fast_mode()                      # MEMLAB_FAST=1: tiny sizes (tests, CI)
 STATE_NUMEL = 2 ** 16 if FAST else 2 ** 20   # elements of the simulated Adam states (section 2)
 TIME_REPEATS = 3 if FAST else 15             # timed optimizer steps per optimizer (section 4)
 TIME_THREADS = 1                             # torch threads for the timings (steadier ratios)
@@ -37,13 +45,15 @@ LAB_BATCH = 4 if FAST else 16
 LAB_STEPS = 6 if FAST else 150
 
 # %%
-import torch
+import math
+
 import plotly.graph_objects as go
+import torch
 
 from memlab.bench import optim as study
-from memlab.cli import format_table
 from memlab.quant import dynamic_map, linear_map, quantize_blockwise, dequantize_blockwise
-from memlab.widgets import MemoryLab, run_summary
+from memlab.report import format_table, run_summary
+from memlab.widgets import MemoryLab
 
 torch.manual_seed(0)
 
@@ -75,9 +85,10 @@ for name, code in maps.items():
           f"{pos.min().item():.3g}, largest {pos.max().item():.5f}, "
           f"{int((code < 0).sum()):3d} negative, zero included: {bool((code == 0).any())}")
 fig.update_layout(template="plotly_white", height=330, showlegend=False,
-                  title="Positive values of the 8-bit maps (one tick per code value)",
+                  title=dict(text="<b>Positive values of the 8-bit maps</b> · one tick per code "
+                             "value", x=0.01),
                   xaxis=dict(title="code value (fraction of the block's absmax, log scale)",
-                             type="log", range=[-7.5, 0.1]),
+                             type="log", range=[-7.5, 0.1], exponentformat="power"),
                   yaxis=dict(title="data type"))
 fig
 
@@ -94,9 +105,12 @@ for name, code in maps.items():
     fig.add_scatter(x=pos[1:].tolist(), y=((pos[1:] - pos[:-1]) / pos[1:]).tolist(),
                     mode="lines+markers", marker=dict(size=4), name=name)
 fig.update_layout(template="plotly_white", height=380,
-                  title="Relative gap to the next smaller code value",
-                  xaxis=dict(title="code value (fraction of absmax, log scale)", type="log"),
-                  yaxis=dict(title="(value − next smaller) / value", type="log"))
+                  title=dict(text="<b>Relative precision of the 8-bit maps</b> · gap to the "
+                             "next smaller code value", x=0.01),
+                  xaxis=dict(title="code value (fraction of absmax, log scale)", type="log",
+                             exponentformat="power"),
+                  yaxis=dict(title="(value − next smaller) / value (log scale)", type="log",
+                             exponentformat="power"))
 fig
 
 # %% [markdown]
@@ -118,22 +132,36 @@ combos = [("linear", "per-tensor"), ("linear", "block-wise"), ("dynamic", "per-t
 edges = torch.linspace(-6, 1, 71)                                   # log10 of the relative error
 centers = 10 ** ((edges[1:] + edges[:-1]) / 2)
 fig = go.Figure()
-rows = []
+rows, spikes = [], []
 for mname, blocking in combos:
     code = dynamic_map(True) if mname == "dynamic" else linear_map(True)
     bs = 256 if blocking == "block-wise" else m.numel()
     err = study.relative_errors(m, code, bs)
     counts = torch.histogram(err.clamp(1e-6, 9.99).log10(), bins=edges).hist
-    fig.add_scatter(x=centers.tolist(), y=(100 * counts / err.numel()).tolist(),
+    share = (100 * counts / err.numel()).tolist()                   # % of the elements per bin
+    fig.add_scatter(x=centers.tolist(), y=[p if p > 0 else None for p in share],  # log y: no 0
                     mode="lines", line_shape="hvh", name=f"{mname}, {blocking}")
+    zeroed = 100 * (err == 1).float().mean().item()       # x̂ = 0: relative error exactly 1
+    if zeroed >= 1:
+        spikes.append((zeroed, f"{mname}, {blocking}"))
     abs_err, rel_err = study.quant_error(m, code, bs)
     rows.append({"map": mname, "blocking": blocking, "mean|err|/mean|x|": round(abs_err, 5),
                  "mean relative error": round(rel_err, 4),
                  "share with error >= 50%": round((err >= 0.5).float().mean().item(), 4)})
 fig.update_layout(template="plotly_white", height=400,
-                  title="Relative quantization error of Adam's first moment (per element)",
-                  xaxis=dict(title="relative error |x̂ − x| / |x| (log scale)", type="log"),
-                  yaxis=dict(title="elements (%)"))
+                  title=dict(text="<b>Relative quantization error of Adam's first moment</b> · "
+                             "per element", x=0.01),
+                  xaxis=dict(title="relative error |x̂ − x| / |x| (log scale)", type="log",
+                             exponentformat="power"),
+                  yaxis=dict(title="elements (%, log scale)", type="log",
+                             exponentformat="power"),
+                  legend=dict(orientation="h", yanchor="bottom", y=1.02, x=0),
+                  margin=dict(t=90))
+if spikes:   # the spike at error 1 is values rounded to zero: say so where it is
+    zeroed, who = max(spikes)
+    fig.add_annotation(x=0, y=math.log10(zeroed), xref="x", yref="y",   # log axes: log10 units
+                       text=f"{who}: {zeroed:.0f} % rounded to 0", showarrow=True, ax=-90,
+                       ay=10, font=dict(size=11), bgcolor="rgba(255,255,255,0.8)")
 fig
 
 # %%
@@ -194,7 +222,8 @@ for name in dict.fromkeys(r["subject"] for r in drift):
     fig.add_scatter(x=[r["sigma"] for r in rs], y=[r["value"] for r in rs],
                     mode="lines+markers", name="memlab Adam8bit" if name == "adam8bit" else name)
 fig.update_layout(template="plotly_white", height=380,
-                  title=f"Distance to fp32 Adam after {drift_steps} steps ({drift_numel:,} elements)",
+                  title=dict(text=f"<b>Distance to fp32 Adam</b> · after {drift_steps} steps, "
+                             f"{drift_numel:,} elements", x=0.01),
                   xaxis=dict(title="spread of per-element gradient scales σ (log-normal)"),
                   yaxis=dict(title="‖p − p_fp32‖ / ‖p_fp32 − p₀‖", rangemode="tozero"))
 fig
@@ -218,14 +247,21 @@ print(format_table(mem))
 
 # %%
 fig = go.Figure()
-fig.add_bar(x=[r["optimizer"] for r in mem], y=[r["bytes_per_param"] for r in mem],
-            text=[f"{r['bytes_per_param']:.2f}" for r in mem], textposition="outside",
-            marker_color=["#9e9e9e", "#2e7d32", "#9e9e9e", "#2e7d32"], name="after the step")
-fig.update_layout(template="plotly_white", height=380,
-                  title=f"Optimizer state per parameter ({mem[0]['params']:,} parameters, "
-                        "measured with MemoryMeter)",
-                  xaxis=dict(title="optimizer"),
-                  yaxis=dict(title="optimizer state (bytes / parameter)", rangemode="tozero"))
+for eight_bit, name, color in ((False, "fp32 state (torch.optim)", "#9e9e9e"),
+                               (True, "8-bit state (memlab)", "#2e7d32")):
+    rs = [r for r in mem if ("8bit" in r["optimizer"]) == eight_bit]
+    fig.add_bar(x=[r["optimizer"] for r in rs], y=[r["bytes_per_param"] for r in rs],
+                text=[f"{r['bytes_per_param']:.2f}" for r in rs], textposition="outside",
+                marker_color=color, name=name)
+fig.update_layout(template="plotly_white", height=380, barmode="overlay",
+                  title=dict(text="<b>Optimizer state per parameter</b> · "
+                             f"{mem[0]['params']:,} parameters, measured with MemoryMeter",
+                             x=0.01),
+                  xaxis=dict(title="optimizer", type="category",
+                             categoryorder="array", categoryarray=[r["optimizer"] for r in mem]),
+                  yaxis=dict(title="optimizer state (bytes / parameter)", rangemode="tozero"),
+                  legend=dict(orientation="h", yanchor="bottom", y=1.02, x=0),
+                  margin=dict(t=90))
 fig
 
 # %% [markdown]
@@ -286,7 +322,7 @@ for name, records in runs.items():
 # 3. **SGD too.** Run the dashboard with `sgd` and `sgd8bit` (`lab.run(block=True,
 #    optimizer="sgd8bit")`). Is the saving in bytes the same as for Adam? As a fraction of the
 #    total peak?
-# 4. **When is it worth it?** Use `lab.set(batch_size=...)` (or `memlab.widgets.sweep`) to find
+# 4. **When is it worth it?** Use `lab.set(batch_size=...)` (or `memlab.ui.measure.sweep`) to find
 #    the batch size at which the optimizer state is less than 10 % of the peak with Adam. What
 #    dominates then, and which notebook's technique addresses it?
 # 5. **Within noise?** Run `memlab compare --task speaker --optimizer adam,adam8bit` with two

@@ -1,4 +1,12 @@
-"""Source of notebooks/03_samplewise_transducer.ipynb (build with python tools/make_notebook.py)."""
+# ---
+# jupyter:
+#   kernelspec:
+#     display_name: Python 3 (ipykernel)
+#     language: python
+#     name: python3
+#   language_info:
+#     name: python
+# ---
 
 # %% [markdown]
 # # 03 · The sample-wise transducer loss
@@ -38,9 +46,9 @@
 # too short to learn anything: read section 5 from a full run.
 
 # %% tags=["parameters"]
-import os
+from memlab import fast_mode
 
-FAST = os.environ.get("MEMLAB_FAST") == "1"
+FAST = fast_mode()                      # MEMLAB_FAST=1: tiny sizes (tests, CI)
 LATTICE_T, LATTICE_U, LATTICE_V = 12, 4, 6      # the tiny example of section 1
 CALC_START = (32, 8.0, 512)                     # calculator: batch, seconds, vocabulary
 BENCH_BATCH = 4 if FAST else 32                 # section 3: the loss step alone
@@ -63,13 +71,14 @@ from IPython.display import HTML, display
 from plotly.subplots import make_subplots
 
 from memlab.bench import transducer as bench
-from memlab.cli import format_table
 from memlab.lab import Config
 from memlab.memory import MemoryMeter, format_bytes
+from memlab.report import format_table
 from memlab.transducer import (chunk_bytes, plan_chunks, rnnt_forward_variables,
                                rnnt_loss_batched, rnnt_loss_reference)
-from memlab.widgets import (MemoryLab, breakdown_figure, log_range, measure_step,
-                            reference_line, sweep, timeline_figure)
+from memlab.ui.figures import breakdown_figure, log_range, reference_line, timeline_figure
+from memlab.ui.measure import measure_step, sweep
+from memlab.widgets import MemoryLab
 
 torch.manual_seed(0)
 GB = 1e9

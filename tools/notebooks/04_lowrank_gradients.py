@@ -1,4 +1,12 @@
-"""Source of notebooks/04_lowrank_gradients.ipynb (build with python tools/make_notebook.py)."""
+# ---
+# jupyter:
+#   kernelspec:
+#     display_name: Python 3 (ipykernel)
+#     language: python
+#     name: python3
+#   language_info:
+#     name: python
+# ---
 
 # %% [markdown]
 # # 04 · Low-rank gradients: personalizing an ASR model with less memory
@@ -30,9 +38,9 @@
 # to mean much, so read the figures from a full run.
 
 # %% tags=["parameters"]
-import os
+from memlab import fast_mode
 
-FAST = os.environ.get("MEMLAB_FAST") == "1"
+FAST = fast_mode()                      # MEMLAB_FAST=1: tiny sizes (tests, CI)
 SPECTRUM_BATCH = 4 if FAST else 16      # utterances in the backward pass of section 1
 M, N = (256, 512) if FAST else (1024, 1024)   # the weight matrix of section 2
 RANKS = [1, 4, 16, 64] if FAST else [1, 2, 4, 8, 16, 32, 64, 128, 256]
@@ -46,9 +54,10 @@ import torch
 import plotly.graph_objects as go
 
 from memlab.bench import lowrank as study
-from memlab.cli import format_table
 from memlab.memory import format_bytes
-from memlab.widgets import MemoryLab, breakdown_figure, reference_line, run_summary
+from memlab.report import format_table, run_summary
+from memlab.ui.figures import breakdown_figure, reference_line
+from memlab.widgets import MemoryLab
 
 torch.manual_seed(0)
 
