@@ -19,7 +19,16 @@ product is rounded on its own (``-ffp-contract=off``, explicit ``fmaf`` where to
 Quantize by dividing by the block's absmax (1 for an all-zero block) and rounding to the nearest
 code with the same 16-bit table + one comparison as :class:`memlab.quant._Codebook` (ties go to
 the lower code); a positive second moment never gets the zero code (see :mod:`memlab.quant`).
-A NaN anywhere in a block makes that block's absmax NaN, like ``torch.amax``. Splitting a tensor
+A NaN anywhere in a block makes that block's absmax NaN, like ``torch.amax``.
+
+With AVX-512 (F/BW/DQ/VBMI, from ``-march=native``) blocks run 16 lanes at a time: decode looks
+up 64 codes per step in the value table's four byte planes (``vpermi2b``, no gather); the update
+is the same operations in vector form; encode gathers one entry per value from a compact table
+(:func:`enc_table`, ~12 KB per sign, L1-resident, equivalent to the 16-bit tables: checked on
+every float in [-1, 1] of both maps). Blocks with a non-finite absmax, a length that is not a
+multiple of 64/16, or maps the compact table cannot hold take the scalar code. Measured (AMD
+EPYC Zen 4, 1 thread, CPU time of one 4.18 M tensor): Adam 25.0 -> 7.5 ms, SGD 7.0 -> 3.5 ms;
+torch fused Adam 3.0, SGD 2.1: the gathers of the encode are what is left. Splitting a tensor
 across threads (whole blocks each) gives the same bits as one thread.
 
 Building: ``cc -O3 -march=native -ffp-contract=off -shared -fPIC`` (``$CC`` if set) into
