@@ -7,7 +7,8 @@ the benches ask the task instead of branching on its name:
 
 * ``SpeakerTask`` ("speaker"): ResNet / DF-ResNet embedding + AAM-softmax on synthetic speakers;
   accuracy on held-out utterances, EER and minDCF on unseen speakers.
-* ``AsrTask`` ("asr"): a small Transducer on synthetic token utterances; token error rate.
+* ``AsrTask`` ("asr"): a small Transducer on synthetic token utterances (``TokenCorpus``, or
+  ``SyllableCorpus`` for vocabularies of hundreds: ``asr_corpus``); token error rate.
 
 Batches: ``(feats, lengths, labels)`` (speaker) and ``(feats, feat_lengths, targets,
 target_lengths)`` (asr) from the data; ``random_batch`` gives the same shapes filled with noise
@@ -60,13 +61,39 @@ def speaker_data(num_speakers, utts, eval_speakers, seconds, seed):
     return materialise(train), materialise(heldout), materialise(unseen)
 
 
+# the ASR corpora: "tokens" (memlab.data.TokenCorpus: up to 63 distinct sounds, 3-8 per
+# utterance) and "syllables" (memlab.data.SyllableCorpus: up to 320 onset x nucleus syllables,
+# utterances of Config.seconds)
+ASR_CORPORA = ("tokens", "syllables")
+
+
+def asr_corpus(cfg) -> str:
+    """The ASR corpus a Config trains on: ``cfg.corpus`` when the Config has that field, else
+    "syllables" for a vocabulary larger than TokenCorpus's (64) and "tokens" otherwise."""
+    from memlab.data.synth import MAX_VOCAB_SIZE
+    name = getattr(cfg, "corpus", None)
+    if name is None:
+        return "syllables" if cfg.vocab_size > MAX_VOCAB_SIZE else "tokens"
+    if name not in ASR_CORPORA:
+        raise ValueError(f"corpus must be one of {ASR_CORPORA}, got {name!r}")
+    return name
+
+
 @functools.lru_cache(maxsize=8)
-def asr_data(num_utts, eval_utts, vocab_size, seed, speaker=None):
-    """Train / test utterances of the default speakers, or (speaker=id) of that one speaker."""
-    from memlab.data import TokenCorpus
+def asr_data(num_utts, eval_utts, vocab_size, seed, speaker=None, corpus="tokens",
+             seconds=4.0):
+    """Train / test utterances of the default speakers, or (speaker=id) of that one speaker;
+    ``corpus`` one of ``ASR_CORPORA`` (``seconds``: utterance length of "syllables")."""
+    from memlab.data import SyllableCorpus, TokenCorpus
     who = {} if speaker is None else {"speaker_offset": speaker, "num_speakers": 1}
-    train = TokenCorpus(num_utts, vocab_size=vocab_size, seed=seed, **who)
-    test = TokenCorpus(eval_utts, vocab_size=vocab_size, seed=seed + 104729, **who)
+    if corpus == "syllables":
+        make = functools.partial(SyllableCorpus, vocab_size=vocab_size, seconds=seconds, **who)
+    elif corpus == "tokens":
+        make = functools.partial(TokenCorpus, vocab_size=vocab_size, **who)
+    else:
+        raise ValueError(f"corpus must be one of {ASR_CORPORA}, got {corpus!r}")
+    train = make(num_utts, seed=seed)
+    test = make(eval_utts, seed=seed + 104729)
     return materialise(train), materialise(test)
 
 
@@ -262,8 +289,9 @@ class AsrTask(Task):
 
     def data(self, cfg) -> TaskData:
         from memlab.data import collate_asr
+        corpus = asr_corpus(cfg)
         train, test = asr_data(cfg.num_utts, cfg.eval_utts, cfg.vocab_size, cfg.seed,
-                               cfg.adapt_speaker)
+                               cfg.adapt_speaker, corpus, float(cfg.seconds))
         if cfg.dev_fold is not None:      # choose hyper-parameters without the test split
             train, test = dev_split(train, cfg.dev_fold)
         return TaskData(train, {"test": test}, collate_asr)
@@ -294,8 +322,18 @@ class AsrTask(Task):
         return (feats, torch.full((batch_size,), frames, dtype=torch.long, device=device),
                 targets, torch.full((batch_size,), U, dtype=torch.long, device=device))
 
+    def validate(self, cfg):
+        from memlab.data.syllables import MAX_SYLLABLE_VOCAB
+        if asr_corpus(cfg) == "syllables" and cfg.vocab_size > MAX_SYLLABLE_VOCAB:
+            raise ValueError(f"vocab_size must be <= {MAX_SYLLABLE_VOCAB} (the syllable "
+                             f"corpus's 320 syllables + blank), got {cfg.vocab_size}")
+
     def corpus(self, num_speakers, utts, seconds, vocab_size, seed):
-        from memlab.data import TokenCorpus
+        from memlab.data import SyllableCorpus, TokenCorpus
+        from memlab.data.synth import MAX_VOCAB_SIZE
+        if vocab_size > MAX_VOCAB_SIZE:          # more tokens than distinct sounds: syllables
+            return SyllableCorpus(utts * num_speakers, vocab_size=vocab_size, seconds=seconds,
+                                  seed=seed)
         return TokenCorpus(utts * num_speakers, vocab_size=vocab_size, seed=seed)
 
 
