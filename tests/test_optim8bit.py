@@ -468,6 +468,9 @@ def test_bench_optim_rows():
     assert {(r["subject"], r["sigma"]) for r in drift} >= {
         ("adam8bit", 0.5), ("adam8bit", 1.5), ("adam8bit-eager", 1.5)}
     assert all(r["zero_fraction"] == 0 for r in drift if r["subject"].startswith("adam8bit"))
+    four = [r for r in rows if r["measure"] == "state_bytes_per_param" and r["subject"] == "adam4bit"]
+    assert four and four[0]["value"] <= 1.07                   # 4-bit Adam: <= 1.07 B/param
+    assert all(r["zero_fraction"] == 0 for r in drift if r["subject"] == "adam4bit")
 
 
 @pytest.mark.parametrize("make", [

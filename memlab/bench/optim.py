@@ -230,6 +230,9 @@ def _stored_second_moment(opt, p) -> Optional[torch.Tensor]:
     """Adam's second moment as the optimizer stores it (dequantized), for memlab's 8-bit
     optimizers, bitsandbytes' (``state2``/``absmax2``/``qmap2``) and fp32 ones; else None."""
     st = opt.state[p]
+    if "exp_avg_sq_q4" in st:                                             # memlab 4-bit
+        from memlab.optim4bit import stored_moments
+        return stored_moments(opt, p)[1].reshape(-1)
     if "exp_avg_sq_codes" in st:
         from memlab.quant import QTensor
         return QTensor(st["exp_avg_sq_codes"], st["exp_avg_sq_absmax"], p.shape, False,
@@ -405,6 +408,38 @@ def step_times(fast: bool = False, repeats: Optional[int] = None,
         torch.set_num_threads(before)
 
 
+def four_bit_rows(fast: bool = False) -> List[dict]:
+    """4-bit Adam (memlab.optim4bit, Li et al. 2023) beside 8-bit and fp32: state bytes per
+    parameter on the ``_shapes`` parameters, round-trip errors of Adam-like states
+    (memlab.quant4.error_rows) and the drift to fp32 Adam on heavy-tailed gradients."""
+    from memlab.optim4bit import Adam4bit
+    from memlab.quant4 import error_rows as error_rows_4bit
+    shapes = _shapes(fast)
+    rows = []
+    bpp = {}
+    for name, make in (("adam", lambda ps: torch.optim.Adam(ps, lr=1e-3)),
+                       ("adam8bit", lambda ps: Adam8bit(ps, lr=1e-3)),
+                       ("adam4bit", lambda ps: Adam4bit(ps, lr=1e-3))):
+        ps = _params(shapes)
+        opt = make(ps)
+        opt.step()
+        bpp[name] = state_bytes_per_param(opt, ps)
+    for name in ("adam8bit", "adam4bit"):
+        rows.append(dict(measure="state_bytes_per_param", subject=name, value=round(bpp[name], 4),
+                         unit="B/param", reference="adam", reference_value=round(bpp["adam"], 4),
+                         ratio=round(bpp[name] / bpp["adam"], 4)))
+    n = 2 ** 14 if fast else 2 ** 18
+    rows += [dict(r, subject=f"4bit: {r.get('subject')}") for r in
+             error_rows_4bit(*adam_like_states(n))]
+    for sigma in (0.5, 1.5):
+        d = drift_to_fp32(lambda ps: Adam4bit(ps, lr=1e-3, min_4bit_size=0), sigma=sigma, n=n,
+                          steps=10 if fast else 50)
+        rows.append(dict(measure="drift_to_fp32", subject="adam4bit", sigma=sigma,
+                         value=round(d["distance"], 4), unit="|p-p32|/|dp32|",
+                         zero_fraction=d["zero_fraction"], numel=n))
+    return rows
+
+
 def run(fast: bool = False, repeats: Optional[int] = None,
         threads: Optional[int] = None) -> List[dict]:
     """All rows: state bytes/param, step time vs torch (fused, foreach beside),
@@ -413,7 +448,7 @@ def run(fast: bool = False, repeats: Optional[int] = None,
     drift = drift_rows(sigmas=(0.5, 1.5) if fast else (0.5, 1.0, 1.5, 2.0),
                        n=2 ** 16 if fast else 2 ** 20, steps=20 if fast else 50)
     return (_memory_rows(_shapes(fast)) + times + error_rows(2 ** 16 if fast else 2 ** 20)
-            + drift)
+            + drift + four_bit_rows(fast))
 
 
 if __name__ == "__main__":  # pragma: no cover
