@@ -169,8 +169,10 @@ def check_memory(cfgs) -> None:
                              f"--batch-size, or pass --force to run anyway")
 
 
-def _run_one(cfg, index: int, total: int, progress: bool = True) -> Dict[str, Any]:
-    """Train one Config; its summary row."""
+def _run_one(cfg, index: int, total: int, progress: bool = True,
+             keep: Optional[list] = None) -> Dict[str, Any]:
+    """Train one Config; its summary row. ``keep``: a list to append ``(cfg, records)`` to
+    (for ``--plot``)."""
     from memlab.lab import Experiment, peak_record
 
     exp = Experiment(cfg)
@@ -187,6 +189,8 @@ def _run_one(cfg, index: int, total: int, progress: bool = True) -> Dict[str, An
     finally:
         if bar is not None:
             bar.close()
+    if keep is not None:
+        keep.append((cfg, exp.records))
     recs = [r for r in exp.records if r.step > 0]
     metered = [r for r in recs if r.metered]
     peak_rec = peak_record(recs)          # the highest metered peak, the latest on ties
@@ -249,10 +253,13 @@ def _cmd_compare(args) -> int:
         cfgs = compare_configs(args.task, overrides, choices=choices)
     if not args.force:
         check_memory(cfgs)
+    if args.plot:
+        _check_writable(args.plot, "--plot")   # before runs that may take minutes
     rows: List[Dict[str, Any]] = []
+    kept: List[Any] = []                       # (cfg, records) of each run, for --plot
     try:
         for i, cfg in enumerate(cfgs):
-            rows.append(_run_one(cfg, i, len(cfgs), progress=not args.json))
+            rows.append(_run_one(cfg, i, len(cfgs), progress=not args.json, keep=kept))
     except KeyboardInterrupt:
         _print_rows(rows, args.task, args.json)
         print(f"memlab compare: interrupted after {len(rows)} of {len(cfgs)} runs",
@@ -268,6 +275,10 @@ def _cmd_compare(args) -> int:
     _print_rows(rows, args.task, args.json)
     if scenario is not None and not args.json:   # ... and at its full-size twin
         print("\n" + scenarios.report(scenario, rows, cfgs))
+    if args.plot:
+        from memlab import plots
+        plots.write_compare_html(args.plot, kept, rows, args.task)
+        print(f"memlab compare: wrote {args.plot}", file=sys.stderr)
     return 0
 
 
@@ -277,17 +288,17 @@ def _cmd_plan(args) -> int:
 
 
 # ----------------------------------------------------------------------------- bench
-def _check_writable(path: str) -> None:
+def _check_writable(path: str, flag: str = "--out") -> None:
     """Raise ValueError unless ``path`` can be written as a file (leaves nothing behind)."""
     p = Path(path)
     if p.is_dir():
-        raise ValueError(f"--out must name a file, got the folder {path!r}")
+        raise ValueError(f"{flag} must name a file, got the folder {path!r}")
     existed = p.exists()
     try:
         with open(p, "a"):
             pass
     except OSError as e:
-        raise ValueError(f"--out {path!r} cannot be written ({e.strerror or e})") from None
+        raise ValueError(f"{flag} {path!r} cannot be written ({e.strerror or e})") from None
     if not existed:
         p.unlink()
 
@@ -310,6 +321,8 @@ def _cmd_bench(args) -> int:
         kwargs["preset"] = args.preset
     if args.out:
         _check_writable(args.out)  # before a benchmark that may take minutes
+    if args.plot:
+        _check_writable(args.plot, "--plot")
     rows = mod.run(fast=fast, **kwargs)
     if args.json:
         print(json.dumps(rows, indent=2, default=str))
@@ -323,6 +336,11 @@ def _cmd_bench(args) -> int:
             print(f"memlab bench: error: could not write --out {args.out!r} "
                   f"({e.strerror or e})", file=sys.stderr)
             return 1
+    if args.plot:
+        from memlab import plots
+        plots.write_html(plots.bench_figures(args.name, rows), args.plot,
+                         title=f"memlab bench {args.name}", text=format_table(rows))
+        print(f"memlab bench: wrote {args.plot}", file=sys.stderr)
     return 0
 
 
@@ -375,8 +393,68 @@ def lab_launch(dest: Path, port: int, token: str, private_dir: Path,
     return cmd, env
 
 
+APP_NOTEBOOK = "memlab_app.ipynb"
+APP_SOURCE = ("from memlab.widgets import MemoryLab\n"
+              "lab = MemoryLab(task=\"speaker\")\n"
+              "lab.show()")
+
+
+def app_launch(port: int, token: str, private_dir: Path) -> Tuple[List[str], Dict[str, str],
+                                                                  Path]:
+    """``memlab lab --app``: the Voila command serving the dashboard alone, its environment and
+    working folder (``private_dir``, 0700). The token is in ``private_dir/voila.json`` (0600;
+    Voila reads voila.json from its working folder first), not on the command line."""
+    private_dir = Path(private_dir)
+    nb = {"cells": [{"cell_type": "code", "execution_count": None, "id": "memlab-app",
+                     "metadata": {}, "outputs": [], "source": APP_SOURCE}],
+          "metadata": {"kernelspec": {"display_name": "Python 3", "language": "python",
+                                      "name": "python3"}},
+          "nbformat": 4, "nbformat_minor": 5}
+    for name, body in ((APP_NOTEBOOK, nb), ("voila.json", {"Voila": {"token": token}})):
+        fd = os.open(private_dir / name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump(body, f)
+    env = dict(os.environ)
+    env.pop("JUPYTER_TOKEN", None)
+    env["JUPYTER_CONFIG_PATH"] = os.pathsep.join(
+        [str(private_dir)] + [p for p in os.environ.get("JUPYTER_CONFIG_PATH", "").split(
+            os.pathsep) if p])
+    cmd = [sys.executable, "-m", "voila", str(private_dir / APP_NOTEBOOK), "--no-browser",
+           "--Voila.ip=127.0.0.1", f"--port={port}", "--Voila.port_retries=0"]
+    return cmd, env, private_dir
+
+
+def _cmd_app(args) -> int:
+    import tempfile
+    try:
+        import voila  # noqa: F401
+    except ImportError:
+        print('memlab lab: error: Voila is not installed: pip install "memlab[lab]"',
+              file=sys.stderr)
+        return 2
+    if not 1 <= args.port <= 65535:
+        raise ValueError(f"port must be between 1 and 65535, got {args.port}")
+    token = secrets.token_hex(24)
+    private = Path(tempfile.mkdtemp(prefix="memlab-app-"))  # 0700, removed when it stops
+    try:
+        cmd, env, cwd = app_launch(args.port, token, private)
+        print(f"memlab lab: the dashboard as a web app (Ctrl+C stops the server):\n"
+              f"  http://127.0.0.1:{args.port}/?token={token}", flush=True)
+        if args.dry_run:
+            print(" ".join(cmd))
+            return 0
+        try:
+            return subprocess.call(cmd, env=env, cwd=cwd)
+        except KeyboardInterrupt:
+            return 0
+    finally:
+        shutil.rmtree(private, ignore_errors=True)
+
+
 def _cmd_lab(args) -> int:
     import tempfile
+    if getattr(args, "app", False):
+        return _cmd_app(args)
     try:
         import jupyterlab  # noqa: F401
     except ImportError:
@@ -487,6 +565,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--seed", type=int)
     c.add_argument("--device", help="cpu (default) or cuda")
     c.add_argument("--json", action="store_true", help="print JSON rows instead of a table")
+    c.add_argument("--plot", metavar="FILE", help="also write the dashboard's figures (peak "
+                   "breakdown, timeline, loss and metric curves) to a standalone offline HTML file")
     c.add_argument("--force", action="store_true",
                    help="run even when the estimated peak exceeds the memory available now")
     c.set_defaults(func=_cmd_compare)
@@ -512,6 +592,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--preset", help="a named workload (transducer: paper)")
     b.add_argument("--json", action="store_true", help="print JSON rows instead of a table")
     b.add_argument("--out", help="also write the JSON rows to this file")
+    b.add_argument("--plot", metavar="FILE", help="also write a plot of the rows to a "
+                   "standalone offline HTML file")
     b.set_defaults(func=_cmd_bench)
 
     l = sub.add_parser("lab", help="start JupyterLab on the tutorials (localhost, token on)",
@@ -522,6 +604,8 @@ def build_parser() -> argparse.ArgumentParser:
     l.add_argument("--port", type=int, default=8888)
     l.add_argument("--no-browser", action="store_true", help="do not open a browser")
     l.add_argument("--overwrite", action="store_true", help="refresh tutorials in --dir")
+    l.add_argument("--app", action="store_true", help="serve the dashboard alone as a web app "
+                   "(Voila) instead of JupyterLab, e.g. for a classroom")
     l.add_argument("--dry-run", action="store_true", help=argparse.SUPPRESS)
     l.set_defaults(func=_cmd_lab)
 
