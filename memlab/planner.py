@@ -338,10 +338,7 @@ def config_from_args(args):
              if getattr(args, k, None) is not None}
     if args.scenario is not None:
         from memlab import scenarios
-        s = scenarios.get(args.scenario)
-        if args.task is not None and args.task != s.task:
-            raise ValueError(f"task: scenario {args.scenario!r} is a {s.task} scenario, got "
-                             f"--task {args.task}")
+        s = scenarios.check_task(args.scenario, args.task)
         if args.full_size:
             if s.twin is None:
                 raise ValueError(f"full_size: scenario {args.scenario!r} has no full-size twin "

@@ -85,6 +85,14 @@ def get(name: str) -> Scenario:
     return _SCENARIOS[name]
 
 
+def check_task(name: str, task: Optional[str]) -> Scenario:
+    """The scenario ``name``, refusing a ``--task`` that contradicts it (None: any)."""
+    from memlab import tasks
+    s = get(name)
+    tasks.require_same(task, s.task, name)
+    return s
+
+
 def _fast(fast: Optional[bool]) -> bool:
     return fast_mode() if fast is None else bool(fast)
 

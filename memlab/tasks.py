@@ -32,6 +32,13 @@ FAST = dict(steps=6, eval_every=3, measure_every=3, num_speakers=6, utts_per_spe
             eval_speakers=4, seconds=1.0, num_utts=24, eval_utts=6, batch_size=4)
 
 
+def require_same(given: Optional[str], expected: str, name: str, kind: str = "scenario") -> None:
+    """Refuse a user's ``--task`` (``given``; None: not given) that contradicts the ``kind``
+    ``name`` (e.g. scenario 'deep-speaker', a speaker scenario)."""
+    if given is not None and given != expected:
+        raise ValueError(f"task: {kind} {name!r} is a {expected} {kind}, got --task {given}")
+
+
 # ----------------------------------------------------------------------------- data helpers
 def materialise(ds) -> List[dict]:
     return [ds[i] for i in range(len(ds))]
@@ -289,6 +296,7 @@ class AsrTask(Task):
 
     def data(self, cfg) -> TaskData:
         from memlab.data import collate_asr
+        self._check_corpus(cfg)
         corpus = asr_corpus(cfg)
         train, test = asr_data(cfg.num_utts, cfg.eval_utts, cfg.vocab_size, cfg.seed,
                                cfg.adapt_speaker, corpus, float(cfg.seconds))
@@ -322,11 +330,14 @@ class AsrTask(Task):
         return (feats, torch.full((batch_size,), frames, dtype=torch.long, device=device),
                 targets, torch.full((batch_size,), U, dtype=torch.long, device=device))
 
-    def validate(self, cfg):
+    @staticmethod
+    def _check_corpus(cfg):
+        """Only where data is built: a model (estimate, random batches) may be larger than the
+        synthetic corpora's vocabulary."""
         from memlab.data.syllables import MAX_SYLLABLE_VOCAB
         if asr_corpus(cfg) == "syllables" and cfg.vocab_size > MAX_SYLLABLE_VOCAB:
-            raise ValueError(f"vocab_size must be <= {MAX_SYLLABLE_VOCAB} (the syllable "
-                             f"corpus's 320 syllables + blank), got {cfg.vocab_size}")
+            raise ValueError(f"vocab_size must be <= {MAX_SYLLABLE_VOCAB} to train on the "
+                             f"syllable corpus (320 syllables + blank), got {cfg.vocab_size}")
 
     def corpus(self, num_speakers, utts, seconds, vocab_size, seed):
         from memlab.data import SyllableCorpus, TokenCorpus

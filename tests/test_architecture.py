@@ -2,6 +2,7 @@
 shows up in Config validation, Experiment runs, estimate_config and `memlab compare`; tasks own
 every per-task branch; one training step, random batch, peak rule and fast_mode."""
 
+import math
 import re
 from pathlib import Path
 
@@ -196,3 +197,15 @@ def test_owned_modules_stay_small():
              "bench/lowrank.py", *(f"models/{p.name}" for p in (ROOT / "models").glob("*.py"))]
     sizes = {m: len((ROOT / m).read_text().splitlines()) for m in owned}
     assert max(sizes.values()) <= 620, sizes
+
+
+def test_beyond_the_seeds_are_registered_and_train(one_thread):
+    """4-bit Adam and the pruned losses: registered once, they train through the one step."""
+    from memlab import techniques as tech
+    from memlab.lab import Config, Experiment
+    assert {"adam4bit", "adamw4bit"} <= set(tech.names("optimizer", "speaker"))
+    assert {"pruned", "samplewise-pruned"} <= set(tech.names("loss", "asr"))
+    for loss in ("pruned", "samplewise-pruned"):
+        cfg = Config.for_task("asr", loss=loss, optimizer="adam4bit", steps=2, eval_every=2)
+        recs = list(Experiment(cfg).run())
+        assert recs[-1].final and math.isfinite(recs[-1].loss) and "ter" in recs[-1].metrics

@@ -30,7 +30,11 @@ _memory("reversible-full", "fully reversible: reversible blocks and invertible d
 for _name, _description in (
         ("batched", "torchaudio rnnt_loss on the whole B x T x (U+1) x V tensor"),
         ("samplewise", "loss and joiner gradient one sample (or small group) at a time "
-                       "(Braun et al. 2022)")):
+                       "(Braun et al. 2022)"),
+        ("pruned", "pruned RNN-T: a simple additive joint bounds the lattice, the joiner runs "
+                   "on prune_range symbols per frame (Kuang et al. 2022)"),
+        ("samplewise-pruned", "the pruned band computed one sample (or small group) at a "
+                              "time: neither 4-D tensor exists for the whole batch")):
     register("loss", _name, description=_description, tasks=("asr",),
              model_args={"asr": {"loss": _name}})
 
@@ -89,6 +93,19 @@ def _adam8bit(model, lr, weight_decay=0.0, **kw):
 def _adamw8bit(model, lr, weight_decay=0.0, **kw):
     from memlab.optim import AdamW8bit
     return AdamW8bit(model.parameters(), lr=lr, weight_decay=weight_decay, **kw)
+
+
+@optimizer("adam4bit", description="Adam with 4-bit states: signed DE first moment, zero-free "
+           "linear second moment, rank-1 scales (Li et al. 2023; ~1.05 B/param)", **_ADAM_LRS)
+def _adam4bit(model, lr, weight_decay=0.0, **kw):
+    from memlab.optim4bit import Adam4bit
+    return Adam4bit(model.parameters(), lr=lr, weight_decay=weight_decay, **kw)
+
+
+@optimizer("adamw4bit", description="AdamW with 4-bit states (Li et al. 2023)", **_ADAM_LRS)
+def _adamw4bit(model, lr, weight_decay=0.0, **kw):
+    from memlab.optim4bit import AdamW4bit
+    return AdamW4bit(model.parameters(), lr=lr, weight_decay=weight_decay, **kw)
 
 
 @optimizer("lowrank-adam", description="Adam on rank-r gradient factors of weight matrices "
