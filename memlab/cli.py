@@ -175,6 +175,9 @@ def _run_one(cfg, index: int, total: int, progress: bool = True,
     (for ``--plot``)."""
     from memlab.lab import Experiment, peak_record
 
+    from memlab import parallel
+    if parallel.launches(cfg):            # --nproc N: N local ranks train it, rank 0's row
+        return parallel.run_one(cfg, index, total, progress)
     exp = Experiment(cfg)
     bar = _progress(cfg.steps, f"[{index + 1}/{total}] {cfg.label}") if progress else None
     untrained = None
@@ -207,6 +210,8 @@ def _run_one(cfg, index: int, total: int, progress: bool = True,
         for k, v in untrained.items():
             row[f"untrained_{k}"] = v
     row["config"] = {k: v for k, v in vars(cfg).items() if k != "optimizer_kwargs"}
+    if cfg.parallel != "none":            # the mode in the label, every rank's peak
+        row = parallel.summarize(row, recs)
     return row
 
 
@@ -227,6 +232,8 @@ def _print_rows(rows, task: str, as_json: bool) -> None:
     t = tasks.get(task)
     metric_cols = [c for c in (*t.metrics, f"untrained_{t.headline}") if c in rows[0]]
     cols = ["run", "peak", *CATEGORIES, "step_s", "final_loss", *metric_cols]
+    if any("rank_peaks" in r for r in rows):      # --nproc N: each rank's own peak
+        cols.insert(2, "rank_peaks")
     print(format_table(rows, cols))
     print("\n" + t.note)
 
@@ -234,10 +241,12 @@ def _print_rows(rows, task: str, as_json: bool) -> None:
 def _cmd_compare(args) -> int:
     overrides: Dict[str, Any] = {}
     for name in ("steps", "batch_size", "depth", "width", "seed", "device", "model", "lr",
-                 "eval_every"):
+                 "eval_every", "nproc", "parallel", "sync_bn"):
         v = getattr(args, name)
         if v is not None:
             overrides[name] = v
+    if overrides.get("nproc", 1) > 1 and "parallel" not in overrides:
+        overrides["parallel"] = "ddp"
     # every combination is validated (and its memory checked) before the first run starts
     choices = {kind: getattr(args, _kind_option(kind)) for kind in tech.kinds()}
     scenario = getattr(args, "scenario", None)
@@ -564,6 +573,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--eval-every", dest="eval_every", type=int, help="steps between evaluations")
     c.add_argument("--seed", type=int)
     c.add_argument("--device", help="cpu (default) or cuda")
+    c.add_argument("--nproc", type=int, help="data-parallel ranks (gloo on CPU, NCCL on CUDA): "
+                   "the global --batch-size split across them (default 1)")
+    c.add_argument("--parallel", choices=("ddp", "fsdp2"),
+                   help="data-parallel mode with --nproc (default: ddp)")
+    c.add_argument("--sync-bn", dest="sync_bn", action="store_const", const=True,
+                   help="with --parallel: BatchNorm statistics of the global batch")
     c.add_argument("--json", action="store_true", help="print JSON rows instead of a table")
     c.add_argument("--plot", metavar="FILE", help="also write the dashboard's figures (peak "
                    "breakdown, timeline, loss and metric curves) to a standalone offline HTML file")

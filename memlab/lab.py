@@ -99,6 +99,11 @@ class Config:
     techniques: Dict[str, str] = field(default_factory=dict)
     dev_fold: Optional[int] = None    # asr: train on 3/4 of the training split, evaluate on
     #                                   quarter dev_fold % 4 of it (choosing without the test set)
+    # data-parallel runs (memlab.parallel): "none" | "ddp" | "fsdp2" on nproc ranks, the global
+    # batch split across them; sync_bn: BatchNorm statistics of the global batch
+    parallel: str = "none"
+    nproc: int = 1
+    sync_bn: bool = False
 
     def __post_init__(self):
         if isinstance(self.techniques, dict):
@@ -254,6 +259,8 @@ class Config:
         for t in chosen.values():            # combinations and devices a technique refuses
             if t.check is not None:
                 t.check(self)
+        from memlab import parallel         # ddp / fsdp2: modes, ranks and what they refuse
+        parallel.validate(self)
         return self
 
 
@@ -273,6 +280,7 @@ class Record:
     timeline: Optional[Dict[str, list]] = None          # MemoryMeter.timeline_arrays()
     metrics: Optional[Dict[str, float]] = None          # accuracy/eer/min_dcf or ter
     final: bool = False                    # last record of the run (stopped or finished)
+    ranks: Optional[List[Dict[str, Any]]] = None        # ddp/fsdp2: every rank's memory
 
     def as_dict(self, timeline: bool = False) -> Dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -416,6 +424,12 @@ class Experiment:
     ``stop()`` (from any thread) ends the run after the current step; the last record has
     ``final=True`` and carries the final evaluation.
     """
+
+    def __new__(cls, config=None, *args, **kwargs):
+        if cls is Experiment and getattr(config, "parallel", "none") != "none":
+            from memlab.parallel import ParallelExperiment   # one rank of a ddp / fsdp2 run
+            cls = ParallelExperiment
+        return super().__new__(cls)
 
     def __init__(self, config: Config):
         if not isinstance(config, Config):
