@@ -252,9 +252,7 @@ def _cmd_compare(args) -> int:
     scenario = getattr(args, "scenario", None)
     if scenario is not None:      # memlab.scenarios: its sizes and comparison (--<kind> overrides)
         from memlab import scenarios
-        if args.task is not None and args.task != scenarios.get(scenario).task:
-            raise ValueError(f"task: scenario {scenario!r} is a {scenarios.get(scenario).task} "
-                             f"scenario, got --task {args.task}")
+        scenarios.check_task(scenario, args.task)
         cfgs = scenarios.configs(scenario, choices, **overrides)
         args.task = cfgs[0].task
     else:
