@@ -125,6 +125,13 @@ class Config:
         base.update(overrides)
         return cls(**base)
 
+    @classmethod
+    def scenario(cls, name: str, **overrides) -> "Config":
+        """The configuration of the named scenario (``memlab.scenarios``: sizes chosen so that
+        its technique's regime is reached), with ``overrides`` (any field or kind)."""
+        from memlab import scenarios
+        return scenarios.config(name, **overrides)
+
     def replace(self, **changes) -> "Config":
         return dataclasses.replace(self, **changes)
 

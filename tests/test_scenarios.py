@@ -108,3 +108,9 @@ def test_compare_scenario_asr_prints_ratios(capsys, one_thread):
 def test_compare_scenario_wrong_task(capsys):
     assert main(["compare", "--scenario", "deep-speaker", "--task", "asr"]) == 2
     assert "is a speaker scenario" in capsys.readouterr().err
+
+
+def test_config_scenario_is_the_scenarios_config():
+    from memlab import scenarios
+    assert Config.scenario("deep-speaker") == scenarios.config("deep-speaker")
+    assert Config.scenario("deep-speaker", memory="reversible").memory == "reversible"
