@@ -57,7 +57,23 @@ def batches(items: List[dict], batch_size: int, collate, generator: Optional[tor
             return
 
 
+def _float32_synthesis(build):
+    """Cached corpora are synthesized with float32 as torch's default dtype, whatever the
+    caller's default is: the same arguments then always give the same utterances (the cache is
+    shared by every run in the process; a float64 default changes the random draws)."""
+    @functools.wraps(build)
+    def wrapper(*args, **kwargs):
+        before = torch.get_default_dtype()
+        torch.set_default_dtype(torch.float32)
+        try:
+            return build(*args, **kwargs)
+        finally:
+            torch.set_default_dtype(before)
+    return wrapper
+
+
 @functools.lru_cache(maxsize=8)
+@_float32_synthesis
 def speaker_data(num_speakers, utts, eval_speakers, seconds, seed):
     """Train, held-out (same speakers) and unseen-speaker utterances (cached)."""
     from memlab.data import SpeakerCorpus
@@ -87,6 +103,7 @@ def asr_corpus(cfg) -> str:
 
 
 @functools.lru_cache(maxsize=8)
+@_float32_synthesis
 def asr_data(num_utts, eval_utts, vocab_size, seed, speaker=None, corpus="tokens",
              seconds=4.0):
     """Train / test utterances of the default speakers, or (speaker=id) of that one speaker;

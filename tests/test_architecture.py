@@ -209,3 +209,20 @@ def test_beyond_the_seeds_are_registered_and_train(one_thread):
         cfg = Config.for_task("asr", loss=loss, optimizer="adam4bit", steps=2, eval_every=2)
         recs = list(Experiment(cfg).run())
         assert recs[-1].final and math.isfinite(recs[-1].loss) and "ter" in recs[-1].metrics
+
+
+def test_cached_corpora_do_not_depend_on_the_default_dtype():
+    """Found by the distributed tests (float64 on both sides): a corpus first synthesized under a
+    float64 default dtype was cached and then served to float32 runs with other utterances."""
+    from memlab import tasks as t
+    args = (3, 2, 2, 1.0, 12345)
+    t.speaker_data.cache_clear()
+    torch.set_default_dtype(torch.float64)
+    try:
+        a = t.speaker_data(*args)[0][0]["feats"].clone()
+    finally:
+        torch.set_default_dtype(torch.float32)
+    t.speaker_data.cache_clear()
+    b = t.speaker_data(*args)[0][0]["feats"]
+    assert a.dtype == b.dtype == torch.float32 and torch.equal(a, b)
+    t.speaker_data.cache_clear()

@@ -7,6 +7,7 @@ import os
 import pytest
 import torch
 
+from memlab import tasks
 from memlab.bench import lowrank as study
 from memlab.lab import Config, Experiment, _asr_data, build_model, load_init
 from memlab.memory import CATEGORIES
@@ -89,8 +90,8 @@ def test_sweep_uses_the_training_split_only(cache):
     assert sum(r["chosen"] for r in rows) == 1
     exp = Experiment(study.personalization_config("sgd", None, fast=True, dev_fold=3))
     exp._setup()
-    train, test = _asr_data(*(getattr(exp.config, k) for k in
-                              ("num_utts", "eval_utts", "vocab_size", "seed", "adapt_speaker")))
+    full = tasks.get("asr").data(exp.config.replace(dev_fold=None))      # the cached splits
+    train, test = full.train, full.evaluation["test"]
     ids = {id(x) for x in train}
     assert all(id(x) in ids for x in exp._train + exp._test)          # never the test split
     assert not any(id(x) in ids for x in test)

@@ -123,7 +123,8 @@ def test_simple_lattice_never_builds_the_4d_tensor():
     targets = torch.randint(1, V, (B, U))
     with MemoryMeter("cpu", inputs=[am, lm, targets]) as meter:
         simple_lattice(am, lm, targets, torch.full((B,), U))
-    assert meter.peak < B * T * (U + 1) * V * 4 / 3, meter.peak     # inputs included
+    # what the call allocates (the process may hold other tensors: the baseline)
+    assert meter.peak - meter.baseline < B * T * (U + 1) * V * 4 / 3, meter.peak
 
 
 # ------------------------------------------------------------------------------- full band
