@@ -44,6 +44,7 @@ from memlab import planner, scenarios
 from memlab.lab import Experiment, peak_record
 from memlab.memory import CATEGORIES, format_bytes
 from memlab.report import format_table
+from memlab.ui.figures import breakdown_figure
 
 torch.manual_seed(0)
 torch.set_num_threads(1)
@@ -68,6 +69,15 @@ for cfg in cfgs:
     r = peak_record(exp.records, skip_first=True)
     rows.append({"run": cfg.label, "peak": r.peak, **r.breakdown})
 print(format_table(rows, ["run", "peak", *CATEGORIES]))
+
+# %% [markdown]
+# The same rows as stacked bars, one colour per category. **Look for:** the orange
+# *activations* block of the vanilla bars, and how little of it is left with reversible-full.
+
+# %%
+breakdown_figure([dict(r, label=f"{c.memory}<br>{c.optimizer}") for r, c in zip(rows, cfgs)],
+                 title="Live: memory at the peak of a training step", unit="MiB",
+                 xaxis_title="activations strategy / optimizer")
 
 # %% [markdown]
 # ## 2-4. Reversible blocks, 8-bit states, both
@@ -97,6 +107,20 @@ for cfg in cfgs:
     print(f"{cfg.memory:16s} {cfg.optimizer:9s} {format_bytes(fs['peak']):>12s}  "
           f"{base['peak'] / fs['peak']:5.1f}x   (peak in {fs['phase']})")
 print(scenarios.headline(SCENARIO))
+
+# %% [markdown]
+# The full-size peaks as bars, with the 11 GB of an RTX 2080 Ti as a dashed line. **Look for:**
+# which bars end below the line.
+
+# %%
+full_rows = []
+for cfg in cfgs:
+    fs = scenarios.full_size(SCENARIO, {"memory": cfg.memory, "optimizer": cfg.optimizer})
+    full_rows.append({"label": f"{cfg.memory}<br>{cfg.optimizer}",
+                      **{c: fs["breakdown"].get(c, 0) for c in CATEGORIES}})
+breakdown_figure(full_rows, title="Full size (estimated on fake tensors): memory at the peak",
+                 unit="GiB", xaxis_title="activations strategy / optimizer",
+                 limit=11 * 10**9 / 2**30, limit_label="RTX 2080 Ti (11 GB)")
 
 # %% [markdown]
 # ## 6. What fits into 11 GB?
