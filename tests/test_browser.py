@@ -16,6 +16,7 @@ Skips when /usr/bin/chromium or playwright is missing.
 
 import json
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -38,13 +39,14 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networki
 NOTEBOOK = "00_where_memory_goes.ipynb"
 RUN_ALL_TIMEOUT_S = int(os.environ.get("MEMLAB_BROWSER_TIMEOUT_S", "300"))
 
-# JupyterLab settings for the test profile: no news prompt, every cell in the DOM.
+# JupyterLab settings for the test profile: every cell in the DOM. (No news setting here: the
+# server is started with `memlab lab`'s own command and settings, which must keep the prompt off.)
 SETTINGS = {
-    "@jupyterlab/apputils-extension/notification.jupyterlab-settings":
-        {"fetchNews": "false", "checkForUpdates": False},
     "@jupyterlab/notebook-extension/tracker.jupyterlab-settings":
         {"windowingMode": "none", "autoStartDefaultKernel": True},
 }
+TOKEN = secrets.token_hex(16)   # passed as memlab lab passes it: in the environment
+NEWS_PROMPT = "Would you like to get notified"
 
 # JS: number of bars (runs) in the dashboard's breakdown figure; -1 while it is not drawn.
 BARS_JS = """() => {
@@ -141,19 +143,19 @@ def lab_url(tmp_path_factory):
                JUPYTER_RUNTIME_DIR=str(base / "runtime"),
                JUPYTERLAB_SETTINGS_DIR=str(settings),
                JUPYTERLAB_WORKSPACES_DIR=str(base / "workspaces"))
-    cmd = [sys.executable, "-m", "jupyterlab", "--ServerApp.ip=127.0.0.1",
-           f"--ServerApp.port={port}", "--ServerApp.port_retries=0",
-           f"--ServerApp.root_dir={root}", "--ServerApp.open_browser=False",
-           "--IdentityProvider.token=", "--ServerApp.password="]
-    if hasattr(os, "geteuid") and os.geteuid() == 0:
-        cmd.append("--allow-root")
+    from memlab.cli import lab_launch
+    private = base / "private"
+    private.mkdir(mode=0o700)
+    cmd, lab_env = lab_launch(root, port, TOKEN, private, no_browser=True)   # memlab lab's own
+    env.update({k: v for k, v in lab_env.items() if k in ("JUPYTER_TOKEN", "JUPYTER_CONFIG_PATH")})
+    assert TOKEN not in " ".join(cmd)
     log = open(base / "jupyterlab.log", "wb")
     # Own session: the kernels the server starts can be ended with it (by this group id only).
     proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
                             start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        _wait_http(f"{url}/api/status", proc, timeout=90)
+        _wait_http(f"{url}/api/status?token={TOKEN}", proc, timeout=90)
         yield url
     finally:
         proc.terminate()
@@ -171,7 +173,7 @@ def lab_url(tmp_path_factory):
 
 def _run_all(page, lab_url: str, notebook: str) -> None:
     """Open ``notebook`` in JupyterLab, Run All Cells, wait until every cell has run."""
-    page.goto(f"{lab_url}/lab/tree/{notebook}?reset")   # ?reset: no tabs of earlier tests
+    page.goto(f"{lab_url}/lab/tree/{notebook}?reset&token={TOKEN}")   # ?reset: no old tabs
     page.wait_for_selector(".jp-Notebook .jp-CodeCell", timeout=120_000)
     page.wait_for_selector("text=Kernel status: Idle", state="attached", timeout=120_000)
     page.keyboard.press("Control+b")            # hide the file browser: more room
@@ -228,6 +230,10 @@ def test_tutorial00_dashboard_in_chromium(lab_url):
         page.on("pageerror", lambda e: console.append(f"pageerror: {e}"))
         try:
             _run_all(page, lab_url, NOTEBOOK)
+            # memlab lab's settings keep JupyterLab's news prompt away
+            assert NEWS_PROMPT not in page.locator("body").inner_text()
+            assert page.locator(".jp-Notification-Toast").count() == 0 or NEWS_PROMPT not in \
+                " ".join(page.locator(".jp-Notification-Toast").all_inner_texts())
             # the dashboard and its breakdown figure, with the notebook's two runs
             page.wait_for_function(f"({BARS_JS})() >= 2", timeout=60_000, polling=250)
             before = page.evaluate(BARS_JS)
