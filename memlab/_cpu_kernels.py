@@ -49,13 +49,7 @@ across ``torch.get_num_threads()`` Python threads.
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import os
-import platform
-import shutil
-import subprocess
-import sys
-import tempfile
 import threading
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -65,7 +59,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from memlab._private import check_private_file, private_dir, user_cache_root
+from memlab import _cbuild
+from memlab._private import user_cache_root
 
 __all__ = ["library", "available", "sgd8bit", "adam8bit"]
 
@@ -399,84 +394,23 @@ def _cache_dir() -> Path:
     return user_cache_root() / "kernels"
 
 
-def _cpu_id() -> str:
-    """What ``-march=native`` compiles for: the CPU model and its feature flags (Linux), else
-    the platform's processor string, so a cache shared by two machines never hands one the
-    other's instructions."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            text = f.read(1 << 16)
-        keep = [ln for ln in text.splitlines()
-                if ln.split(":")[0].strip() in ("vendor_id", "model name", "flags", "Features",
-                                                "CPU part", "isa")]
-        return "\n".join(dict.fromkeys(keep))
-    except OSError:
-        return platform.machine() + platform.processor()
-
-
-def _digest(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def _compile(cc: str, folder: Path, name: str) -> Path:
-    """Compile SOURCE into ``folder/name`` (atomically) and record its sha256 beside it."""
-    out = folder / name
-    with tempfile.TemporaryDirectory(dir=folder) as tmp:
-        src, lib = Path(tmp) / "opt8bit.c", Path(tmp) / "opt8bit.so"
-        src.write_text(SOURCE)
-        for flags in (FLAGS, [f for f in FLAGS if f != "-march=native"]):  # e.g. older clang
-            res = subprocess.run([cc, *flags, str(src), "-o", str(lib), "-lm"],
-                                 capture_output=True, text=True, timeout=120)
-            if res.returncode == 0:
-                break
-        if res.returncode != 0:
-            raise RuntimeError(f"{cc} failed: {res.stderr.strip()[:500]}")
-        os.chmod(lib, 0o700)
-        sig = Path(tmp) / "sig"
-        sig.write_text(_digest(lib))
-        os.replace(lib, out)                       # atomic: another process may race us
-        os.replace(sig, folder / (name + ".sha256"))
-    return out
-
-
-def _compiler() -> Optional[str]:
-    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+_cpu_id = _cbuild.cpu_id
+_compiler = _cbuild.compiler
 
 
 def _lib_name(cc: str) -> str:
     """File name of the library: a hash of the source, flags, compiler, platform and CPU."""
-    key = hashlib.sha256("\0".join([SOURCE, " ".join(FLAGS), cc, sys.platform,
-                                     _cpu_id()]).encode()).hexdigest()[:16]
-    return f"opt8bit-{key}.so"
+    return _cbuild.lib_name("opt8bit", SOURCE, FLAGS, cc, _cpu_id())
 
 
 def _build() -> Path:
-    """Path of a kernel library this process may load: from the private cache when it is ours
-    and unchanged since we built it, else freshly compiled (into the cache, or into a new
-    private temporary folder when the cache cannot be used safely)."""
+    """Path of a kernel library this process may load (memlab._cbuild: private cache, sha256
+    checked, CPU in the key; a private temporary folder when the cache is unsafe)."""
     cc = _compiler()
     if not cc:
         raise RuntimeError("no C compiler found (set $CC or install gcc)")
-    name = _lib_name(cc)
-    try:
-        folder = private_dir(_cache_dir())
-    except OSError as e:                           # read-only home, planted or shared folder
-        global _scratch
-        warnings.warn(f"memlab: not using the kernel cache ({e}); compiling into a private "
-                      f"temporary folder for this process")
-        _scratch = tempfile.TemporaryDirectory(prefix="memlab-kernels-")  # 0700, removed at exit
-        return _compile(cc, Path(_scratch.name), name)
-    lib, sig = folder / name, folder / (name + ".sha256")
-    if lib.exists() or os.path.lexists(lib):
-        ok = not check_private_file(lib) and sig.is_file() and not check_private_file(sig)
-        if ok and sig.read_text().strip() == _digest(lib):
-            return lib
-        warnings.warn(f"memlab: {lib} is not the library memlab built (owner, mode or checksum "
-                      f"differ); rebuilding it")
-    return _compile(cc, folder, name)
-
-
-_scratch = None                   # the per-process temporary folder, when the cache is unsafe
+    flag_sets = (FLAGS, [f for f in FLAGS if f != "-march=native"])   # e.g. older clang
+    return _cbuild.build(_lib_name(cc), SOURCE, flag_sets, cc, warnings.warn)
 
 
 def _declare(lib) -> None:

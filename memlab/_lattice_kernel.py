@@ -24,13 +24,7 @@ path is used (a warning says why, once).
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import os
-import platform
-import shutil
-import subprocess
-import sys
-import tempfile
 import threading
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -39,7 +33,7 @@ from typing import Optional
 
 import torch
 
-from memlab._private import check_private_file, private_dir, user_cache_root
+from memlab import _cbuild
 
 SOURCE = r"""
 #include <math.h>
@@ -200,75 +194,17 @@ _lock = threading.Lock()
 _lib = None                       # ctypes.CDLL, or False once building failed
 _pool: Optional[ThreadPoolExecutor] = None
 _pool_size = 0
-_scratch_dir = None               # the per-process temporary folder, when the cache is unsafe
-
-
-def _cpu_id() -> str:
-    """What ``-march=native`` compiles for (CPU model and feature flags), for the cache key."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            text = f.read(1 << 16)
-        keep = [ln for ln in text.splitlines()
-                if ln.split(":")[0].strip() in ("vendor_id", "model name", "flags", "Features",
-                                                "CPU part", "isa")]
-        return "\n".join(dict.fromkeys(keep))
-    except OSError:
-        return platform.machine() + platform.processor()
-
-
-def _digest(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def _compiler() -> Optional[str]:
-    return (os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-            or shutil.which("clang"))
-
-
-def _compile(cc: str, folder: Path, name: str) -> Path:
-    """Compile SOURCE into ``folder/name`` atomically and record its sha256 beside it."""
-    out = folder / name
-    with tempfile.TemporaryDirectory(dir=folder) as tmp:
-        src, lib = Path(tmp) / "rnnt.c", Path(tmp) / "rnnt.so"
-        src.write_text(SOURCE)
-        for flags in (FLAGS, [f for f in FLAGS if f != "-march=native"]):
-            res = subprocess.run([cc, *flags, str(src), "-o", str(lib), "-lm"],
-                                 capture_output=True, text=True, timeout=120)
-            if res.returncode == 0:
-                break
-        if res.returncode != 0:
-            raise RuntimeError(f"{cc} failed: {res.stderr.strip()[:500]}")
-        os.chmod(lib, 0o700)
-        sig = Path(tmp) / "sig"
-        sig.write_text(_digest(lib))
-        os.replace(lib, out)
-        os.replace(sig, folder / (name + ".sha256"))
-    return out
 
 
 def _build() -> Path:
-    global _scratch_dir
-    cc = _compiler()
+    """Path of the lattice library this process may load (memlab._cbuild: private cache, sha256
+    checked, CPU in the key; a private temporary folder when the cache is unsafe)."""
+    cc = _cbuild.compiler()
     if not cc:
         raise RuntimeError("no C compiler found (set $CC or install gcc)")
-    key = hashlib.sha256("\0".join([SOURCE, " ".join(FLAGS), cc, sys.platform,
-                                     _cpu_id()]).encode()).hexdigest()[:16]
-    name = f"rnnt-{key}.so"
-    try:
-        folder = private_dir(user_cache_root() / "kernels")
-    except OSError as e:
-        warnings.warn(f"memlab: not using the kernel cache ({e}); compiling into a private "
-                      f"temporary folder for this process")
-        _scratch_dir = tempfile.TemporaryDirectory(prefix="memlab-kernels-")
-        return _compile(cc, Path(_scratch_dir.name), name)
-    lib, sig = folder / name, folder / (name + ".sha256")
-    if lib.exists() or os.path.lexists(lib):
-        ok = not check_private_file(lib) and sig.is_file() and not check_private_file(sig)
-        if ok and sig.read_text().strip() == _digest(lib):
-            return lib
-        warnings.warn(f"memlab: {lib} is not the library memlab built (owner, mode or checksum "
-                      f"differ); rebuilding it")
-    return _compile(cc, folder, name)
+    name = _cbuild.lib_name("rnnt", SOURCE, FLAGS, cc, _cbuild.cpu_id())
+    flag_sets = (FLAGS, [f for f in FLAGS if f != "-march=native"])
+    return _cbuild.build(name, SOURCE, flag_sets, cc, warnings.warn)
 
 
 def _declare(lib) -> None:
