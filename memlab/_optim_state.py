@@ -124,9 +124,20 @@ def _is_fake(t: Tensor) -> bool:
 # loading a state_dict: everything checked before anything changes
 
 
-def checked_states(opt, state_dict) -> dict:
-    """{param: its new state} from ``state_dict``, every check done; raises ValueError."""
+def checked_states(opt, state_dict, validate_group=None, param_state=None) -> dict:
+    """{param: its new state} from ``state_dict``, every check done; raises ValueError.
+
+    ``validate_group(group)`` checks a saved group's hyper-parameters (default: the 8-bit
+    optimizers' ``_check_common`` + ``opt._validate``); ``param_state(st, p, group, where)``
+    checks and copies one parameter's state (default: :func:`checked_param_state`)."""
     name = type(opt).__name__
+    if validate_group is None:
+        def validate_group(merged):
+            _check_common(merged)
+            opt._validate(merged)
+    if param_state is None:
+        def param_state(st, p, group, where):
+            return checked_param_state(opt, st, p, group, where)
     if not (isinstance(state_dict, Mapping) and "state" in state_dict
             and "param_groups" in state_dict):
         raise ValueError(f"state_dict must be a mapping with 'state' and 'param_groups' (from "
@@ -148,15 +159,14 @@ def checked_states(opt, state_dict) -> dict:
             art = "an" if name[0] in "AEIOU" else "a"
             raise ValueError(
                 f"state_dict is not {art} {name} state: param_groups[{gi}] lacks "
-                f"{', '.join(missing)} (a torch.optim state_dict has no 8-bit settings; load "
-                f"it into the optimizer that saved it)")
+                f"{', '.join(missing)} (a torch.optim state_dict has none of these settings; "
+                f"load it into the optimizer that saved it)")
         if len(sg["params"]) != len(g["params"]):
             raise ValueError(f"state_dict: param_groups[{gi}] has {len(sg['params'])} params, "
                              f"this {name} has {len(g['params'])} there")
         merged = {**sg, "params": g["params"]}
         try:
-            _check_common(merged)
-            opt._validate(merged)
+            validate_group(merged)
         except (ValueError, TypeError) as e:
             raise ValueError(f"state_dict: param_groups[{gi}]: {e}") from None
         for pi, (k, p) in enumerate(zip(sg["params"], g["params"])):
@@ -170,7 +180,7 @@ def checked_states(opt, state_dict) -> dict:
         where = f"state_dict: param_groups[{gi}] param {pi} (shape {tuple(p.shape)})"
         if not isinstance(st, Mapping):
             raise ValueError(f"{where}: state must be a dict, got {type(st).__name__}")
-        out[p] = checked_param_state(opt, st, p, group, where)
+        out[p] = param_state(st, p, group, where)
     return out
 
 def checked_param_state(opt, st: Mapping, p: Tensor, group: dict, where: str) -> dict:

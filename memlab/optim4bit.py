@@ -287,49 +287,9 @@ class Adam4bit(Optimizer):
             self.state[p] = st
 
     def _checked_states(self, state_dict) -> dict:
-        name = type(self).__name__
-        if not (isinstance(state_dict, Mapping) and "state" in state_dict
-                and "param_groups" in state_dict):
-            raise ValueError(f"state_dict must be a mapping with 'state' and 'param_groups' (from "
-                             f"{name}.state_dict()), got {type(state_dict).__name__}")
-        saved, groups = state_dict["state"], state_dict["param_groups"]
-        if not isinstance(saved, Mapping) or not isinstance(groups, (list, tuple)):
-            raise ValueError("state_dict: 'state' must be a mapping and 'param_groups' a list, "
-                             f"got {type(saved).__name__} and {type(groups).__name__}")
-        if len(groups) != len(self.param_groups):
-            raise ValueError(f"state_dict has {len(groups)} param groups, this {name} has "
-                             f"{len(self.param_groups)}")
-        id_map = {}
-        for gi, (sg, g) in enumerate(zip(groups, self.param_groups)):
-            if not isinstance(sg, Mapping) or not isinstance(sg.get("params"), (list, tuple)):
-                raise ValueError(f"state_dict: param_groups[{gi}] must be a dict with a 'params' "
-                                 f"list, got {sg!r}"[:300])
-            missing = sorted(k for k in self.defaults if k not in sg)
-            if missing:
-                raise ValueError(
-                    f"state_dict is not an {name} state: param_groups[{gi}] lacks "
-                    f"{', '.join(missing)} (load it into the optimizer that saved it)")
-            if len(sg["params"]) != len(g["params"]):
-                raise ValueError(f"state_dict: param_groups[{gi}] has {len(sg['params'])} params, "
-                                 f"this {name} has {len(g['params'])} there")
-            merged = {**sg, "params": g["params"]}
-            try:
-                self._validate(merged)
-            except (ValueError, TypeError) as e:
-                raise ValueError(f"state_dict: param_groups[{gi}]: {e}") from None
-            for pi, (k, p) in enumerate(zip(sg["params"], g["params"])):
-                id_map[k] = (gi, pi, p, merged)
-        out = {}
-        for k, st in saved.items():
-            if k not in id_map:
-                raise ValueError(f"state_dict: 'state' has an entry for parameter id {k!r}, "
-                                 f"which no param group lists")
-            gi, pi, p, group = id_map[k]
-            where = f"state_dict: param_groups[{gi}] param {pi} (shape {tuple(p.shape)})"
-            if not isinstance(st, Mapping):
-                raise ValueError(f"{where}: state must be a dict, got {type(st).__name__}")
-            out[p] = self._checked_param_state(st, p, group, where)
-        return out
+        from memlab._optim_state import checked_states
+        return checked_states(self, state_dict, validate_group=self._validate,
+                              param_state=self._checked_param_state)
 
     @staticmethod
     def _checked_param_state(st: Mapping, p: Tensor, group: dict, where: str) -> dict:
