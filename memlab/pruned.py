@@ -52,6 +52,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from memlab._rng import capture_rng as _capture_rng, replay_rng as _replay_rng
+from memlab.transducer import _check_common, _check_tensor
 
 REDUCTIONS = ("mean", "sum", "none")
 DEFAULT_MAX_CHUNK_BYTES = 64 * 2**20   # pruned logits + their gradient of one sample-wise call
@@ -60,21 +61,6 @@ _INF = float("inf")
 
 # ----------------------------------------------------------------------------------------------
 # argument checks
-
-
-def _check_tensor(name: str, x, ndim: int, kind: str) -> None:
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if x.layout != torch.strided:
-        raise TypeError(f"{name} must be a dense (strided) tensor, got layout {x.layout}")
-    if x.device.type == "meta":
-        raise ValueError(f"{name} must be on a device with data, got device {x.device}")
-    if x.dim() != ndim:
-        raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(x.shape)}")
-    if kind == "float" and not x.is_floating_point():
-        raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
-    if kind == "int" and (x.is_floating_point() or x.is_complex() or x.dtype == torch.bool):
-        raise TypeError(f"{name} must be an integer tensor (int32 or int64), got dtype {x.dtype}")
 
 
 def _int(name: str, value, low: int) -> int:
@@ -100,40 +86,9 @@ def _scale(name: str, value) -> float:
 
 def _check_lengths(targets, enc_lengths, target_lengths, B: int, T: int, U: int, device,
                    blank, vocab_size: int, reduction) -> None:
-    _check_tensor("targets", targets, 2, "int")
-    _check_tensor("enc_lengths", enc_lengths, 1, "int")
-    _check_tensor("target_lengths", target_lengths, 1, "int")
-    if not isinstance(reduction, str) or reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    if not isinstance(blank, int) or isinstance(blank, bool):
-        raise TypeError(f"blank must be an int, got {type(blank).__name__}")
-    if not 0 <= blank < vocab_size:
-        raise ValueError(f"blank must lie in [0, V={vocab_size}), got {blank}")
-    if B == 0:
-        raise ValueError("the batch is empty (batch size 0); need at least one sample")
-    for name, x in (("targets", targets), ("enc_lengths", enc_lengths),
-                    ("target_lengths", target_lengths)):
-        if x.device != device:
-            raise ValueError(f"{name} must be on the same device as enc_out ({device}), "
-                             f"got {x.device}")
-        if x.shape[0] != B:
-            raise ValueError(f"{name} must have batch size {B}, got shape {tuple(x.shape)}")
-    if targets.shape[1] != U:
-        raise ValueError(f"targets must have shape (B, U) = ({B}, {U}) to match pred_out's "
-                         f"U+1 = {U + 1} positions, got {tuple(targets.shape)}")
-    lo, hi = int(enc_lengths.min()), int(enc_lengths.max())
-    if lo < 1 or hi > T:
-        raise ValueError(f"enc_lengths must lie in [1, T={T}], got values in [{lo}, {hi}]")
-    lo, hi = int(target_lengths.min()), int(target_lengths.max())
-    if lo < 0 or hi > U:
-        raise ValueError(f"target_lengths must lie in [0, U={U}], got values in [{lo}, {hi}]")
-    valid = torch.arange(U, device=device)[None, :] < target_lengths[:, None]       # (B, U)
-    for bad, what in ((valid & ((targets < 0) | (targets >= vocab_size)), f"lie in [0, V={vocab_size})"),
-                      (valid & (targets == blank), f"differ from blank={blank}")):
-        if bool(bad.any()):
-            b, u = (int(i) for i in bad.nonzero()[0])
-            raise ValueError(f"targets must {what} within target_lengths, got "
-                             f"targets[{b}, {u}] = {int(targets[b, u])}")
+    """The transducer losses' shared checks (memlab.transducer), named for this loss."""
+    _check_common(B, T, U, targets, enc_lengths, target_lengths, blank, reduction, device,
+                  "enc_lengths", vocab_size)
 
 
 def _check_args(joiner, enc_out, pred_out, am, lm, targets, enc_lengths, target_lengths,
