@@ -73,8 +73,20 @@ def _params(shapes, seed: int = 0) -> List[torch.nn.Parameter]:
     return ps
 
 
+def _leaves(t: torch.Tensor):
+    """The plain tensors behind ``t`` (tensor subclasses such as torchao's quantized states
+    flatten into their inner tensors)."""
+    if type(t) in (torch.Tensor, torch.nn.Parameter) or not hasattr(t, "__tensor_flatten__"):
+        yield t
+        return
+    names, _ctx = t.__tensor_flatten__()
+    for n in names:
+        yield from _leaves(getattr(t, n))
+
+
 def state_bytes_per_param(opt: torch.optim.Optimizer, params, min_numel: int = MIN_8BIT) -> float:
-    """Bytes of the storages in ``opt.state`` for params with >= min_numel elements, per element."""
+    """Bytes of the storages in ``opt.state`` for params with >= min_numel elements, per element
+    (each storage once; tensor subclasses counted by their inner tensors)."""
     seen, total, numel = set(), 0, 0
     for p in params:
         if p.numel() < min_numel:
@@ -82,10 +94,11 @@ def state_bytes_per_param(opt: torch.optim.Optimizer, params, min_numel: int = M
         numel += p.numel()
         for v in opt.state[p].values():
             if isinstance(v, torch.Tensor):
-                st = v.untyped_storage()
-                if st.data_ptr() not in seen:
-                    seen.add(st.data_ptr())
-                    total += st.nbytes()
+                for leaf in _leaves(v):
+                    st = leaf.untyped_storage()
+                    if st.data_ptr() not in seen:
+                        seen.add(st.data_ptr())
+                        total += st.nbytes()
     return total / max(numel, 1)
 
 

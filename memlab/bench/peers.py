@@ -76,34 +76,6 @@ def _rows(workload: str, times: Dict[str, list], baseline: str, checks: Dict[str
 
 
 # ----------------------------------------------------------------------------- optimizers
-def _leaves(t: torch.Tensor):
-    """The plain tensors behind ``t`` (tensor subclasses such as torchao's quantized states
-    flatten into their inner tensors)."""
-    if type(t) is torch.Tensor or type(t) is nn.Parameter or not hasattr(t, "__tensor_flatten__"):
-        yield t
-        return
-    names, _ctx = t.__tensor_flatten__()
-    for n in names:
-        yield from _leaves(getattr(t, n))
-
-
-def _state_bytes(opt, params, min_numel: int = 4096) -> float:
-    """Bytes of optimizer state per element of the parameters with >= min_numel elements."""
-    seen, total, numel = set(), 0, 0
-    for p in params:
-        if p.numel() < min_numel:
-            continue
-        numel += p.numel()
-        for v in opt.state[p].values():
-            if isinstance(v, torch.Tensor):
-                for leaf in _leaves(v):
-                    st = leaf.untyped_storage()
-                    if st.data_ptr() not in seen:
-                        seen.add(st.data_ptr())
-                        total += st.nbytes()
-    return total / max(numel, 1)
-
-
 def _optim_makers(kind: str) -> Dict[str, Callable]:
     from memlab.optim import Adam8bit, SGD8bit
     if kind == "adam":
@@ -130,7 +102,7 @@ def _optim_makers(kind: str) -> Dict[str, Callable]:
 def optimizer_rows(kind: str = "adam", fast: bool = False, repeats: int = 5,
                    names: Optional[List[str]] = None) -> List[dict]:
     """``adam-step`` / ``sgd-step`` rows (see the module docstring)."""
-    from memlab.bench.optim import _params, _shapes
+    from memlab.bench.optim import _params, _shapes, state_bytes_per_param
     shapes = _shapes(fast)
     makers = _optim_makers(kind)
     if names is not None:
@@ -147,7 +119,7 @@ def optimizer_rows(kind: str = "adam", fast: bool = False, repeats: int = 5,
                 p.grad = g.clone()
             opt.step()
         built[name] = (ps, opt)
-        extra[name] = dict(state_bytes_per_param=round(_state_bytes(opt, ps), 4),
+        extra[name] = dict(state_bytes_per_param=round(state_bytes_per_param(opt, ps), 4),
                            numel=sum(p.numel() for p in ps))
     ref_ps = built["torch-fused"][0]
     update = torch.cat([(r - s).reshape(-1) for r, s in zip(ref_ps, start)]).norm()
