@@ -263,14 +263,9 @@ class _Optimizer8bit(Optimizer):
         return sd
 
     def state_nbytes(self) -> int:
-        """Bytes held in ``self.state`` (each storage once)."""
-        seen, total = set(), 0
-        for st in self.state.values():
-            for v in st.values():
-                if isinstance(v, Tensor) and v.untyped_storage().data_ptr() not in seen:
-                    seen.add(v.untyped_storage().data_ptr())
-                    total += v.untyped_storage().nbytes()
-        return total
+        """Bytes held in ``self.state`` (each storage once; memlab.memory.storage_bytes)."""
+        from memlab.memory import storage_bytes
+        return storage_bytes(self.state.values())
 
     # -- step --------------------------------------------------------------------------------
 
