@@ -38,6 +38,17 @@ class Executed:
 _EXECUTED = {}
 
 
+def _build_tutorials():
+    import importlib.util
+    if "build_tutorials" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("build_tutorials",
+                                                      ROOT / "tools" / "build_tutorials.py")
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules["build_tutorials"] = mod
+        spec.loader.exec_module(mod)
+    return sys.modules["build_tutorials"]
+
+
 def execute_notebook(path: Path) -> Executed:
     """Run ``path`` once per test session (the run test and the figure check share it).
 
@@ -58,7 +69,10 @@ def execute_notebook(path: Path) -> Executed:
     with pytest.MonkeyPatch.context() as mp, tempfile.TemporaryDirectory() as cwd:
         for k, v in env.items():
             mp.setenv(k, v)
-        nb = nbformat.read(path, as_version=4)
+        # the copy tools/build_tutorials.py executes (renderer cell, dashboard snapshots), with
+        # each figure's JSON kept beside its offline HTML: test_see_it exports this same run
+        nb = _build_tutorials().prepare(nbformat.read(path, as_version=4),
+                                        renderer="plotly_mimetype+notebook")
         nb.cells.append(nbformat.v4.new_code_cell(DUMP_FIGURE_WIDGETS))
         client = nbclient.NotebookClient(
             nb, timeout=TIMEOUT_S, kernel_name="python3", allow_errors=False,

@@ -48,12 +48,14 @@ OFFLINE_TEMPLATE = """{%- extends 'lab/index.html.j2' -%}
 """
 
 
-def prepare(nb):
-    """The copy to execute: the renderer cell first, a snapshot after each blocking run."""
+def prepare(nb, renderer: str = "notebook"):
+    """The copy to execute: the renderer cell first, a snapshot after each blocking run.
+    ``renderer``: plotly's (the test suite passes "plotly_mimetype+notebook" so the figure check
+    still finds each figure's JSON beside the offline HTML)."""
     import nbformat
 
     nb = copy.deepcopy(nb)
-    cells = [nbformat.v4.new_code_cell(RENDERER_CELL)]
+    cells = [nbformat.v4.new_code_cell(RENDERER_CELL.replace('"notebook"', repr(renderer)))]
     for cell in nb.cells:
         cells.append(cell)
         if cell.cell_type != "code":
