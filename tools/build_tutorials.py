@@ -55,7 +55,7 @@ def prepare(nb, renderer: str = "notebook"):
     import nbformat
 
     nb = copy.deepcopy(nb)
-    cells = [nbformat.v4.new_code_cell(RENDERER_CELL.replace('"notebook"', repr(renderer)))]
+    cells = [nbformat.v4.new_code_cell(RENDERER_CELL.replace('"notebook"', f'"{renderer}"'))]
     for cell in nb.cells:
         cells.append(cell)
         if cell.cell_type != "code":
