@@ -148,3 +148,18 @@ def test_built_tutorial_html_offline(path):
     assert text.count("class=\"plotly-graph-div\"") >= 1
     if any(build.RUN_BLOCK.search(c.source) for c in run.nb.cells if c.cell_type == "code"):
         assert "Memory at the peak" in text                  # the dashboard's snapshot
+
+@pytest.mark.parametrize("how", ["argument", "environment", "off"])
+def test_blocking_run_leaves_a_snapshot_when_asked(how, monkeypatch, one_thread):
+    """MemoryLab.run(block=True, snapshot=True) (or MEMLAB_SNAPSHOT=1) leaves static copies of
+    the dashboard's figures in the cell output; off by default in a live JupyterLab."""
+    from memlab import plots
+    from memlab.widgets import MemoryLab
+    shown = []
+    monkeypatch.setattr(plots, "snapshot", lambda lab, display=True: shown.append(lab))
+    monkeypatch.delenv("MEMLAB_SNAPSHOT", raising=False)
+    if how == "environment":
+        monkeypatch.setenv("MEMLAB_SNAPSHOT", "1")
+    lab = MemoryLab(task="speaker")
+    lab.run(block=True, steps=2, **({"snapshot": True} if how == "argument" else {}))
+    assert shown == ([] if how == "off" else [lab])

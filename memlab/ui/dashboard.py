@@ -33,6 +33,7 @@ from __future__ import annotations
 import html
 import math
 import statistics
+import os
 import threading
 import time
 import traceback
@@ -424,12 +425,17 @@ class MemoryLab:
             # buttons: the thread is still alive here, so set them explicitly
             self.w_run.disabled, self.w_stop.disabled, self.w_clear.disabled = False, True, False
 
-    def run(self, block: bool = True, **overrides: Any) -> List[Record]:
+    def run(self, block: bool = True, snapshot: Optional[bool] = None,
+            **overrides: Any) -> List[Record]:
         """Train the configuration the controls describe (after applying ``overrides``).
 
         ``block=True`` waits for the end (Ctrl+C / interrupt stops the run cleanly) and returns
         the records; an error other than ``MemoryBudgetExceeded`` is re-raised after it is shown.
         ``block=False`` returns at once with the (growing) record list of the new run.
+        ``snapshot``: after a blocking run, also leave static copies of the figures in the cell
+        output (``memlab.plots.snapshot``), for exports and renderers without widgets (nbconvert
+        HTML, GitHub); default: when ``MEMLAB_SNAPSHOT=1`` (``tools/build_tutorials.py``) —
+        off in a live JupyterLab, where the live figures are right above.
         """
         run = self._start(**overrides)
         if not block:
@@ -439,6 +445,11 @@ class MemoryLab:
         except KeyboardInterrupt:
             self.stop()
             self.wait()
+        if snapshot is None:
+            snapshot = os.environ.get("MEMLAB_SNAPSHOT", "") not in ("", "0")
+        if snapshot:
+            from memlab.plots import snapshot as _snapshot
+            _snapshot(self)
         if run.error is not None and not isinstance(run.error, MemoryBudgetExceeded):
             raise run.error
         return run.records
