@@ -20,8 +20,10 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
+import warnings
 from pathlib import Path
-from typing import Callable, List, Optional, Sequence
+from typing import Any, Callable, List, Optional, Sequence
 
 from memlab._private import check_private_file, private_dir, user_cache_root
 
@@ -100,3 +102,32 @@ def build(name: str, source: str, flag_sets: Sequence[Sequence[str]], cc: str,
         warn(f"memlab: {lib} is not the library memlab built (owner, mode or checksum differ); "
              f"rebuilding it")
     return compile_into(cc, folder, name, source, flag_sets)
+
+
+class LazyLibrary:
+    """A kernel library built and loaded on first use, once per process; ``get()`` returns the
+    ``ctypes.CDLL`` or None (``MEMLAB_CPU_KERNEL=0``, no compiler, the build failed: then a
+    warning names ``fallback``, once, and the callers take their torch path)."""
+
+    def __init__(self, build: Callable[[], Path], declare: Callable[[Any], None], what: str,
+                 fallback: str):
+        self._build, self._declare, self._what, self._fallback = build, declare, what, fallback
+        self._lib: Any = None                      # CDLL, or False once loading failed
+        self._lock = threading.Lock()
+
+    def get(self):
+        if os.environ.get("MEMLAB_CPU_KERNEL", "1") == "0":
+            return None
+        if self._lib is None:
+            with self._lock:
+                if self._lib is None:
+                    import ctypes
+                    try:
+                        lib = ctypes.CDLL(str(self._build()))
+                        self._declare(lib)
+                        self._lib = lib
+                    except Exception as e:  # noqa: BLE001  no compiler, sandbox: torch works
+                        warnings.warn(f"memlab: {self._what} unavailable ({e}); using "
+                                      f"{self._fallback}")
+                        self._lib = False
+        return self._lib or None

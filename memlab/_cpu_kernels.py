@@ -49,7 +49,6 @@ across ``torch.get_num_threads()`` Python threads.
 from __future__ import annotations
 
 import ctypes
-import os
 import threading
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -385,7 +384,6 @@ FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fno-t
 MIN_PER_THREAD = 1 << 16          # elements: below this one thread is faster than handing off
 
 _lock = threading.Lock()
-_lib = None                       # ctypes.CDLL, or False once building failed
 _pool: Optional[ThreadPoolExecutor] = None
 _pool_size = 0
 
@@ -431,23 +429,13 @@ def _declare(lib) -> None:
     lib.memlab_encode_fast.restype = ctypes.c_int
 
 
+_LIBRARY = _cbuild.LazyLibrary(lambda: _build(), lambda lib: _declare(lib),
+                               "fused CPU kernel for the 8-bit optimizers", "the slower eager torch step")
+
+
 def library():
     """The loaded kernel library, or None (no compiler, build failed, or MEMLAB_CPU_KERNEL=0)."""
-    global _lib
-    if os.environ.get("MEMLAB_CPU_KERNEL", "1") == "0":
-        return None
-    if _lib is None:
-        with _lock:
-            if _lib is None:
-                try:
-                    lib = ctypes.CDLL(str(_build()))
-                    _declare(lib)
-                    _lib = lib
-                except Exception as e:  # no compiler, sandbox, ...: the eager path still works
-                    warnings.warn(f"memlab: fused CPU kernel for the 8-bit optimizers unavailable "
-                                  f"({e}); using the slower eager torch step")
-                    _lib = False
-    return _lib or None
+    return _LIBRARY.get()
 
 
 def available() -> bool:

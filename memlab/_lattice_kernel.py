@@ -24,7 +24,6 @@ path is used (a warning says why, once).
 from __future__ import annotations
 
 import ctypes
-import os
 import threading
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -191,7 +190,6 @@ FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-shar
 MIN_ROWS_PER_THREAD = 8           # rows of (U+1) x V values: below this, one thread
 
 _lock = threading.Lock()
-_lib = None                       # ctypes.CDLL, or False once building failed
 _pool: Optional[ThreadPoolExecutor] = None
 _pool_size = 0
 
@@ -218,23 +216,13 @@ def _declare(lib) -> None:
     lib.memlab_rnnt_lattice.restype = None
 
 
+_LIBRARY = _cbuild.LazyLibrary(lambda: _build(), lambda lib: _declare(lib),
+                               "C kernel for the sample-wise transducer loss", "the torch lattice code")
+
+
 def library():
     """The loaded library, or None (no compiler, build failed, or MEMLAB_CPU_KERNEL=0)."""
-    global _lib
-    if os.environ.get("MEMLAB_CPU_KERNEL", "1") == "0":
-        return None
-    if _lib is None:
-        with _lock:
-            if _lib is None:
-                try:
-                    lib = ctypes.CDLL(str(_build()))
-                    _declare(lib)
-                    _lib = lib
-                except Exception as e:  # noqa: BLE001  no compiler, sandbox: torch still works
-                    warnings.warn(f"memlab: C kernel for the sample-wise transducer loss "
-                                  f"unavailable ({e}); using the torch lattice code")
-                    _lib = False
-    return _lib or None
+    return _LIBRARY.get()
 
 
 def available() -> bool:

@@ -31,6 +31,16 @@ from memlab.distributed import (as_dtensor_like, flat_shard, gather_rows, is_dte
                                 shard_group)
 from memlab.quant import QTensor
 
+def check_grad(opt, p: Tensor) -> None:
+    """A parameter's gradient an optimizer can use: dense, of the parameter's shape and device
+    (checked before a step changes anything)."""
+    if p.grad.is_sparse:
+        raise TypeError(f"{type(opt).__name__} does not support sparse gradients")
+    if p.grad.shape != p.shape or p.grad.device != p.device:
+        raise ValueError(f"grad of a parameter of shape {tuple(p.shape)} on {p.device} has "
+                         f"shape {tuple(p.grad.shape)} on {p.grad.device}")
+
+
 def _compile_errors() -> tuple:
     """Exception types torch.compile raises while tracing / compiling (not while running)."""
     from torch._dynamo import exc

@@ -68,7 +68,7 @@ from torch.optim import Optimizer
 from memlab import _cpu_kernels
 from memlab._optim_state import (  # noqa: F401  (the helpers stay importable from here)
     _budget_meter, _check, _check_common, _checked_step, _compile_errors, _copy_state,
-    _describe, _is_fake, _is_number, _own, _tensors, checked_states, to_checkpoint)
+    _describe, _is_fake, _is_number, _own, _tensors, check_grad, checked_states, to_checkpoint)
 from memlab.distributed import is_dtensor, local
 from memlab.quant import QTensor
 
@@ -360,11 +360,7 @@ class _Optimizer8bit(Optimizer):
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                if p.grad.is_sparse:
-                    raise TypeError(f"{type(self).__name__} does not support sparse gradients")
-                if p.grad.shape != p.shape or p.grad.device != p.device:
-                    raise ValueError(f"grad of a parameter of shape {tuple(p.shape)} on {p.device} "
-                                     f"has shape {tuple(p.grad.shape)} on {p.grad.device}")
+                check_grad(self, p)
                 lp, lg = local(p).detach(), local(p.grad)       # this rank's shard
                 if is_dtensor(p) != is_dtensor(p.grad) or lg.shape != lp.shape:
                     raise ValueError(f"grad of a {type(p).__name__} parameter with local shape "

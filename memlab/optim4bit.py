@@ -42,6 +42,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from memlab._optim_state import check_grad, checked_states
 from memlab.quant4 import Q4Tensor, num_blocks, use_rank1
 
 __all__ = ["Adam4bit", "AdamW4bit", "stored_moments"]
@@ -242,12 +243,7 @@ class Adam4bit(Optimizer):
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                if p.grad.is_sparse:
-                    raise TypeError(f"{type(self).__name__} does not support sparse gradients")
-                if p.grad.shape != p.shape or p.grad.device != p.device:
-                    raise ValueError(f"grad of a parameter of shape {tuple(p.shape)} on "
-                                     f"{p.device} has shape {tuple(p.grad.shape)} on "
-                                     f"{p.grad.device}")
+                check_grad(self, p)
                 st = self.state.get(p, {})
                 staged = {} if "step" in st else _new_state(p, group)
                 plan.append((p, group, staged, int(st.get("step", 0)) + 1))
@@ -282,7 +278,6 @@ class Adam4bit(Optimizer):
             self.state[p] = st
 
     def _checked_states(self, state_dict) -> dict:
-        from memlab._optim_state import checked_states
         return checked_states(self, state_dict, validate_group=self._validate,
                               param_state=self._checked_param_state)
 

@@ -45,14 +45,13 @@ from __future__ import annotations
 
 import math
 import numbers
-import operator
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch.autograd.function import once_differentiable
 
 from memlab._rng import capture_rng as _capture_rng, replay_rng as _replay_rng
-from memlab.transducer import _check_common, _check_tensor
+from memlab.transducer import _check_common, _check_tensor, _count as _int
 
 REDUCTIONS = ("mean", "sum", "none")
 DEFAULT_MAX_CHUNK_BYTES = 64 * 2**20   # pruned logits + their gradient of one sample-wise call
@@ -61,19 +60,6 @@ _INF = float("inf")
 
 # ----------------------------------------------------------------------------------------------
 # argument checks
-
-
-def _int(name: str, value, low: int) -> int:
-    if isinstance(value, bool):
-        raise TypeError(f"{name} must be an int >= {low}, got {value!r}")
-    try:
-        v = operator.index(value)
-    except TypeError:
-        raise TypeError(f"{name} must be an int >= {low}, got {value!r} of type "
-                        f"{type(value).__name__}") from None
-    if v < low:
-        raise ValueError(f"{name} must be an int >= {low}, got {v}")
-    return v
 
 
 def _scale(name: str, value) -> float:
