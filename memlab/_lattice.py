@@ -168,14 +168,23 @@ def torch_loss(logits, tgt, t_len, u_len, blank, weights=None, out=None):
     return -log_z
 
 
+def _plain(t: torch.Tensor) -> bool:
+    """A plain tensor, or a fake one (``memlab.memory.estimate``: the kernel's allocations are
+    then made without running it); not another subclass."""
+    if type(t) is torch.Tensor:
+        return True
+    from torch._subclasses.fake_tensor import is_fake
+    return is_fake(t)
+
+
 def _kernel_ok(logits, out) -> bool:
     if os.environ.get("MEMLAB_CPU_KERNEL", "1") == "0":
         return False
     if logits.device.type != "cpu" or logits.dtype not in (torch.float32, torch.float64):
         return False
-    if type(logits) is not torch.Tensor or not logits.is_contiguous():
+    if not (_plain(logits) and logits.is_contiguous()):
         return False
-    if out is not None and (type(out) is not torch.Tensor or not out.is_contiguous()
+    if out is not None and (not _plain(out) or not out.is_contiguous()
                             or out.dtype != logits.dtype or out.shape != logits.shape):
         return False
     from memlab import _lattice_kernel

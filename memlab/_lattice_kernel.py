@@ -248,8 +248,10 @@ def _split(fn, total: int, min_per: int, before, after) -> None:
 
 
 def _dense(t: torch.Tensor, dtype: torch.dtype, shape) -> bool:
-    """A real CPU tensor of that dtype and shape whose storage holds its bytes contiguously."""
-    return (type(t) is torch.Tensor and t.device.type == "cpu" and t.dtype == dtype
+    """A CPU tensor of that dtype and shape whose storage holds its bytes contiguously (real, or
+    fake under estimate: chunk_loss takes pointers of real tensors only)."""
+    from memlab._lattice import _plain
+    return (_plain(t) and t.device.type == "cpu" and t.dtype == dtype
             and tuple(t.shape) == tuple(shape) and t.is_contiguous()
             and t.untyped_storage().nbytes() >= (t.storage_offset() + t.numel()) * t.element_size())
 
@@ -274,10 +276,15 @@ def chunk_loss(logits, tgt, t_len, u_len, blank: int, weights=None, out=None) ->
         raise ValueError("targets (N, U) and lengths (N,) must be CPU integer tensors")
     if not 0 <= blank < V:
         raise ValueError(f"blank must lie in [0, V={V}), got {blank}")
-    if N and (int(t_len.min()) < 1 or int(t_len.max()) > T or int(u_len.min()) < 0
-              or int(u_len.max()) > U1 - 1):
+    from memlab.memory import host_values
+    known = host_values(t_len, u_len)            # None: fake lengths without values (estimate)
+    if N and known is not None and (
+            int(known[0].min()) < 1 or int(known[0].max()) > T or int(known[1].min()) < 0
+            or int(known[1].max()) > U1 - 1):
         raise ValueError(f"lengths must lie in [1, T={T}] and [0, U={U1 - 1}]")
-    if tgt.numel() and (int(tgt.min()) < 0 or int(tgt.max()) >= V):
+    known_tgt = host_values(tgt)
+    if tgt.numel() and known_tgt is not None and (int(known_tgt[0].min()) < 0
+                                                  or int(known_tgt[0].max()) >= V):
         raise ValueError(f"targets must lie in [0, V={V})")
     scratch = torch.empty(5, N, T, U1, dtype=torch.float64)    # lognorm, lpb, lpe, alpha, beta
     ln, lpb, lpe, al, be = (scratch[i] for i in range(5))
@@ -287,6 +294,11 @@ def chunk_loss(logits, tgt, t_len, u_len, blank: int, weights=None, out=None) ->
         w = weights.detach().to(device="cpu", dtype=torch.float64).contiguous()
         if not _dense(w, torch.float64, (N,)):
             raise ValueError(f"weights must have shape ({N},), got {tuple(weights.shape)}")
+    if any(type(t) is not torch.Tensor for t in (logits, out, tgt, t_len, u_len, w)
+           if t is not None):
+        # fake tensors (memlab.memory.estimate): the allocations above are the kernel's; the
+        # values are unknown, so nothing is computed (out keeps its shape, costs are fake)
+        return costs
     p = lambda t: t.data_ptr()                                                 # noqa: E731
     lens = (p(tgt), p(t_len), p(u_len), T, U1, V, blank)
     _split(getattr(lib, f"memlab_rnnt_pass1_{dt}"), N * T, MIN_ROWS_PER_THREAD,

@@ -29,6 +29,13 @@ def _joiner_params(joiner) -> List[torch.nn.Parameter]:
     return [p for p in params() if p.requires_grad]
 
 
+def _storage_key(st) -> int:
+    """Which storage: its data pointer; inside ``memlab.memory.estimate`` (fake storages, no
+    data) the storage object itself."""
+    from memlab.memory import _ESTIMATE_MODE
+    return st._cdata if _ESTIMATE_MODE else st.data_ptr()
+
+
 def _may_overwrite(logits: torch.Tensor) -> bool:
     """Whether the gradient may overwrite the joiner's output: a non-leaf, contiguous tensor
     that spans its whole storage (a reshape of the last matmul's output is fine; a view of a
@@ -43,7 +50,8 @@ def _may_overwrite(logits: torch.Tensor) -> bool:
     st = logits.untyped_storage()
     if logits.storage_offset() != 0 or st.nbytes() != logits.numel() * logits.element_size():
         return False
-    ptr, seen, stack = st.data_ptr(), set(), [logits.grad_fn]
+    key = _storage_key
+    ptr, seen, stack = key(st), set(), [logits.grad_fn]
     while stack:
         fn = stack.pop()
         if fn is None or fn in seen:
@@ -62,7 +70,7 @@ def _may_overwrite(logits: torch.Tensor) -> bool:
             return False
         for v in saved:
             for t in (v if isinstance(v, (tuple, list)) else (v,)):
-                if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() == ptr:
+                if isinstance(t, torch.Tensor) and key(t.untyped_storage()) == ptr:
                     return False
         stack.extend(f for f, _ in fn.next_functions)
     return True

@@ -341,11 +341,18 @@ class AsrTask(Task):
 
     def random_batch(self, cfg, batch_size, frames, num_classes=None, target_len=None,
                      device=None):
+        from memlab.memory import host_tensor, real_tensors
         feats = torch.randn(batch_size, frames, 80, device=device)           # (B, T, F)
         U = target_len or max(2, frames // 25)
-        targets = torch.randint(1, cfg.vocab_size, (batch_size, U), device=device)  # (B, U)
-        return (feats, torch.full((batch_size,), frames, dtype=torch.long, device=device),
-                targets, torch.full((batch_size,), U, dtype=torch.long, device=device))
+        # lengths and targets are host tensors: the losses read their values, and under
+        # estimate (fake tensors) these keep them
+        with real_tensors():
+            g = torch.Generator().manual_seed(0)
+            targets = torch.randint(1, cfg.vocab_size, (batch_size, U), generator=g)  # (B, U)
+            feat_lengths = torch.full((batch_size,), frames, dtype=torch.long)
+            target_lengths = torch.full((batch_size,), U, dtype=torch.long)
+        return (feats, host_tensor(feat_lengths, device=device), host_tensor(targets, device=device),
+                host_tensor(target_lengths, device=device))
 
     @staticmethod
     def _check_corpus(cfg):

@@ -105,6 +105,15 @@ def _check_common(batch: int, T: int, U: int, targets, in_lengths, target_length
 
 
 def _check_target_values(targets, target_lengths, blank: int, vocab_size: int) -> None:
+    from memlab.memory import host_values, real_tensors
+    known = host_values(targets, target_lengths)     # None: fake tensors without values
+    if known is None:
+        return
+    with real_tensors():
+        _check_known_target_values(*known, blank, vocab_size)
+
+
+def _check_known_target_values(targets, target_lengths, blank: int, vocab_size: int) -> None:
     U = targets.shape[1]
     valid = torch.arange(U, device=targets.device)[None, :] < target_lengths[:, None]  # (B, U)
     bad = valid & ((targets < 0) | (targets >= vocab_size))
@@ -242,6 +251,25 @@ def rnnt_forward_variables(logits: torch.Tensor, targets: torch.Tensor,
 # 2. batched: torchaudio's fused kernel on the whole (B, T, U+1, V) tensor
 
 
+_TORCHAUDIO_FAKE: List[bool] = []
+
+
+def _register_torchaudio_fake() -> None:
+    """Shapes of torchaudio's loss op for fake tensors (``memlab.memory.estimate``): the costs
+    (N,) and the gradient it computes in forward and keeps for backward, as large as the logits.
+    torchaudio registers none; once per process."""
+    if _TORCHAUDIO_FAKE:
+        return
+    _TORCHAUDIO_FAKE.append(True)
+    try:
+        @torch.library.register_fake("torchaudio::rnnt_loss_forward")
+        def _fake(logits, targets, logit_lengths, target_lengths, blank, clamp,
+                  fused_log_softmax):
+            return logits.new_empty(logits.shape[:1]), torch.empty_like(logits)
+    except (RuntimeError, AttributeError):   # registered already (elsewhere), or an old torch
+        pass
+
+
 def _torchaudio_costs(logits, targets, logit_lengths, target_lengths, blank, clamp=-1.0):
     """Per-sample losses (N,) from torchaudio; logits (N, T', U'+1, V) already cropped.
 
@@ -251,6 +279,7 @@ def _torchaudio_costs(logits, targets, logit_lengths, target_lengths, blank, cla
     """
     import torchaudio.functional as taF
 
+    _register_torchaudio_fake()
     x = logits if logits.dtype in (torch.float32, torch.float16) else logits.float()
     costs = taF.rnnt_loss(x.contiguous(), targets.to(torch.int32).contiguous(),
                           logit_lengths.to(torch.int32), target_lengths.to(torch.int32),

@@ -354,9 +354,10 @@ def test_bench_rows():
     assert {r["method"] for r in rows} == {"batched", "samplewise"}
     for r in rows:
         assert r["peak_bytes"] > 0 and r["time_s"] > 0 and r["estimated"] is False
-    paper = {r["method"]: r for r in run_paper(device="cpu")}
+    # the paper's 40 s utterances at 64 of its 1024 (the full batch: test_estimate_asr, slow)
+    paper = {r["method"]: r for r in run_paper(device="cpu", batch_size=64)}
     assert paper["batched"]["estimated"] and paper["samplewise"]["estimated"]
-    assert paper["batched"]["T"] == 1000 and paper["batched"]["batch_size"] == 1024
+    assert paper["batched"]["T"] == 1000 and paper["batched"]["batch_size"] == 64
     assert paper["samplewise"]["peak_bytes"] < 6 * 2**30 < paper["batched"]["peak_bytes"]
 
 
