@@ -32,7 +32,7 @@ def _joiner_params(joiner) -> List[torch.nn.Parameter]:
 def _storage_key(st) -> int:
     """Which storage: its data pointer; inside ``memlab.memory.estimate`` (fake storages, no
     data) the storage object itself."""
-    from memlab.memory import _ESTIMATE_MODE
+    from memlab._estimate import _ESTIMATE_MODE
     return st._cdata if _ESTIMATE_MODE else st.data_ptr()
 
 
