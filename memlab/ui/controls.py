@@ -1,11 +1,19 @@
-"""The dashboard's control panel: sizes, one dropdown per technique kind, budget, run buttons.
+"""The dashboard's control panel: scenario, sizes, one dropdown per technique kind, budget,
+planner box, run buttons.
 
-``Controls(task, overrides, on_change)`` owns the base configuration (``Config.for_task`` with
-the overrides) and the widgets; ``config`` is the ``Config`` they describe, ``set(**values)``
-sets them from code. The technique dropdowns are generated from the registry: one per
+``Controls(task, overrides, on_change, scenario=None)`` owns the base configuration
+(``Config.for_task`` with the overrides, or ``memlab.scenarios.config`` of the picked scenario)
+and the widgets; ``config`` is the ``Config`` they describe, ``set(**values)`` sets them from
+code. The technique dropdowns are generated from the registry: one per
 ``memlab.techniques.kinds()`` entry, listing ``techniques.names(kind, task)``, hidden when no
 technique of the kind applies to the task, so a kind registered later gets its dropdown on the
 next ``refresh()``. ``on_change()`` is called after every change a user (or ``set``) makes.
+
+The scenario picker lists ``memlab.scenarios.names()`` after a "(none)" entry (the task's own
+defaults). Picking one sets the task and every control to ``scenarios.config(name, **the current
+technique choices)``; changing a technique afterwards rebuilds the base from the scenario again
+(a scenario may tune e.g. the learning rate per optimizer), and switching to another task leaves
+the scenario.
 """
 
 from __future__ import annotations
@@ -15,9 +23,9 @@ from typing import Any, Callable, Dict, Optional
 
 import ipywidgets as W
 
-from memlab import tasks
+from memlab import scenarios, tasks
 from memlab import techniques as tech
-from memlab.lab import Config
+from memlab.lab import FIELD_KINDS, Config
 from memlab.ui.figures import MiB
 
 # how a kind's dropdown is labelled (a kind not named here: its own name)
@@ -26,19 +34,69 @@ TASK_TIPS = {"speaker": "speaker verification (ResNet / DF-ResNet, AAM-softmax)"
              "asr": "transducer ASR (RNN-T loss)"}
 # Config fields with a control of their own (every kind has one too)
 _SIZES = ("task", "model", "batch_size", "depth", "width", "steps", "budget")
+NO_SCENARIO = "(none)"          # the picker's entry for "no scenario": the task's defaults
+PLAN_FIT = "11GiB"              # the planner box's start value
+
+
+def scenario_name(value: Any) -> Optional[str]:
+    """The scenario a picker value / ``scenario=`` argument names (None: no scenario)."""
+    if value is None or value == NO_SCENARIO:
+        return None
+    if not isinstance(value, str) or value not in scenarios.names():
+        raise ValueError(f"scenario must be None, {NO_SCENARIO!r} or one of "
+                         f"{scenarios.names()}, got {value!r}")
+    return value
+
+
+def with_choices(cfg: Config, choices: Dict[str, str]) -> Config:
+    """``cfg`` with the technique ``choices`` (kind -> name) that apply to its task."""
+    named, values = dict(cfg.techniques), {}
+    for kind, name in choices.items():
+        if name is None or name not in tech.names(kind, cfg.task):
+            continue
+        if kind in FIELD_KINDS:
+            values[kind] = name
+        else:
+            named[kind] = name
+    return cfg.replace(techniques=named, **values)
+
+
+def _kind_keywords(choices: Dict[str, str]) -> Dict[str, str]:
+    """kind -> name as ``scenarios.config`` keywords (a kind's dashes become underscores)."""
+    return {kind.replace("-", "_"): name for kind, name in choices.items()}
 
 
 class Controls:
     """The widgets a learner turns; ``config`` is what they describe."""
 
-    def __init__(self, task: str, overrides: Dict[str, Any], on_change: Callable[[], None]):
-        tasks.get(task)                  # ValueError naming the tasks
+    def __init__(self, task: Optional[str], overrides: Dict[str, Any],
+                 on_change: Callable[[], None], scenario: Optional[str] = None):
+        name = scenario_name(scenario)   # ValueError naming the scenarios
+        if task is not None:
+            tasks.get(task)              # ValueError naming the tasks
         unknown = set(overrides) - set(Config.__dataclass_fields__)
         if unknown:
             raise TypeError(f"unknown Config field(s) {sorted(unknown)}; expected names from "
                             f"memlab.lab.Config")
+        self.scenario: Optional[str] = None
+        # scenario -> the Config fields given with it (constructor, set): kept while it is picked
+        self._scenario_over: Dict[str, Dict[str, Any]] = {}
+        if name is not None:
+            s = scenarios.get(name)
+            if task is not None and task != s.task:
+                raise ValueError(f"task={task!r} contradicts scenario={name!r}, a {s.task} "
+                                 f"scenario")
+            task = s.task
+            rest = dict(overrides)
+            picks = dict(rest.pop("techniques", None) or {})
+            picks.update({k: rest.pop(k) for k in FIELD_KINDS if k in rest})
+            self._scenario_over[name] = rest
+            self.base = scenarios.config(name, **_kind_keywords(picks), **rest)
+            self.scenario = name
+        else:
+            task = task or "speaker"
+            self.base = Config.for_task(task, **overrides).validate()
         self._overrides, self._task_of_overrides = dict(overrides), task
-        self.base = Config.for_task(task, **overrides).validate()
         self.on_change = on_change
         self._syncing = False          # True while controls are set from code
         self.kind_controls: Dict[str, W.Dropdown] = {}
@@ -47,20 +105,25 @@ class Controls:
         def row(*ws):
             return W.HBox(list(ws), layout=W.Layout(align_items="center", flex_flow="row wrap",
                                                     grid_gap="4px 14px"))
-        self.panel = W.VBox([row(self.w_task, self.w_model, self.w_steps),
+        self.panel = W.VBox([row(self.w_scenario, self.w_scenario_info), self.w_full_size,
+                             row(self.w_task, self.w_model, self.w_steps),
                              row(self.w_batch, self.w_depth, self.w_width), self.w_kinds,
                              self.w_hint, row(self.w_budget_on, self.w_budget,
                                               self.w_budget_unit, self.w_estimate_btn,
                                               self.w_estimate),
+                             row(self.w_fit, self.w_plan_btn), self.w_plan,
                              row(self.w_run, self.w_stop, self.w_clear, self.w_progress,
                                  self.w_status)],
                             layout=W.Layout(border="1px solid #e0e0e0", padding="8px 10px",
                                             grid_gap="6px"))
         for w, name in ((self.w_batch, "memlab-batch"), (self.w_depth, "memlab-depth"),
                         (self.w_run, "memlab-run"), (self.w_stop, "memlab-stop"),
-                        (self.w_status, "memlab-status")):
+                        (self.w_status, "memlab-status"), (self.w_scenario, "memlab-scenario"),
+                        (self.w_full_size, "memlab-full-size"), (self.w_fit, "memlab-fit"),
+                        (self.w_plan_btn, "memlab-plan-button"), (self.w_plan, "memlab-plan")):
             w.add_class(name)
         self._fill_strategies(self.base)
+        self._describe_scenario()
 
     def __getattr__(self, name: str):
         # w_memory, w_optimizer, w_loss, w_<any kind>: the generated dropdowns
@@ -71,6 +134,14 @@ class Controls:
 
     def _build(self, cfg: Config) -> None:
         style = {"description_width": "initial"}
+        self.w_scenario = W.Dropdown(options=[NO_SCENARIO, *scenarios.names()],
+                                     value=self.scenario or NO_SCENARIO, description="scenario",
+                                     style=style, layout=W.Layout(width="260px"),
+                                     tooltip="a preset sized so that a technique's regime is "
+                                     "reached (memlab.scenarios)")
+        self.w_scenario_info = W.HTML(layout=W.Layout(margin="0 0 0 8px", flex="1 1 400px"))
+        self.w_full_size = W.HTML(layout=W.Layout(margin="0 0 0 8px"))
+        self.w_scenario.observe(self._on_scenario, names="value")
         names = tasks.names()
         self.w_task = W.ToggleButtons(options=list(names), value=cfg.task, description="task",
                                       style=dict(style, button_width="76px"),
@@ -110,6 +181,14 @@ class Controls:
                                        "tensors (no memory, no data) and compare with the budget",
                                        layout=W.Layout(width="100px"))
         self.w_estimate = W.HTML(layout=W.Layout(margin="0 0 0 8px"))
+        self.w_fit = W.Text(value=PLAN_FIT, description="plan to fit into", style=style,
+                            placeholder="11GiB", layout=W.Layout(width="220px"),
+                            tooltip="a memory size: 11GB (10^9 B), 11GiB, 512MiB")
+        self.w_plan_btn = W.Button(description="plan", icon="list",
+                                   tooltip="which registered techniques make this configuration "
+                                   "fit (memlab.planner, estimated on fake tensors)",
+                                   layout=W.Layout(width="90px"))
+        self.w_plan = W.HTML(layout=W.Layout(max_height="320px", overflow="auto"))
         button = dict(layout=W.Layout(width="90px"))
         self.w_run = W.Button(description="Run", icon="play", button_style="success",
                               tooltip="train this configuration (in the background)", **button)
@@ -135,7 +214,7 @@ class Controls:
                            style={"description_width": "initial"},
                            layout=W.Layout(width="230px"))
             w.add_class(f"memlab-kind-{kind}")
-            w.observe(self._on_control, names="value")
+            w.observe(self._on_kind, names="value")
             self.kind_controls[kind] = w
             self.w_kinds.children = tuple(self.kind_controls.values())
         return self.kind_controls[kind]
@@ -179,27 +258,113 @@ class Controls:
         """Pick up kinds and techniques registered since the panel was built."""
         self._fill_strategies(self.config)
 
-    def _on_task(self, change) -> None:
-        if self._syncing:
-            return
-        task = change["new"]
-        # the constructor's task gets all its overrides back, another task those without a
-        # control (a batch size chosen for one task is not one for the other)
+    def _task_base(self, task: str) -> Config:
+        """The base Config of ``task`` without a scenario: the constructor's task gets all its
+        overrides back, another task those without a control (a batch size chosen for one task
+        is not one for the other)."""
         general = {k: v for k, v in self._overrides.items()
                    if k not in _SIZES and k not in tech.kinds()}
         keep = {self._task_of_overrides: dict(self._overrides)}.get(task, general)
-        self.base = base = Config.for_task(task, **keep)
+        return Config.for_task(task, **keep)
+
+    def _show(self, cfg: Config) -> None:
+        """Set every control from ``cfg`` (no on_change: the caller calls it once)."""
         self._syncing = True
         try:
-            self.w_model.options = list(tasks.get(task).models)
-            self.w_model.value = base.model_name
-            self.w_batch.value, self.w_depth.value = base.batch_size, base.depth
-            self.w_depth.disabled = base.blocks is not None
-            self.w_width.value, self.w_steps.value = base.width, base.steps
+            self.w_task.value = cfg.task
+            self.w_model.options = list(tasks.get(cfg.task).models)
+            self.w_model.value = cfg.model_name
+            for w, v in ((self.w_batch, cfg.batch_size), (self.w_depth, cfg.depth),
+                         (self.w_width, cfg.width)):
+                w.max = max(w.max, int(v))
+                w.value = v
+            self.w_depth.disabled = cfg.blocks is not None
+            self.w_depth.tooltip = (f"fixed by blocks={tuple(cfg.blocks)}" if cfg.blocks
+                                    else "blocks per stage (speaker) / encoder layers (asr)")
+            self.w_steps.value = cfg.steps
         finally:
             self._syncing = False
-        self._fill_strategies(base)
+        self._fill_strategies(cfg)
+
+    def _on_task(self, change) -> None:
+        if self._syncing:
+            return
+        if self.scenario is not None and scenarios.get(self.scenario).task != change["new"]:
+            self._set_scenario_widget(None)           # another task: the scenario is left
+        self.base = self._task_base(change["new"])
+        self._show(self.base)
         self._on_control(None)
+
+    # ------------------------------------------------------------------ scenarios
+    def _scenario_config(self, name: str) -> Config:
+        """``scenarios.config(name, **the current technique choices)`` (with the Config fields
+        given for this scenario in the constructor or ``set``)."""
+        task = scenarios.get(name).task
+        chosen = {k: v for k, v in self._chosen().items() if v in tech.names(k, task)}
+        return scenarios.config(name, **_kind_keywords(chosen),
+                                **self._scenario_over.get(name, {}))
+
+    def _set_scenario_widget(self, name: Optional[str]) -> None:
+        self.scenario = name
+        self._syncing = True
+        try:
+            self.w_scenario.value = name or NO_SCENARIO
+        finally:
+            self._syncing = False
+        self._describe_scenario()
+
+    def _pick(self, name: Optional[str]) -> None:
+        """Make ``name`` (None: no scenario) the scenario the controls describe."""
+        if name is None:
+            if self.scenario is None:
+                return
+            chosen = self._chosen()
+            self._set_scenario_widget(None)
+            self.base = self._task_base(self.w_task.value)
+            self._show(with_choices(self.base, chosen))
+            return
+        cfg = self._scenario_config(name)      # before the widget: a failure changes nothing
+        for other in set(self._scenario_over) - {name}:
+            self._scenario_over.pop(other)     # fields given with another scenario: theirs
+        self._set_scenario_widget(name)
+        self.base = cfg
+        self._show(cfg)
+
+    def _on_scenario(self, change) -> None:
+        if self._syncing:
+            return
+        try:
+            self._pick(scenario_name(change["new"]))
+        except (ValueError, TypeError) as e:     # shown under the picker, never lost
+            self._set_scenario_widget(self.scenario)
+            self.w_scenario_info.value = _error_html(f"could not pick {change['new']}", e)
+            return
+        self._on_control(None)
+
+    def _describe_scenario(self) -> None:
+        """The picked scenario's title, description and what the paper reports."""
+        if self.scenario is None:
+            self.w_scenario_info.value = ("<span style='font-size:12px;color:#777'>no scenario: "
+                                          "the task's defaults</span>")
+            self.w_full_size.value = ""
+            return
+        s = scenarios.get(self.scenario)
+        paper = (f"<br><span style='color:#777'>the paper: {html.escape(s.paper)}</span>"
+                 if s.paper else "")
+        self.w_scenario_info.value = (
+            f"<div style='font-size:12px;color:#555;line-height:1.45'><b>{html.escape(s.title)}"
+            f"</b><br>{html.escape(s.description)}{paper}</div>")
+
+    def _on_kind(self, change) -> None:
+        """A technique changed: under a scenario, rebuild its base for the new choices."""
+        if self._syncing:
+            return
+        if self.scenario is not None:
+            try:
+                self.base = self._scenario_config(self.scenario)
+            except (ValueError, TypeError) as e:   # e.g. a combination the scenario refuses
+                self.w_scenario_info.value = _error_html("this choice", e)
+        self._on_control(change)
 
     def _on_control(self, change) -> None:
         if self._syncing:
@@ -234,7 +399,18 @@ class Controls:
 
         Any kind is a keyword (``lab.set(precision="bf16")``). ``budget`` takes bytes (or None
         to switch the budget off); fields without a control change the base configuration.
+        ``scenario`` (a name of ``memlab.scenarios.names()``, or None) is picked first, so
+        ``lab.set(scenario="deep-speaker", memory="reversible")`` sets the scenario's sizes,
+        then the technique.
         """
+        values = dict(values)
+        if "scenario" in values:
+            name = scenario_name(values.pop("scenario"))   # ValueError naming the scenarios
+            task = values.get("task")
+            if name is not None and task is not None and task != scenarios.get(name).task:
+                raise ValueError(f"task={task!r} contradicts scenario={name!r}, a "
+                                 f"{scenarios.get(name).task} scenario")
+            self._pick(name)
         if "task" in values and values["task"] != self.w_task.value:
             tasks.get(values["task"])           # ValueError naming the tasks
             self.w_task.value = values["task"]
@@ -263,7 +439,13 @@ class Controls:
                 w.value = v
         finally:
             self._syncing = False
-        if rest:
+        if self.scenario is not None:
+            self._scenario_over.setdefault(self.scenario, {}).update(rest)
+            if set(values) & set(self.kind_controls):   # the scenario's base for these choices
+                self.base = self._scenario_config(self.scenario)
+            elif rest:
+                self.base = self.base.replace(**rest)
+        elif rest:
             self.base = self.base.replace(**rest)
             self._overrides.update(rest)
         self._on_control(None)
@@ -279,3 +461,10 @@ class Controls:
         self.w_budget_unit.value = unit
         self.w_budget.value = round(v / 2 ** 30, 3) if unit == "GiB" else round(v / MiB, 2)
         self.w_budget_on.value = True
+
+
+def _error_html(what: str, exc: BaseException) -> str:
+    """One red line: ``what``: the exception's type and its message on one line."""
+    msg = " ".join(str(exc).split())[:300]
+    return (f"<span style='font-size:12px;color:#c62828'>{html.escape(what)}: "
+            f"{html.escape(type(exc).__name__)}: {html.escape(msg)}</span>")

@@ -4,6 +4,9 @@
     lab = MemoryLab(task="speaker", batch_size=16)
     lab.show()                       # controls + live plotly figures
     records = lab.run(block=True)    # the same run from code (headless too); figures update
+    lab = MemoryLab(scenario="deep-speaker")    # a preset of memlab.scenarios
+    lab.run(); lab.run(memory="reversible")     # the table: "4.8x less than vanilla"
+    lab.plan("11GiB")                # memlab.planner: which techniques make it fit
 
 What it shows (one colour per memory category in every figure, ``memlab.ui.figures``):
 
@@ -11,7 +14,14 @@ What it shows (one colour per memory category in every figure, ``memlab.ui.figur
 * ``fig_timeline``  -- stacked areas: live bytes through the latest metered step, event by event,
   with the forward / backward / optimizer phases shaded
 * ``fig_curves``    -- training loss and the task's metrics per step
-* ``table``         -- one row per run: configuration, peak, step time, final metric
+* ``table``         -- one row per run: configuration, peak, step time, final metric, and
+  under a scenario the ratio of its baseline run's peak to this run's ("4.8x less than vanilla")
+
+Scenarios (``memlab.scenarios``): the picker sets every control to the scenario's
+configuration; under it, a line gives ``scenarios.headline`` for the current choices, the
+saving at the scenario's full-size twin (estimated on fake tensors in the background: tens of
+seconds at paper scale, cached per choices). The planner box runs ``memlab.planner.plan`` on the
+current configuration in the background and shows ``format_plan``'s table.
 
 The technique controls are generated: one dropdown per registered kind
 (``memlab.techniques.kinds()``), listing ``techniques.names(kind, task)`` and hidden when no
@@ -20,6 +30,9 @@ next ``refresh_strategies()`` / Run, without a change to this file.
 
 Training runs in a background thread (ipywidgets 8 sends widget updates from any thread), figure
 updates are throttled to ``MAX_REDRAWS_PER_S`` and batched with ``FigureWidget.batch_update``.
+The full-size and planner estimates run in background threads too, one at a time and never beside
+a run (``_job_lock``): two meters at once would share the global optimizer-step hooks (and the
+CPU, so a run's step times would be wrong); a run started meanwhile says "waiting".
 Stop sets ``Experiment.stop()``; the step loop checks it after every step. An error in a run is
 shown in the dashboard (status line + traceback); ``run(block=True)`` also re-raises it, except
 ``MemoryBudgetExceeded``, which is an outcome, not a bug: the run is marked "over budget".
@@ -43,17 +56,22 @@ from typing import Any, Dict, List, Optional, Tuple
 import ipywidgets as W
 import plotly.graph_objects as go
 
-from memlab import tasks
+from memlab import fast_mode, planner, scenarios, tasks
+from memlab import techniques as tech
 from memlab.lab import Config, Experiment, Record, estimate_config, peak_record
 from memlab.memory import CATEGORIES, Estimate, MemoryBudgetExceeded, format_bytes
 from memlab.report import format_metrics, last_loss, last_metrics
 from memlab.ui import figures as F
-from memlab.ui.controls import Controls
+from memlab.ui.controls import Controls, _error_html
 from memlab.ui.figures import CATEGORY_COLORS, RUN_COLORS
 
 MAX_REDRAWS_PER_S = 10
 _STATUS_COLORS = {"error": "#c62828", "over budget": "#c62828", "stopped": "#e67300",
-                  "running": "#1565c0", "done": "#2e7d32"}
+                  "running": "#1565c0", "done": "#2e7d32", "waiting": "#777"}
+FULL_SIZE_WAIT = "estimating at full size..."
+# Config fields that must agree for two runs' peaks to be a technique's ratio
+_SIZE_FIELDS = ("task", "model", "blocks", "depth", "width", "embed_dim", "batch_size",
+                "seconds", "vocab_size", "num_speakers", "adapt_speaker", "init_from", "device")
 
 
 @dataclass
@@ -62,7 +80,8 @@ class _Run:
     index: int
     config: Config
     records: List[Record] = field(default_factory=list)
-    status: str = "starting"      # running | done | stopped | over budget | error
+    status: str = "starting"      # waiting | running | done | stopped | over budget | error
+    scenario: Optional[str] = None    # the scenario picked when it started
     error: Optional[BaseException] = None
     started: float = field(default_factory=time.perf_counter)
     ended: Optional[float] = None
@@ -85,7 +104,7 @@ class _Run:
         vals = plain or [r.seconds for r in self.records if r.step > 0]
         return statistics.median(vals) if vals else None
 
-    def status_html(self) -> str:
+    def status_html(self, versus: Optional[str] = None) -> str:
         bits = [f"<b>{self.name}</b> {html.escape(self.status)}",
                 f"step {self.steps_done}/{self.config.steps}"]
         loss, rec, st = last_loss(self.records), self.peak_record, self.step_seconds
@@ -97,13 +116,15 @@ class _Run:
             bits.append(f"{st * 1000:.0f} ms/step")
         if last_metrics(self.records):
             bits.append(format_metrics(last_metrics(self.records), self.metrics))
+        if versus:
+            bits.append(f"<b>{html.escape(versus)}</b>")
         text = " · ".join(bits)
         if self.error is not None:
             msg = html.escape(f"{type(self.error).__name__}: {self.error}")
             text += f"<br><span style='color:#c62828'>{msg}</span>"
         return f"<span style='font-size:12px'>{text}</span>"
 
-    def row_html(self) -> str:
+    def row_html(self, versus: Optional[str] = None) -> str:
         rec, st, loss = self.peak_record, self.step_seconds, last_loss(self.records)
         cells = [f"<span style='color:{self.color};font-size:16px'>●</span>", self.name,
                  f"<code>{html.escape(self.config.label)}</code>",
@@ -114,8 +135,59 @@ class _Run:
                  f"{st * 1000:.0f} ms" if st is not None else "–",
                  f"{loss:.3f}" if loss is not None else "–",
                  format_metrics(last_metrics(self.records), self.metrics)]
+        if versus is not None:
+            cells.append(html.escape(versus))
         return "<tr>" + "".join(f"<td style='padding:2px 10px'>{c}</td>" for c in cells) + \
             "</tr>"
+
+
+def format_ratio(baseline_peak: int, peak: int, label: str) -> str:
+    """``baseline_peak / peak`` as the dashboard says it: "4.8x less than vanilla" (two decimals
+    below 2x; "1.3x more than vanilla" when the run needs more)."""
+    r = baseline_peak / peak
+    times = r if r >= 1 else 1 / r
+    text = f"{times:.1f}x" if times >= 2 else f"{times:.2f}x"
+    return f"{text} {'less' if r >= 1 else 'more'} than {label}"
+
+
+def _is_baseline(cfg: Config, s: scenarios.Scenario) -> bool:
+    return all(cfg.choice(k) == v for k, v in s.baseline.items())
+
+
+def _sizes(cfg: Config) -> Tuple[Any, ...]:
+    return tuple(getattr(cfg, f) for f in _SIZE_FIELDS)
+
+
+def baseline_spec(s: scenarios.Scenario, cfg: Optional[Config] = None) -> Dict[str, str]:
+    """The baseline choices worth naming: the kinds the scenario compares, and those where
+    ``cfg`` differs from the baseline (all of them when that leaves none)."""
+    spec = {k: v for k, v in s.baseline.items()
+            if len(s.comparison.get(k, ())) > 1 or (cfg is not None and cfg.choice(k) != v)}
+    return spec or dict(s.baseline)
+
+
+def versus_baseline(run: _Run, runs: List[_Run]) -> Optional[str]:
+    """How ``run``'s peak compares with its scenario's baseline run among ``runs``: the ratio of
+    the baseline's measured peak to this run's, or what to run first (None: no scenario)."""
+    if run.scenario is None:
+        return None
+    s = scenarios.get(run.scenario)
+    if _is_baseline(run.config, s):
+        return "baseline"
+    spec = baseline_spec(s, run.config)
+    same = [r for r in runs if r.scenario == run.scenario and _is_baseline(r.config, s)]
+    base = [r for r in same if _sizes(r.config) == _sizes(run.config)]
+    measured = [r for r in base if r.peak_record is not None]
+    what = ", ".join(f"{k}={v}" for k, v in spec.items())
+    if not base:
+        where = " at these sizes" if same else ""
+        return f"run the baseline ({what}){where} to compare"
+    if not measured:
+        return "waiting for the baseline's peak"
+    if run.peak_record is None:
+        return "measuring..." if run.status in ("running", "waiting", "starting") else "-"
+    return format_ratio(measured[-1].peak_record.peak, run.peak_record.peak,
+                        " + ".join(spec.values()))
 
 
 def _runs_table(runs: List[_Run]) -> str:
@@ -124,10 +196,21 @@ def _runs_table(runs: List[_Run]) -> str:
                 "configuration and press <b>Run</b>.</div>")
     head = ["", "run", "configuration", "status", "steps", "peak", "step time", "final loss",
             "final metric"]
+    scenario = any(r.scenario is not None for r in runs)
+    if scenario:
+        head.append("vs the scenario's baseline")
     th = "".join(f"<th style='text-align:left;padding:3px 10px;border-bottom:1px solid #ccc'>"
                  f"{h}</th>" for h in head)
+    rows = "".join(r.row_html((versus_baseline(r, runs) or "-") if scenario else None)
+                   for r in runs)
     return (f"<table style='border-collapse:collapse;font-size:12px'><thead><tr>{th}</tr>"
-            f"</thead><tbody>{''.join(r.row_html() for r in runs)}</tbody></table>")
+            f"</thead><tbody>{rows}</tbody></table>")
+
+
+def _pre(text: str) -> str:
+    """Monospace text (the planner's table) as HTML."""
+    return (f"<pre style='font-family:ui-monospace,Menlo,Consolas,monospace;font-size:11px;"
+            f"margin:2px 0;line-height:1.35'>{html.escape(text)}</pre>")
 
 
 def _estimate_html(est: Estimate, budget: Optional[int]) -> str:
@@ -150,7 +233,9 @@ class MemoryLab:
     """Controls + live figures for ``memlab.lab.Experiment`` runs.
 
     Args:
-        task: a registered task ("speaker", "asr").
+        task: a registered task ("speaker", "asr"); default: the scenario's, else "speaker".
+        scenario: a name of ``memlab.scenarios.names()`` to start from (None: the task's
+            defaults); the picker changes it, so does ``set(scenario=...)``.
         **config_overrides: any ``memlab.lab.Config`` field; those with a control (batch_size,
             depth, width, steps, model, budget and one per technique kind: memory, optimizer,
             loss, ...) set its start value, the rest (seconds, eval_every, lr, ...) apply to
@@ -163,9 +248,12 @@ class MemoryLab:
         kind_controls: ``{kind: Dropdown}``, also reachable as ``w_<kind>`` (``w_optimizer``).
         fig_breakdown, fig_timeline, fig_curves: the plotly ``FigureWidget``s.
         last_error: the exception that ended the latest run, or None.
+        full_size_line: the scenario's ``headline`` for the current choices once estimated.
+        last_plan, plan_text: the planner's latest ``Plan`` and its ``format_plan`` text.
     """
 
-    def __init__(self, task: str = "speaker", **config_overrides: Any):
+    def __init__(self, task: Optional[str] = None, scenario: Optional[str] = None,
+                 **config_overrides: Any):
         self.runs: List[Tuple[Config, List[Record]]] = []
         self._runs: List[_Run] = []
         self._experiment: Optional[Experiment] = None
@@ -175,18 +263,28 @@ class MemoryLab:
         self.last_error: Optional[BaseException] = None
         self.last_estimate: Optional[Estimate] = None
         self._estimate_cache: Optional[Tuple[Config, Estimate]] = None
-        self.controls = Controls(task, config_overrides, on_change=self._on_change)
+        self._job_lock = threading.Lock()      # one estimate or run at a time
+        self._jobs: List[threading.Thread] = []
+        self._full_size_lines: Dict[Tuple[Any, ...], str] = {}   # key -> headline
+        self._full_size_pending: set = set()
+        self.full_size_line: Optional[str] = None
+        self.last_plan: Optional[planner.Plan] = None
+        self.plan_text: Optional[str] = None
+        self.controls = Controls(task, config_overrides, on_change=self._on_change,
+                                 scenario=scenario)
         self.kind_controls = self.controls.kind_controls
         self.w_run.on_click(lambda _b: self._safe(self._start))
         self.w_stop.on_click(lambda _b: self.stop())
         self.w_clear.on_click(lambda _b: self._safe(self.clear))
         self.w_estimate_btn.on_click(lambda _b: self._estimate_ui())
+        self.w_plan_btn.on_click(lambda _b: self._plan_ui())
         self.fig_breakdown = go.FigureWidget(F.peak_bars_figure())
         self.fig_timeline = go.FigureWidget(F.live_timeline_figure())
         self.fig_curves = go.FigureWidget(F.curves_figure())
         self._curve_traces: Dict[Tuple[int, str], int] = {}   # (run index, series) -> trace
         self._build_layout()
         self._draw(force=True)
+        self._update_full_size()
 
     def __getattr__(self, name: str):
         # the widgets of the control panel: w_batch, w_run, ..., w_<kind> (w_optimizer)
@@ -201,10 +299,15 @@ class MemoryLab:
         """The configuration the controls describe (changing a control changes it)."""
         return self.controls.config
 
+    @property
+    def scenario(self) -> Optional[str]:
+        """The picked scenario's name (None: none)."""
+        return self.controls.scenario
+
     def set(self, **values: Any) -> "MemoryLab":
         """Set controls from code: ``lab.set(batch_size=64, optimizer="adam8bit")``; any kind
         is a keyword. ``budget`` takes bytes (None: off); other Config fields change the base
-        configuration."""
+        configuration. ``scenario`` picks a scenario first (None: none)."""
         self.controls.set(**values)
         return self
 
@@ -218,6 +321,124 @@ class MemoryLab:
         elif not self.w_budget_on.value:
             self.w_estimate.value = ""
         self._draw_budget_lines()
+        self._update_full_size()
+
+    # ------------------------------------------------------------------ background estimates
+    def _background(self, name: str, fn) -> threading.Thread:
+        """Run ``fn`` in a daemon thread, one job at a time and never beside a run."""
+        def work():
+            with self._job_lock:
+                fn()
+        t = threading.Thread(target=work, name=f"memlab-{name}", daemon=True)
+        with self._lock:
+            self._jobs = [j for j in self._jobs if j.is_alive()] + [t]
+        t.start()
+        return t
+
+    def wait_estimates(self, timeout: Optional[float] = None) -> bool:
+        """Wait for the background estimates (full size, planner); True when all have ended."""
+        deadline = None if timeout is None else time.perf_counter() + timeout
+        while True:
+            with self._lock:
+                alive = [j for j in self._jobs if j.is_alive()]
+            if not alive:
+                return True
+            left = None if deadline is None else deadline - time.perf_counter()
+            if left is not None and left <= 0:
+                return False
+            alive[0].join(0.1 if left is None else min(0.1, left))
+
+    def _full_size_key(self) -> Optional[Tuple[Any, ...]]:
+        """(scenario, the choices its full-size twin depends on, fast mode); None: none."""
+        name = self.controls.scenario
+        if name is None:
+            return None
+        s, cfg = scenarios.get(name), self.config
+        choices = {k: cfg.choice(k) for k in tech.kinds() if tech.applies(k, cfg.task) and (
+            k in s.comparison or k in s.baseline or cfg.choice(k) != tech.default(k))}
+        return name, tuple(sorted(choices.items())), fast_mode()
+
+    def _update_full_size(self) -> None:
+        """The scenario's ``headline`` at full size for the current choices: from the cache,
+        else estimated in the background, "estimating at full size..." meanwhile."""
+        key = self._full_size_key()
+        self.full_size_line = self._full_size_lines.get(key) if key else None
+        if key is None:
+            self.w_full_size.value = ""
+        elif self.full_size_line is not None:
+            self.w_full_size.value = _full_size_html(self.full_size_line)
+        else:
+            self.w_full_size.value = (f"<span style='font-size:12px;color:#777'>"
+                                      f"{FULL_SIZE_WAIT}</span>")
+            if key not in self._full_size_pending:
+                self._full_size_pending.add(key)
+                self._background("full-size", lambda: self._full_size_job(key))
+
+    def _full_size_job(self, key: Tuple[Any, ...]) -> None:
+        line, error = None, None
+        try:
+            if key != self._full_size_key():
+                return                             # the choices moved on: not needed now
+            name, choices, fast = key
+            line = scenarios.headline(name, dict(choices), fast)
+            self._full_size_lines[key] = line
+        except Exception as e:  # noqa: BLE001 - shown in place of the line
+            error = e
+        finally:
+            self._full_size_pending.discard(key)
+        if key == self._full_size_key():
+            self.full_size_line = line
+            self.w_full_size.value = (_full_size_html(line) if error is None else
+                                      _error_html("could not estimate at full size", error))
+
+    # ------------------------------------------------------------------ planner
+    def plan(self, fit: Any = None, block: bool = True) -> Optional[planner.Plan]:
+        """Which registered techniques make the current configuration fit into ``fit`` (a size
+        such as "11GiB"; default: the box's text): ``memlab.planner.plan`` on fake tensors, in
+        the background; ``format_plan``'s text appears in the box (and ``plan_text``).
+
+        A bad size raises ``planner.parse_size``'s ValueError, shown in the box as one line.
+        ``block=True`` waits and returns the ``Plan`` (None when planning failed, shown).
+        """
+        text = self.w_fit.value if fit is None else fit
+        try:
+            budget = planner.parse_size(text)
+        except ValueError as e:
+            self.last_plan, self.plan_text = None, None
+            self.w_plan.value = (f"<span style='font-size:12px;color:#c62828'>"
+                                 f"{html.escape(' '.join(str(e).split()))}</span>")
+            raise
+        cfg = self.config.replace(budget=None)
+        self.last_plan, self.plan_text = None, None
+        self.w_plan.value = (f"<span style='font-size:12px;color:#777'>planning a fit into "
+                             f"{html.escape(format_bytes(budget))}...</span>")
+        job = self._background("plan", lambda: self._plan_job(cfg, budget))
+        if block:
+            job.join()
+            return self.last_plan
+        return None
+
+    def _plan_ui(self) -> None:
+        """The plan button: a bad size is shown in the box (by ``plan``), never raised."""
+        try:
+            self.plan(block=False)
+        except ValueError:
+            pass
+        except Exception as e:  # noqa: BLE001 - shown to the user
+            self.w_plan.value = _error_html("could not plan", e)
+
+    def _plan_job(self, cfg: Config, budget: int) -> None:
+        def progress(text: str) -> None:
+            self.w_plan.value = (f"<span style='font-size:12px;color:#777'>planning: "
+                                 f"{html.escape(text)}...</span>")
+        try:
+            result = planner.plan(cfg, budget, progress=progress)
+            text = planner.format_plan(result)
+        except Exception as e:  # noqa: BLE001 - shown in the box
+            self.w_plan.value = _error_html("could not plan", e)
+            return
+        self.last_plan, self.plan_text = result, text
+        self.w_plan.value = _pre(text)
 
     def _budget_bytes(self) -> Optional[int]:
         return self.controls.budget_bytes()
@@ -349,7 +570,7 @@ class MemoryLab:
         self.w_progress.bar_style = {"done": "success", "stopped": "warning",
                                      "error": "danger", "over budget": "danger"}.get(
             run.status, "info")
-        self.w_status.value = run.status_html()
+        self.w_status.value = run.status_html(versus_baseline(run, runs))
 
     # ------------------------------------------------------------------ running
     @property
@@ -390,7 +611,8 @@ class MemoryLab:
         if cfg.budget is not None:
             self._estimate_ui(cfg)
         exp = Experiment(cfg)
-        run = _Run(index=(self._runs[-1].index + 1) if self._runs else 1, config=cfg)
+        run = _Run(index=(self._runs[-1].index + 1) if self._runs else 1, config=cfg,
+                   scenario=self.controls.scenario)
         with self._lock:
             self._runs.append(run)
             self.runs.append((cfg, run.records))
@@ -404,7 +626,14 @@ class MemoryLab:
         return run
 
     def _worker(self, exp: Experiment, run: _Run) -> None:
+        locked = False
         try:
+            locked = self._job_lock.acquire(blocking=False)
+            if not locked:                 # a full-size or planner estimate is running
+                run.status = "waiting"
+                self._draw(force=True)
+                self._job_lock.acquire()
+                locked, run.status = True, "running"
             for rec in exp.run():
                 run.records.append(rec)
                 self._draw()
@@ -416,6 +645,8 @@ class MemoryLab:
             run.status, run.error = "error", e
             self._show_error(e)
         finally:
+            if locked:
+                self._job_lock.release()
             run.ended = time.perf_counter()
             self._experiment = None
             try:
@@ -501,3 +732,7 @@ class MemoryLab:
 
     def __repr__(self) -> str:
         return f"MemoryLab(config={self.config!r}, runs={len(self.runs)})"
+
+
+def _full_size_html(line: str) -> str:
+    return f"<span style='font-size:12px;color:#333'>{html.escape(line)}</span>"
