@@ -69,6 +69,7 @@ MAX_REDRAWS_PER_S = 10
 _STATUS_COLORS = {"error": "#c62828", "over budget": "#c62828", "stopped": "#e67300",
                   "running": "#1565c0", "done": "#2e7d32", "waiting": "#777"}
 FULL_SIZE_WAIT = "estimating at full size..."
+_AFTER_RUN = " (after the current run)"
 # Config fields that must agree for two runs' peaks to be a technique's ratio
 _SIZE_FIELDS = ("task", "model", "blocks", "depth", "width", "embed_dim", "batch_size",
                 "seconds", "vocab_size", "num_speakers", "adapt_speaker", "init_from", "device")
@@ -369,7 +370,8 @@ class MemoryLab:
             self.w_full_size.value = _full_size_html(self.full_size_line)
         else:
             self.w_full_size.value = (f"<span style='font-size:12px;color:#777'>"
-                                      f"{FULL_SIZE_WAIT}</span>")
+                                      f"{FULL_SIZE_WAIT}{_AFTER_RUN if self.running else ''}"
+                                      f"</span>")
             if key not in self._full_size_pending:
                 self._full_size_pending.add(key)
                 self._background("full-size", lambda: self._full_size_job(key))
@@ -411,7 +413,8 @@ class MemoryLab:
         cfg = self.config.replace(budget=None)
         self.last_plan, self.plan_text = None, None
         self.w_plan.value = (f"<span style='font-size:12px;color:#777'>planning a fit into "
-                             f"{html.escape(format_bytes(budget))}...</span>")
+                             f"{html.escape(format_bytes(budget))}..."
+                             f"{_AFTER_RUN if self.running else ''}</span>")
         job = self._background("plan", lambda: self._plan_job(cfg, budget))
         if block:
             job.join()
@@ -634,7 +637,7 @@ class MemoryLab:
                 self._draw(force=True)
                 self._job_lock.acquire()
                 locked, run.status = True, "running"
-            for rec in exp.run():
+            for rec in ([] if exp.stopped else exp.run()):    # stopped while waiting: none
                 run.records.append(rec)
                 self._draw()
             run.status = "stopped" if run.steps_done < run.config.steps else "done"
