@@ -105,7 +105,7 @@ class Controls:
         def row(*ws):
             return W.HBox(list(ws), layout=W.Layout(align_items="center", flex_flow="row wrap",
                                                     grid_gap="4px 14px"))
-        self.panel = W.VBox([row(self.w_scenario, self.w_scenario_info), self.w_full_size,
+        self.panel = W.VBox([self.w_scenario, self.w_scenario_info, self.w_full_size,
                              row(self.w_task, self.w_model, self.w_steps),
                              row(self.w_batch, self.w_depth, self.w_width), self.w_kinds,
                              self.w_hint, row(self.w_budget_on, self.w_budget,
@@ -139,7 +139,7 @@ class Controls:
                                      style=style, layout=W.Layout(width="260px"),
                                      tooltip="a preset sized so that a technique's regime is "
                                      "reached (memlab.scenarios)")
-        self.w_scenario_info = W.HTML(layout=W.Layout(margin="0 0 0 8px", flex="1 1 400px"))
+        self.w_scenario_info = W.HTML(layout=W.Layout(margin="0 0 0 8px"))
         self.w_full_size = W.HTML(layout=W.Layout(margin="0 0 0 8px"))
         self.w_scenario.observe(self._on_scenario, names="value")
         names = tasks.names()

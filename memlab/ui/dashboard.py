@@ -488,8 +488,8 @@ class MemoryLab:
         figs = W.HBox([self.fig_breakdown, self.fig_timeline],
                       layout=W.Layout(flex_flow="row wrap", grid_gap="8px"))
         self.table = W.HTML()
-        self.widget = W.VBox([header, self.controls.panel, figs, self.fig_curves, self.table, self.w_error],
-                             layout=W.Layout(grid_gap="8px", width="100%"))
+        self.widget = W.VBox([header, self.controls.panel, figs, self.fig_curves, self.table,
+                              self.w_error], layout=W.Layout(grid_gap="8px", width="100%"))
         # CSS classes: stable handles for styling and for browser tests
         for w, name in ((self.widget, "memlab-lab"), (self.fig_breakdown, "memlab-breakdown"),
                         (self.fig_timeline, "memlab-timeline"),
