@@ -131,6 +131,97 @@ def step_factor(choices: Mapping[str, str], model: Optional[str] = None
     return factor, notes, missing
 
 
+# ----------------------------------------------------------------------------- extrapolation
+EXTRAPOLATE_FROM = 10     # a stage (speaker) / encoder (asr) this deep is measured shallower
+DEPTHS = (2, 3)           # its sizes estimated, then extrapolated (from block 2 on all are alike)
+PROXY_DEPTHS = (1, 2)     # the same for predictions, on the proxy (other stages at one block)
+MARGIN = 0.15             # combinations predicted under budget x (1 + MARGIN) are estimated
+CONFIRM_TOLERANCE = 0.005  # a full estimate this much above the extrapolated one: not linear
+
+
+@dataclass(frozen=True)
+class Axis:
+    """What the planner extrapolates along: one speaker stage's blocks, or the encoder layers."""
+    label: str                    # "stage 3 blocks" / "encoder layers"
+    full: int                     # its size in the configuration
+    stage: Optional[int] = None   # index into Config.blocks; None: Config.depth
+
+    def at(self, cfg, n: int, proxy: bool = False):
+        """cfg with the axis at ``n`` (``proxy``: every other stage at one block)."""
+        if self.stage is None:
+            return cfg.replace(depth=n)
+        blocks = list(cfg.blocks if cfg.blocks is not None else (cfg.depth,) * 4)
+        if proxy:
+            blocks = [1] * len(blocks)
+        blocks[self.stage] = n
+        return cfg.replace(blocks=tuple(blocks))
+
+
+def depth_axis(cfg, threshold: int = EXTRAPOLATE_FROM) -> Optional[Axis]:
+    """The deepest speaker stage, or the ASR encoder, when at least ``threshold`` deep."""
+    if cfg.task == "speaker":
+        blocks = tuple(cfg.blocks) if cfg.blocks is not None else (cfg.depth,) * 4
+        i = max(range(len(blocks)), key=lambda j: blocks[j])
+        return Axis(f"stage {i + 1} blocks", blocks[i], i) if blocks[i] >= threshold else None
+    if cfg.task == "asr" and cfg.depth >= threshold:
+        return Axis("encoder layers", cfg.depth)
+    return None
+
+
+@dataclass
+class Figure:
+    """A step's peak at full size: estimated (``source="full"``) or extrapolated."""
+    peak: int
+    parts: Dict[str, int]                 # breakdown at the peak
+    phase: Optional[str]
+    source: str                           # "full" | e.g. "2,3->63"
+    linear: bool = True                   # extrapolated: the depths agree on the peak's phase
+
+    def breakdown(self) -> Dict[str, int]:
+        return dict(self.parts)
+
+
+def _extrapolate(estimates, depths: Sequence[int], full: int) -> Figure:
+    """Each category at the peak (and the peak) linear in depth, from the last two depths."""
+    (d1, e1), (d2, e2) = list(zip(depths, estimates))[-2:]
+    b1, b2 = e1.breakdown(), e2.breakdown()
+
+    def line(v1, v2):
+        return int(round(v2 + (full - d2) * (v2 - v1) / (d2 - d1)))
+    parts = {c: line(b1.get(c, 0), b2[c]) for c in b2}
+    linear = len({e.peak_phase for e in estimates}) == 1
+    return Figure(sum(parts.values()), parts, e2.peak_phase,
+                  f"{','.join(map(str, depths))}->{full}", linear)
+
+
+def extrapolated_estimate(cfg, *, depths: Sequence[int] = DEPTHS, axis: Optional[Axis] = None,
+                          batch_size: Optional[int] = None, frames: Optional[int] = None,
+                          num_classes: Optional[int] = None, proxy: bool = False,
+                          progress=None) -> Figure:
+    """``estimate_config`` of ``cfg`` at ``depths`` of its deepest stage (``depth_axis``), the
+    peak and each category at the peak extrapolated linearly to the full depth.
+
+    Exact where the step's peak moment stays where it is as blocks are added (each identical
+    block adds the same bytes); a peak that moves to another moment as depth grows (checkpointing
+    at depth: the block inputs outgrow the first stage's recompute) makes this a lower bound,
+    so the planner confirms its top answers with a full estimate."""
+    from memlab.lab import estimate_config
+    depths = tuple(depths)
+    if len(depths) < 2 or any(isinstance(d, bool) or not isinstance(d, int) or d < 1
+                              for d in depths) or list(depths) != sorted(set(depths)):
+        raise ValueError(f"depths must be >= 2 increasing ints >= 1, got {depths!r}")
+    axis = axis or depth_axis(cfg, threshold=depths[-1] + 1)
+    if axis is None:
+        raise ValueError(f"cfg: no stage deeper than depths {depths} to extrapolate along")
+    out = []
+    for d in depths:
+        if progress is not None:
+            progress(f"at {d} {axis.label}{' (proxy)' if proxy else ''}")
+        out.append(estimate_config(axis.at(cfg, d, proxy).validate(), batch_size=batch_size,
+                                   frames=frames, num_classes=num_classes, steps=2))
+    return _extrapolate(out, depths, axis.full)
+
+
 # ----------------------------------------------------------------------------- planning
 @dataclass
 class Plan:
@@ -138,9 +229,15 @@ class Plan:
     base: Dict[str, Any]                      # the configuration itself
     rows: List[Dict[str, Any]]                # fitting combinations, cheapest first
     predicted_over: int                       # combinations predicted not to fit (not listed)
-    checked: int                              # exact estimates run
+    checked: int                              # estimate_config calls (any depth)
     failed: List[str] = field(default_factory=list)   # combinations that could not run
     seconds: float = 0.0
+    axis: Optional[str] = None                # what was extrapolated ("stage 3 blocks")
+    full_depth: Optional[int] = None          # ... from DEPTHS to this
+    full_estimates: int = 0                   # estimate_config calls at full size
+    unverified: int = 0                       # predicted to fit, not estimated (verify/time)
+    not_predicted: int = 0                    # costlier than the rows found: not considered
+    notes: List[str] = field(default_factory=list)
 
 
 def _with(cfg, choices: Mapping[str, str]):
@@ -176,89 +273,244 @@ def candidates(cfg, kinds: Optional[Sequence[str]] = None,
     return out
 
 
+def _predict(base: Mapping[str, int], ref: Mapping[str, int],
+             changes: Sequence[Mapping[str, int]]) -> int:
+    """Each category at the peak scaled by every change's measured ratio on the reference
+    (kinds act on the same tensors multiplicatively: bf16 halves what checkpointing keeps)."""
+    total = 0.0
+    for c, v in base.items():
+        add = 0.0
+        for ch in changes:
+            if ref.get(c, 0) > 0:
+                v = v * ch.get(c, 0) / ref[c]
+            else:
+                add += ch.get(c, 0)
+        total += v + add
+    return int(total)
+
+
 def plan(cfg, fit, *, batch_size: Optional[int] = None, frames: Optional[int] = None,
          num_classes: Optional[int] = None, kinds: Optional[Sequence[str]] = None,
          choices: Optional[Mapping[str, Sequence[str]]] = None, verify: int = 12,
-         progress=None) -> Plan:
+         progress=None, confirm: int = 1, time_budget: Optional[float] = None,
+         extrapolate: bool = True) -> Plan:
     """The combinations of registered techniques under which ``cfg`` fits into ``fit``
     (bytes or a size string), estimated on fake tensors (see the module docstring).
 
     ``batch_size`` / ``frames`` / ``num_classes``: as ``estimate_config`` (paper-scale what-if
-    without building a paper-scale Config). ``verify``: at most this many exact estimates of
-    predicted-to-fit combinations. ``progress(text)``: called before each estimate."""
+    without building a paper-scale Config). ``verify``: at most this many estimates of
+    predicted-to-fit combinations. ``confirm``: the top answers estimated at full size when
+    extrapolated. ``time_budget``: seconds after which no more combinations are estimated
+    (the top answer is still confirmed). ``extrapolate=False``: every estimate at full size.
+    ``progress(text)``: called before each estimate."""
     from memlab.lab import estimate_config
     budget = parse_size(fit)
-    if isinstance(verify, bool) or not isinstance(verify, int) or verify < 1:
-        raise ValueError(f"verify must be an int >= 1, got {verify!r}")
+    for name, v, lo in (("verify", verify, 1), ("confirm", confirm, 0)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+            raise ValueError(f"{name} must be an int >= {lo}, got {v!r}")
+    if time_budget is not None and (isinstance(time_budget, bool) or not isinstance(
+            time_budget, (int, float)) or not time_budget > 0):
+        raise ValueError(f"time_budget must be None or seconds > 0, got {time_budget!r}")
     cfg.validate()
     t0 = time.perf_counter()
     cand = candidates(cfg, kinds, choices)
-    cache: Dict[Tuple[Tuple[str, str], ...], Any] = {}
+    axis = depth_axis(cfg) if extrapolate else None
+    kw = dict(batch_size=batch_size, frames=frames, num_classes=num_classes)
+    cache: Dict[Tuple[str, Tuple[Tuple[str, str], ...]], Optional[Figure]] = {}
     failed: List[str] = []
-
-    def key(ch):
-        return tuple(sorted(ch.items()))
-
-    def est(ch):
-        k = key(ch)
-        if k not in cache:
-            label = ", ".join(f"{a}={b}" for a, b in ch.items()
-                              if b != tech.default(a)) or "as given"
-            if progress is not None:
-                progress(f"estimating {label}")
-            try:
-                c = _with(cfg, ch).validate()
-                cache[k] = estimate_config(c, batch_size=batch_size, frames=frames, steps=2,
-                                           num_classes=num_classes)
-            except (ValueError, TypeError, NotImplementedError, RuntimeError) as e:
-                failed.append(f"{label}: {' '.join(str(e).split())[:160]}")
-                cache[k] = None
-        return cache[k]
-
+    calls = {"all": 0, "full": 0}
     here = {k: cfg.choice(k) for k in cand}
-    base = est(here)
+
+    def elapsed() -> float:
+        return time.perf_counter() - t0
+
+    def label(ch) -> str:
+        return ", ".join(f"{a}={b}" for a, b in ch.items() if b != here[a]) or "as given"
+
+    def run(c, what: str, where: str, full: bool):
+        if progress is not None:
+            progress(f"[{elapsed():4.0f} s] estimating {what} {where}")
+        calls["all"] += 1
+        calls["full"] += full
+        return estimate_config(c, steps=2, **kw)
+
+    def measure(ch, how: str) -> Optional[Figure]:
+        """how: "full" (full size), "reduced" (DEPTHS, extrapolated), "proxy" (predictions)."""
+        if axis is None:
+            how = "full"
+        k = (how, tuple(sorted(ch.items())))
+        if k in cache:
+            return cache[k]
+        what = label(ch)
+        fig: Optional[Figure] = None
+        try:
+            c = _with(cfg, ch).validate()
+            if how == "full":
+                e = run(c, what, "at full size", True)
+                fig = Figure(int(e.peak), e.breakdown(), e.peak_phase, "full")
+            else:
+                proxy = how == "proxy"
+                ds = PROXY_DEPTHS if proxy else DEPTHS
+                es = [run(axis.at(c, d, proxy).validate(), what,
+                          f"at {d} {axis.label}{' (proxy)' if proxy else ''}", False) for d in ds]
+                fig = _extrapolate(es, ds, axis.full)
+        except (ValueError, TypeError, NotImplementedError, RuntimeError) as e:
+            failed.append(f"{what}: {' '.join(str(e).split())[:160]}")
+        cache[k] = fig
+        if fig is not None and not fig.linear and how == "reduced":   # the phase moved
+            notes.append(f"{what}: the peak's phase changes with depth; estimated at full size")
+            fig = cache[k] = measure(ch, "full")
+        return fig
+
+    notes: List[str] = []
+    first = "reduced" if axis is not None else "full"
+    base = measure(here, first)
     if base is None:
         raise ValueError(f"cfg: its step cannot be estimated on fake tensors ({failed[-1]})")
-    delta: Dict[Tuple[str, str], float] = {}
-    for kind, names in cand.items():
-        for n in names:
-            if n == here[kind]:
-                continue
-            e = est(dict(here, **{kind: n}))
-            if e is not None:
-                delta[(kind, n)] = e.peak - base.peak
+    # predictions: each single change measured on the reference (the proxy when extrapolating),
+    # lazily: combinations are taken cheapest first and the expensive ones are rarely reached
+    ref = measure(here, "proxy") if axis is not None else base
+    if ref is None:
+        ref = base
+    single: Dict[Tuple[str, str], Optional[Dict[str, int]]] = {}
+
+    def single_change(kind: str, name: str) -> Optional[Dict[str, int]]:
+        if (kind, name) not in single:
+            f = measure(dict(here, **{kind: name}), "proxy")
+            single[(kind, name)] = None if f is None else f.parts
+        return single[(kind, name)]
+
     kinds_order = list(cand)
-    predicted = []
+    groups: Dict[Tuple[int, float, int], List[Dict[str, str]]] = {}
     for combo in itertools.product(*(cand[k] for k in kinds_order)):
         ch = dict(zip(kinds_order, combo))
-        if any((k, v) not in delta for k, v in ch.items() if v != here[k]):
-            continue                                   # a single change already failed
-        p = base.peak + sum(delta[(k, v)] for k, v in ch.items() if v != here[k])
         factor, _notes, missing = step_factor(ch, cfg.model_name)
-        predicted.append((p, factor, len(missing), ch))
-    fitting = [x for x in predicted if x[0] <= budget]
-    over = len(predicted) - len(fitting)
-    fitting.sort(key=lambda x: (x[1], x[2], x[0]))
+        changes = sum(v != here[k] for k, v in ch.items())
+        groups.setdefault((len(missing), round(factor, 6), changes), []).append(ch)
     rows: List[Dict[str, Any]] = []
-    checked_before = len(cache)
-    for p, factor, _m, ch in fitting:
-        if len(cache) - checked_before >= verify and key(ch) not in cache:
-            break
-        e = est(ch)
-        if e is None or e.peak > budget:
+    verified = unverified = invalid = over = skipped = 0
+    stop = None if time_budget is None else 0.75 * time_budget   # leave time to confirm
+
+    def make_row(ch, fig: Figure, p: int) -> Dict[str, Any]:
+        f, tnotes, missing = step_factor(ch, cfg.model_name)
+        return {"choices": {k: v for k, v in ch.items() if v != tech.default(k)},
+                "all_choices": dict(ch),
+                "run": ", ".join(v for k, v in ch.items() if v != tech.default(k)) or "as given",
+                "peak": fig.peak, "headroom": budget - fig.peak, "predicted": int(p),
+                **{k: int(v) for k, v in fig.parts.items()}, "phase": fig.phase,
+                "source": fig.source, "time_factor": f, "time_notes": tnotes,
+                "not_measured": missing, "changes": sum(v != here[k] for k, v in ch.items())}
+
+    def done() -> bool:
+        return verified >= verify or (stop is not None and elapsed() > stop)
+
+    for gkey in sorted(groups):
+        if done():
+            skipped += len(groups[gkey])
             continue
-        f, notes, missing = step_factor(ch, cfg.model_name)
-        rows.append({"choices": {k: v for k, v in ch.items() if v != tech.default(k)},
-                     "run": ", ".join(f"{v}" for k, v in ch.items()
-                                      if v != tech.default(k)) or "as given",
-                     "peak": int(e.peak), "headroom": budget - int(e.peak),
-                     "predicted": int(p), **{k: int(v) for k, v in e.breakdown().items()},
-                     "phase": e.peak_phase, "time_factor": f, "time_notes": notes,
-                     "not_measured": missing})
-    rows.sort(key=lambda r: (r["time_factor"], len(r["not_measured"]), r["peak"]))
-    base_row = {"run": "as given", "peak": int(base.peak), "phase": base.peak_phase,
-                "fits": base.peak <= budget, **base.breakdown()}
-    return Plan(budget, base_row, rows, over, len(cache), failed, time.perf_counter() - t0)
+        predicted = []
+        for ch in groups[gkey]:
+            changed = [(k, v) for k, v in ch.items() if v != here[k]]
+            parts = [single_change(k, v) for k, v in changed]
+            if any(s is None for s in parts):
+                continue                               # a single change already failed
+            p = base.peak if not changed else _predict(base.parts, ref.parts, parts)
+            predicted.append((p, ch))
+        predicted.sort(key=lambda x: x[0])
+        for p, ch in predicted:
+            if p > budget * (1 + MARGIN):
+                over += 1
+                continue
+            if (first, tuple(sorted(ch.items()))) not in cache:
+                if done():
+                    unverified += 1
+                    continue
+                try:
+                    _with(cfg, ch).validate()
+                except (ValueError, TypeError):
+                    invalid += 1                        # e.g. in-backward with accumulation
+                    continue
+                verified += 1
+            fig = measure(ch, first)
+            if fig is not None and fig.peak <= budget:
+                rows.append(make_row(ch, fig, p))
+
+    def order(r):
+        return (len(r["not_measured"]), r["time_factor"], r["changes"], r["peak"])
+    rows.sort(key=order)
+    # confirm: the top answers estimated at full size. Extrapolation is a lower bound where the
+    # peak moves to another moment as blocks are added; a confirmed shortfall is attributed to
+    # the row's choices, and other rows with one of them get it added (estimated at full size
+    # instead while time is left)
+    short: Dict[Tuple[str, str], Dict[str, int]] = {}   # choice -> full - extrapolated, per category
+    confirmed, i = 0, 0
+    while i < len(rows) and axis is not None:
+        r = rows[i]
+        flagged = [c for c in r["choices"].items() if c in short] + \
+            ([("*", "*")] if ("*", "*") in short else [])
+        time_left = time_budget is not None and elapsed() < time_budget
+        if r["source"] == "full" or (confirmed >= confirm and not flagged):
+            i += 1
+            continue
+        if confirmed >= confirm and not time_left:       # flagged: add the shortfall
+            c = max(flagged, key=lambda c: sum(short[c].values()))
+            for cat, v in short[c].items():
+                r[cat] = r.get(cat, 0) + v
+            add = sum(short[c].values())
+            r["peak"] += add
+            r["headroom"] = budget - r["peak"]
+            r["source"] += f"+{_gib(add).replace(' ', '')}"
+            r["shortfall_of"] = "=".join(c) if c[0] != "*" else "as given"
+            if r["peak"] > budget:
+                notes.append(f"{r['run']}: {_gib(r['peak'])} with the shortfall of "
+                             f"{'='.join(c)} at full size: does not fit")
+                rows.pop(i)
+                continue
+            i += 1
+            continue
+        full = measure(r["all_choices"], "full")
+        confirmed += 1
+        if full is None:
+            i += 1
+            continue
+        if full.peak > r["peak"] * (1 + CONFIRM_TOLERANCE):
+            ratio = full.peak / max(r["peak"], 1)
+            if not flagged:                      # the first row with these choices: theirs
+                delta = {c: full.parts.get(c, 0) - r.get(c, 0) for c in full.parts}
+                for c in (list(r["choices"].items()) or [("*", "*")]):
+                    short[c] = delta
+            notes.append(f"{r['run']}: extrapolated {_gib(r['peak'])}, at full size "
+                         f"{_gib(full.peak)} (+{100 * (ratio - 1):.1f}%): the peak moves to "
+                         f"another moment as {axis.label} are added")
+        extrapolated = r["peak"]
+        rows[i] = make_row(r["all_choices"], full, r["predicted"])
+        rows[i]["extrapolated"] = extrapolated
+        if full.peak > budget:
+            rows.pop(i)
+            continue
+        i += 1
+    rows.sort(key=order)
+    for r in rows:
+        r.pop("all_choices", None)
+    if unverified or skipped:
+        notes.append(f"after these (--verify {verify}" + (f", {time_budget:.0f} s" if
+                     time_budget else "") + f"): {unverified} more combinations predicted to "
+                     f"fit were not estimated, {skipped} costlier ones not predicted")
+    if invalid:
+        notes.append(f"{invalid} combinations predicted to fit are not valid together "
+                     f"(Config.validate)")
+    base_row = {"run": "as given", "peak": int(base.peak), "phase": base.phase,
+                "fits": base.peak <= budget, "source": base.source, **base.parts}
+    return Plan(budget, base_row, rows, over, calls["all"], failed, elapsed(),
+                axis=None if axis is None else axis.label,
+                full_depth=None if axis is None else axis.full,
+                full_estimates=calls["full"], unverified=unverified,
+                not_predicted=skipped, notes=notes)
+
+
+def _gib(n: int) -> str:
+    from memlab.memory import format_bytes
+    return format_bytes(n)
 
 
 def format_plan(result: Plan, limit: int = 10) -> str:
@@ -268,7 +520,9 @@ def format_plan(result: Plan, limit: int = 10) -> str:
     from memlab.report import format_table
     b = result.base
     out = [f"budget {format_bytes(result.fit)}; as given: {format_bytes(b['peak'])} "
-           f"({'fits' if b['fits'] else 'does not fit'}; peak in {b['phase']})"]
+           f"({'fits' if b['fits'] else 'does not fit'}; peak in {b['phase']}"
+           + (f"; {b['source']} {result.axis}" if b.get("source", "full") != "full" else "")
+           + ")"]
     if not result.rows:
         out.append("no registered combination fits (estimated on fake tensors); lower the "
                    "batch size, the utterance length or the model")
@@ -278,14 +532,28 @@ def format_plan(result: Plan, limit: int = 10) -> str:
             t = f"{r['time_factor']:.2f}x"
             extra = "; ".join(r["time_notes"] + [f"{m}: not measured" for m in r["not_measured"]])
             rows.append({"run": r["run"], "peak": r["peak"],
-                         **{c: r[c] for c in CATEGORIES if c in r}, "step_time": t,
-                         "measured ratios (bench, CPU)": extra or "-"})
+                         **{c: r[c] for c in CATEGORIES if c in r},
+                         **({"from": r.get("source", "full")} if result.axis else {}),
+                         "step_time": t, "measured ratios (bench, CPU)": extra or "-"})
         out.append(format_table(rows))
         if len(result.rows) > limit:
             out.append(f"... and {len(result.rows) - limit} more that fit")
-    out.append(f"{result.checked} estimates on fake tensors in {result.seconds:.0f} s; "
-               f"{result.predicted_over} combinations predicted not to fit (not estimated)"
+    out.append(f"{result.checked} estimates on fake tensors ({result.full_estimates} at full "
+               f"size) in {result.seconds:.0f} s; {result.predicted_over} combinations "
+               f"predicted not to fit (not estimated)"
                + (f"; {len(result.failed)} could not run" if result.failed else ""))
+    if result.axis:
+        d = ",".join(map(str, DEPTHS))
+        out.append(f"from: 'full' = estimated at full size; '{d}->{result.full_depth}' = "
+                   f"estimated at {' and '.join(map(str, DEPTHS))} {result.axis}, the peak and "
+                   f"each category extrapolated linearly to {result.full_depth} (exact while "
+                   f"the peak stays at the same moment; the top answer is estimated at full "
+                   f"size)")
+    fixed = sorted({r["shortfall_of"] for r in result.rows if r.get("shortfall_of")})
+    if fixed:
+        out.append(f"'->N+X': extrapolated, plus the shortfall X that the full-size estimate of "
+                   f"{', '.join(fixed)} found (its peak moves with depth)")
+    out.extend(result.notes)
     out.append("step_time: product of the benchmarks' measured whole-step ratios "
                "(memlab.planner.MEASURED: 2-core CPU, 1 thread); optimizer-step and loss "
                "ratios are shown, not multiplied in")
@@ -317,8 +585,14 @@ def add_arguments(p) -> None:
         p.add_argument(f"--{kind}", dest="kind_" + kind.replace("-", "_"),
                        help=f"{kind} names to try, comma-separated (default: every registered "
                             f"one): {', '.join(tech.names(kind))}")
-    p.add_argument("--verify", type=int, default=8, help="at most this many exact estimates "
-                   "of combinations predicted to fit (default 8)")
+    p.add_argument("--verify", type=int, default=8, help="at most this many estimates of "
+                   "combinations predicted to fit (default 8)")
+    p.add_argument("--confirm", type=int, default=1, help="the top answers estimated at full "
+                   "size when the others are extrapolated from shallower nets (default 1)")
+    p.add_argument("--seconds", type=float, default=45.0, help="estimate no more combinations "
+                   "after this long (default 45; the top answer is still confirmed)")
+    p.add_argument("--no-extrapolate", dest="extrapolate", action="store_false",
+                   help="estimate every combination at full depth (slow for deep nets)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
 
@@ -374,15 +648,21 @@ def command(args) -> int:
         v = getattr(args, "kind_" + kind.replace("-", "_"), None)
         if v is not None:
             choices[kind] = tuple(x.strip() for x in v.split(",") if x.strip())
-    quiet = args.json or not sys.stderr.isatty()
+    import os
+    show = os.environ.get("MEMLAB_PROGRESS") == "1" or (not args.json and sys.stderr.isatty())
     result = plan(cfg, fit, kinds=vary, choices=choices or None, verify=args.verify,
-                  progress=None if quiet else (lambda t: print(f"memlab plan: {t}",
-                                                               file=sys.stderr)), **extra)
+                  confirm=args.confirm, time_budget=args.seconds, extrapolate=args.extrapolate,
+                  progress=(lambda t: print(f"memlab plan: {t}", file=sys.stderr, flush=True))
+                  if show else None, **extra)
     if args.json:
         print(json.dumps({"fit": result.fit, "config": cfg.label, "base": result.base,
                           "rows": result.rows, "predicted_over": result.predicted_over,
-                          "checked": result.checked, "failed": result.failed}, indent=2,
-                         default=str))
+                          "checked": result.checked, "full_estimates": result.full_estimates,
+                          "extrapolated": {"axis": result.axis, "depths": list(DEPTHS),
+                                           "to": result.full_depth} if result.axis else None,
+                          "unverified": result.unverified, "notes": result.notes,
+                          "failed": result.failed, "seconds": round(result.seconds, 1)},
+                         indent=2, default=str))
     else:
         print(f"memlab plan: {cfg.label}" + (f", {extra}" if extra else ""))
         print(format_plan(result))
