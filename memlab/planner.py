@@ -410,6 +410,9 @@ def plan(cfg, fit, *, batch_size: Optional[int] = None, frames: Optional[int] = 
             continue
         predicted = []
         for ch in groups[gkey]:
+            if done():
+                skipped += 1
+                continue
             changed = [(k, v) for k, v in ch.items() if v != here[k]]
             parts = [single_change(k, v) for k, v in changed]
             if any(s is None for s in parts):

@@ -87,3 +87,124 @@ def test_cli_plan_bad_values_one_line(capsys, argv, needle):
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert needle in err and len(err.splitlines()) == 1 and err.startswith("memlab plan: error")
+
+
+# ----------------------------------------------------------------------------- deep nets
+# A deep stage is estimated at 2 and 3 blocks and extrapolated (memlab.planner.DEPTHS).
+DEEP = dict(task="speaker", model="dfresnet", blocks=(1, 1, 12, 1), width=8, embed_dim=32,
+            batch_size=8, seconds=1.0, num_speakers=6)
+
+
+@pytest.mark.parametrize("memory", ["vanilla", "reversible"])
+def test_extrapolation_matches_a_full_estimate_at_depth_12(one_thread, memory):
+    cfg = Config(**DEEP, memory=memory)
+    fig = planner.extrapolated_estimate(cfg)
+    full = estimate_config(cfg, steps=2)
+    assert fig.source == "2,3->12" and fig.linear and fig.phase == full.peak_phase
+    assert fig.peak == pytest.approx(full.peak, rel=0.02)
+    for cat, v in full.breakdown().items():
+        assert abs(fig.parts[cat] - v) <= 0.02 * full.peak, cat
+    assert fig.peak == sum(fig.parts.values())
+
+
+def test_planner_top_answer_fits_a_real_step(one_thread):
+    """Planned with extrapolation (stage 3 of 12 blocks), checked on a real step's meter."""
+    from memlab.ui.measure import measure_step
+    cfg = Config(**DEEP)
+    budget = int(0.5 * estimate_config(cfg, steps=2).peak)      # vanilla does not fit
+    result = planner.plan(cfg, budget, kinds=("memory", "optimizer"),
+                          choices={"optimizer": ("adam", "adam8bit")}, verify=2)
+    assert result.axis == "stage 3 blocks" and result.full_depth == 12
+    assert not result.base["fits"] and result.rows, planner.format_plan(result)
+    top = result.rows[0]
+    assert top["source"] == "full" and result.full_estimates == 1   # the top answer confirmed
+    real = measure_step(planner._with(cfg, top["choices"]), steps=2)
+    assert real.peak <= budget
+    assert real.peak == pytest.approx(top["peak"], rel=0.03)
+    text = planner.format_plan(result)
+    assert "2,3->12" in text and "extrapolated linearly" in text
+
+
+def _synthetic(calls, kink=True):
+    """A stand-in for estimate_config, linear in stage 3's blocks (n); checkpoint's peak moves
+    to the stage-3 inputs past n ~ 50 (as DF-ResNet233's does), so extrapolation falls short."""
+    from memlab.memory import Estimate
+    GiB = 2**30
+
+    def fake(cfg, batch_size=None, frames=None, steps=1, num_classes=None, target_len=None):
+        n = cfg.blocks[2]
+        calls.append(tuple(cfg.blocks))
+        mem = cfg.choice("memory")
+        act = 4 * GiB + {"vanilla": 1.5 * GiB, "checkpoint": 0.01 * GiB}.get(mem, 0) * n
+        if mem == "checkpoint" and kink:
+            act = max(act, 1 * GiB + 0.06 * GiB * n)
+        act *= 0.5 if cfg.choice("precision") == "bf16" else 1.0
+        act /= {"accumulate2": 2, "accumulate4": 4}.get(cfg.choice("accumulation"), 1)
+        p = 10**6 * (10 + n)
+        state = {"sgd": 0, "sgd8bit": 0.25, "adam8bit": 0.5, "adamw8bit": 0.5}.get(
+            cfg.choice("optimizer"), 2)
+        parts = {"parameters": p, "gradients": p, "optimizer": int(state * p),
+                 "activations": int(act), "other": 8 * 2**20}
+        return Estimate(sum(parts.values()), 0, "backward", parts, dict(parts))
+    return fake
+
+
+def test_readme_example_takes_the_fast_path(monkeypatch, capsys):
+    """`memlab plan --scenario deep-speaker --full-size --fit 11GiB` (DF-ResNet233): every
+    estimate at 1-3 blocks of stage 3 but the top answer's confirmation at 63."""
+    import memlab.lab
+    calls = []
+    monkeypatch.setattr(memlab.lab, "estimate_config", _synthetic(calls, kink=False))
+    monkeypatch.setenv("MEMLAB_PROGRESS", "1")
+    assert main(["plan", "--scenario", "deep-speaker", "--full-size", "--fit", "11GiB"]) == 0
+    out, err = capsys.readouterr()
+    full = [c for c in calls if c[2] == 63]
+    assert len(full) == 1, full                                  # the top answer, once
+    assert all(c == (3, 8, c[2], 3) or c == (1, 1, c[2], 1) for c in calls)
+    assert all(c[2] in (1, 2, 3) for c in calls if c[2] != 63)
+    assert len(calls) <= 40
+    assert "memlab plan: [" in err and "at 2 stage 3 blocks" in err    # progress
+    assert "2,3->63" in out and "full" in out
+
+
+def test_shortfall_of_a_confirmed_row_carries_to_rows_sharing_its_choice(monkeypatch):
+    import memlab.lab
+    from memlab import scenarios
+    calls = []
+    monkeypatch.setattr(memlab.lab, "estimate_config", _synthetic(calls))
+    exact_of = _synthetic([])
+    twin = scenarios.get("everything").twin
+    cfg = Config(task="speaker", **dict(twin.overrides))
+    result = planner.plan(cfg, "11GiB", frames=twin.frames, num_classes=twin.num_classes,
+                          kinds=("memory", "optimizer"), verify=6)
+    top = result.rows[0]
+    assert top["run"] == "checkpoint" and top["source"] == "full"
+    assert top["peak"] > top["extrapolated"]                    # the kink, found at full size
+    for r in result.rows[1:]:                                   # with the same shortfall
+        exact = exact_of(planner._with(cfg, r["choices"])).peak
+        if "checkpoint" in r["run"]:
+            assert r["peak"] == exact and "+" in r["source"]
+        else:
+            assert r["peak"] == exact and r["source"] == "2,3->63"
+    assert any("moves to another moment" in n for n in result.notes)
+    assert sum(c[2] == 63 for c in calls) == 1
+
+
+def test_phase_change_falls_back_to_a_full_estimate(monkeypatch):
+    import memlab.lab
+    calls = []
+    base = _synthetic(calls, kink=False)
+
+    def fake(cfg, **kw):
+        e = base(cfg, **kw)
+        if cfg.choice("memory") == "reversible" and cfg.blocks[2] == 2:
+            e.peak_phase = "optimizer"                           # the depths disagree
+        return e
+    monkeypatch.setattr(memlab.lab, "estimate_config", fake)
+    cfg = Config(task="speaker", model="dfresnet", blocks=(3, 8, 63, 3), width=32,
+                 embed_dim=256, batch_size=128)
+    result = planner.plan(cfg, "11GiB", kinds=("memory",),
+                          choices={"memory": ("vanilla", "reversible")})
+    rev = [r for r in result.rows if r["run"] == "reversible"]
+    assert rev and rev[0]["source"] == "full"
+    assert any("phase changes with depth" in n for n in result.notes)
