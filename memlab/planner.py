@@ -7,22 +7,33 @@
     print(planner.format_plan(result))
 
 How. Every registered technique of every kind that applies to the task
-(``memlab.techniques.kinds()`` / ``names(kind, task)``) is a candidate; the full cross product
-is too large to estimate one by one at paper scale (minutes per DF-ResNet233 step on fake
-tensors), so the planner
+(``memlab.techniques.kinds()`` / ``names(kind, task)``) is a candidate; the cross product (432
+combinations for a speaker net) is far too large to estimate one by one, and one DF-ResNet233
+step on fake tensors takes 5-15 s on a 2-core CPU, so the planner
 
-1. estimates the configuration itself and each single change of one kind
-   (``memlab.lab.estimate_config`` on fake tensors: the same step the lab trains);
-2. predicts every combination's peak as the configuration's plus the sum of those single
-   changes (kinds save different categories, so the savings add up to first order);
-3. estimates exactly, cheapest first, the combinations predicted to fit (up to ``verify``),
-   and lists those whose *estimated* peak fits, with the breakdown at the peak.
+1. measures shallower nets where the structure is linear: a stage of at least
+   ``EXTRAPOLATE_FROM`` blocks (DF-ResNet233's third, 63) is estimated at ``DEPTHS`` = 2 and 3
+   blocks (``memlab.lab.estimate_config``, the step the lab trains) and the peak and each
+   category at the peak are extrapolated linearly to the full depth: every block from the
+   second on is the same module and adds the same bytes (``extrapolated_estimate``; exact for
+   vanilla, reversible and the optimizers, tests pin it against full estimates);
+2. takes the combinations in order of known cost -- those whose every technique has a measured
+   step-time ratio first, then by the product of those ratios (``MEASURED``), then the fewest
+   changes -- and predicts each one's peak from single changes measured on a proxy (every
+   other stage at one block): each category of the configuration's breakdown scaled by each
+   change's ratio (bf16 halves what checkpointing keeps). Single changes are measured only
+   when a combination needs them, so costly ones are rarely reached;
+3. estimates (step 1) the combinations predicted under ``budget x (1 + MARGIN)``, cheapest first,
+   up to ``verify`` of them or ``time_budget`` seconds, and lists those whose estimated peak fits;
+4. confirms the top answer(s) with one estimate at full size. Extrapolation is a lower bound
+   where the peak moves to another moment as blocks are added (checkpointing: at 2-3 blocks the
+   peak is the first stage's recompute, at 63 the 63 kept block inputs; +10%): the shortfall
+   is then added to the other rows with the same choice (or those are estimated at full size
+   while time is left), and said. Depths that disagree on the peak's phase fall back to a full
+   estimate.
 
-Cheapest = the smallest expected step-time factor: the product of the measured ratios in
-``MEASURED`` (the benchmarks' own figures, with the command and the machine they came from;
-"not measured" where there is none), then the smallest peak. A prediction can be wrong (two
-techniques that save the same tensors), so rows say ``verified``; combinations predicted not to
-fit are counted, not listed.
+Rows say where their figure comes from (``full``, ``2,3->63``, ``2,3->63+X``). Combinations
+predicted not to fit are counted, not listed.
 """
 
 from __future__ import annotations
@@ -145,6 +156,14 @@ class Axis:
     label: str                    # "stage 3 blocks" / "encoder layers"
     full: int                     # its size in the configuration
     stage: Optional[int] = None   # index into Config.blocks; None: Config.depth
+
+    def size(self, cfg, n: int) -> int:
+        """Blocks (layers) in all of cfg with the axis at ``n``: what an estimate's time scales
+        with."""
+        if self.stage is None:
+            return n
+        blocks = list(cfg.blocks if cfg.blocks is not None else (cfg.depth,) * 4)
+        return sum(blocks) - blocks[self.stage] + n
 
     def at(self, cfg, n: int, proxy: bool = False):
         """cfg with the axis at ``n`` (``proxy``: every other stage at one block)."""
@@ -319,6 +338,9 @@ def plan(cfg, fit, *, batch_size: Optional[int] = None, frames: Optional[int] = 
     cache: Dict[Tuple[str, Tuple[Tuple[str, str], ...]], Optional[Figure]] = {}
     failed: List[str] = []
     calls = {"all": 0, "full": 0}
+    # with a time budget: no combination is estimated when it and the top answer's full-size
+    # estimate (both predicted from the seconds the estimates so far took) would overrun it
+    cost: Dict[Any, Tuple[float, float]] = {}
     here = {k: cfg.choice(k) for k in cand}
 
     def elapsed() -> float:
@@ -351,9 +373,14 @@ def plan(cfg, fit, *, batch_size: Optional[int] = None, frames: Optional[int] = 
             else:
                 proxy = how == "proxy"
                 ds = PROXY_DEPTHS if proxy else DEPTHS
+                t = time.perf_counter()
                 es = [run(axis.at(c, d, proxy).validate(), what,
                           f"at {d} {axis.label}{' (proxy)' if proxy else ''}", False) for d in ds]
                 fig = _extrapolate(es, ds, axis.full)
+                if not proxy:           # seconds: this pair, and (estimated) one at full size
+                    spent = time.perf_counter() - t
+                    cost[k] = (spent, spent / sum(axis.size(c, d) for d in ds)
+                               * axis.size(c, axis.full))
         except (ValueError, TypeError, NotImplementedError, RuntimeError) as e:
             failed.append(f"{what}: {' '.join(str(e).split())[:160]}")
         cache[k] = fig
@@ -389,7 +416,6 @@ def plan(cfg, fit, *, batch_size: Optional[int] = None, frames: Optional[int] = 
         groups.setdefault((len(missing), round(factor, 6), changes), []).append(ch)
     rows: List[Dict[str, Any]] = []
     verified = unverified = invalid = over = skipped = 0
-    stop = None if time_budget is None else 0.75 * time_budget   # leave time to confirm
 
     def make_row(ch, fig: Figure, p: int) -> Dict[str, Any]:
         f, tnotes, missing = step_factor(ch, cfg.model_name)
@@ -402,7 +428,14 @@ def plan(cfg, fit, *, batch_size: Optional[int] = None, frames: Optional[int] = 
                 "not_measured": missing, "changes": sum(v != here[k] for k, v in ch.items())}
 
     def done() -> bool:
-        return verified >= verify or (stop is not None and elapsed() > stop)
+        if verified >= verify:
+            return True
+        if time_budget is None or not cost:
+            return False
+        pairs = [v[0] for v in cost.values()]
+        top = cost.get((first, tuple(sorted(rows[0]["all_choices"].items()))), (0, 0)) \
+            if rows and rows[0]["source"] != "full" else (0, 0)
+        return elapsed() + max(pairs) + top[1] > time_budget
 
     for gkey in sorted(groups):
         if done():
@@ -445,7 +478,7 @@ def plan(cfg, fit, *, batch_size: Optional[int] = None, frames: Optional[int] = 
     # peak moves to another moment as blocks are added; a confirmed shortfall is attributed to
     # the row's choices, and other rows with one of them get it added (estimated at full size
     # instead while time is left)
-    short: Dict[Tuple[str, str], Dict[str, int]] = {}   # choice -> full - extrapolated, per category
+    short: Dict[Tuple[str, str], Dict[str, int]] = {}   # choice -> full - extrapolated bytes
     confirmed, i = 0, 0
     while i < len(rows) and axis is not None:
         r = rows[i]
@@ -592,8 +625,9 @@ def add_arguments(p) -> None:
                    "combinations predicted to fit (default 8)")
     p.add_argument("--confirm", type=int, default=1, help="the top answers estimated at full "
                    "size when the others are extrapolated from shallower nets (default 1)")
-    p.add_argument("--seconds", type=float, default=45.0, help="estimate no more combinations "
-                   "after this long (default 45; the top answer is still confirmed)")
+    p.add_argument("--seconds", type=float, default=48.0, help="time budget: no combination "
+                   "is estimated when it and the top answer's full-size estimate would overrun "
+                   "it (default 48)")
     p.add_argument("--no-extrapolate", dest="extrapolate", action="store_false",
                    help="estimate every combination at full depth (slow for deep nets)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
