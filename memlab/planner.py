@@ -430,7 +430,7 @@ def plan(cfg, fit, *, batch_size: Optional[int] = None, frames: Optional[int] = 
     def done() -> bool:
         if verified >= verify:
             return True
-        if time_budget is None or not cost:
+        if time_budget is None or not cost or not rows:   # time ends the search after an answer
             return False
         pairs = [v[0] for v in cost.values()]
         top = cost.get((first, tuple(sorted(rows[0]["all_choices"].items()))), (0, 0)) \
@@ -559,7 +559,10 @@ def format_plan(result: Plan, limit: int = 10) -> str:
            f"({'fits' if b['fits'] else 'does not fit'}; peak in {b['phase']}"
            + (f"; {b['source']} {result.axis}" if b.get("source", "full") != "full" else "")
            + ")"]
-    if not result.rows:
+    if not result.rows and (result.unverified or result.not_predicted):
+        out.append(f"none of the {result.checked} estimates fits, and the search stopped "
+                   f"(--verify): raise --verify to estimate more combinations")
+    elif not result.rows:
         out.append("no registered combination fits (estimated on fake tensors); lower the "
                    "batch size, the utterance length or the model")
     else:

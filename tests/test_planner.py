@@ -208,3 +208,35 @@ def test_phase_change_falls_back_to_a_full_estimate(monkeypatch):
     rev = [r for r in result.rows if r["run"] == "reversible"]
     assert rev and rev[0]["source"] == "full"
     assert any("phase changes with depth" in n for n in result.notes)
+
+
+def test_time_budget_stops_estimating_but_confirms_the_top_answer(monkeypatch):
+    """A clock that advances 4 s per reading: the budget ends the search early; the top answer
+    is still estimated at full size, and the output says what was left out."""
+    import memlab.lab
+    calls = []
+    monkeypatch.setattr(memlab.lab, "estimate_config", _synthetic(calls, kink=False))
+    now = [0.0]
+
+    def clock():
+        now[0] += 4.0
+        return now[0]
+    monkeypatch.setattr(planner.time, "perf_counter", clock)
+    cfg = Config(task="speaker", model="dfresnet", blocks=(3, 8, 63, 3), width=32,
+                 embed_dim=256, batch_size=128)
+    result = planner.plan(cfg, "11GiB", time_budget=60)
+    assert result.rows and result.rows[0]["source"] == "full"
+    assert result.full_estimates == 1 and result.not_predicted > 0
+    assert any("not predicted" in n for n in result.notes)
+
+
+def test_cli_plan_json_says_what_was_extrapolated(monkeypatch, capsys):
+    import json
+    import memlab.lab
+    monkeypatch.setattr(memlab.lab, "estimate_config", _synthetic([], kink=False))
+    assert main(["plan", "--scenario", "everything", "--full-size", "--fit", "11GiB",
+                 "--vary", "memory,optimizer", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["extrapolated"] == {"axis": "stage 3 blocks", "depths": [2, 3], "to": 63}
+    assert out["full_estimates"] == 1 and out["rows"][0]["source"] == "full"
+    assert {r["source"] for r in out["rows"][1:]} <= {"2,3->63"}
