@@ -479,12 +479,12 @@ def plan(cfg, fit, *, batch_size: Optional[int] = None, frames: Optional[int] = 
     # the row's choices, and other rows with one of them get it added (estimated at full size
     # instead while time is left)
     short: Dict[Tuple[str, str], Dict[str, int]] = {}   # choice -> full - extrapolated bytes
-    confirmed, i = 0, 0
+    confirmed, i, full_seconds = 0, 0, [0.0]
     while i < len(rows) and axis is not None:
         r = rows[i]
         flagged = [c for c in r["choices"].items() if c in short] + \
             ([("*", "*")] if ("*", "*") in short else [])
-        time_left = time_budget is not None and elapsed() < time_budget
+        time_left = time_budget is not None and elapsed() + full_seconds[0] < time_budget
         if r["source"] == "full" or (confirmed >= confirm and not flagged):
             i += 1
             continue
@@ -504,7 +504,9 @@ def plan(cfg, fit, *, batch_size: Optional[int] = None, frames: Optional[int] = 
                 continue
             i += 1
             continue
+        t = time.perf_counter()
         full = measure(r["all_choices"], "full")
+        full_seconds[0] = max(full_seconds[0], time.perf_counter() - t)
         confirmed += 1
         if full is None:
             i += 1
@@ -628,9 +630,9 @@ def add_arguments(p) -> None:
                    "combinations predicted to fit (default 8)")
     p.add_argument("--confirm", type=int, default=1, help="the top answers estimated at full "
                    "size when the others are extrapolated from shallower nets (default 1)")
-    p.add_argument("--seconds", type=float, default=48.0, help="time budget: no combination "
+    p.add_argument("--seconds", type=float, default=45.0, help="time budget: no combination "
                    "is estimated when it and the top answer's full-size estimate would overrun "
-                   "it (default 48)")
+                   "it (default 45; memlab's start adds a few)")
     p.add_argument("--no-extrapolate", dest="extrapolate", action="store_false",
                    help="estimate every combination at full depth (slow for deep nets)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
