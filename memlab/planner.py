@@ -397,13 +397,13 @@ def plan(cfg, fit, *, batch_size: Optional[int] = None, frames: Optional[int] = 
     # predictions: each single change measured on the reference (the proxy when extrapolating),
     # lazily: combinations are taken cheapest first and the expensive ones are rarely reached
     ref = measure(here, "proxy") if axis is not None else base
-    if ref is None:
-        ref = base
+    ref_how = "proxy" if ref is not None else first      # no proxy: the changes as verified
+    ref = ref or base
     single: Dict[Tuple[str, str], Optional[Dict[str, int]]] = {}
 
     def single_change(kind: str, name: str) -> Optional[Dict[str, int]]:
         if (kind, name) not in single:
-            f = measure(dict(here, **{kind: name}), "proxy")
+            f = measure(dict(here, **{kind: name}), ref_how)
             single[(kind, name)] = None if f is None else f.parts
         return single[(kind, name)]
 
