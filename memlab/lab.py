@@ -99,6 +99,11 @@ class Config:
     techniques: Dict[str, str] = field(default_factory=dict)
     dev_fold: Optional[int] = None    # asr: train on 3/4 of the training split, evaluate on
     #                                   quarter dev_fold % 4 of it (choosing without the test set)
+    max_chunk_bytes: Optional[int] = None  # asr, sample-wise losses: bytes of one group's
+    #                                   logits + gradient, the method's one knob (None: 64 MiB)
+    frontend: Optional[str] = None    # asr: "conv" (None: two stride-2 conv layers) | "stack"
+    #                                   (4 frames stacked into a Linear: no conv activations)
+    frontend_channels: Optional[int] = None  # asr: channels of the conv front end (None: 32)
     # data-parallel runs (memlab.parallel): "none" | "ddp" | "fsdp2" on nproc ranks, the global
     # batch split across them; sync_bn: BatchNorm statistics of the global batch
     parallel: str = "none"

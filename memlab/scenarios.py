@@ -305,6 +305,9 @@ def _pretrained(fast: bool) -> Dict[str, Any]:
             "vocab_size": pre.vocab_size}
 
 
+LONG_UTTERANCE_GROUP_BYTES = 16 << 20    # long-utterances: the sample-wise loss's group budget
+
+
 def _builtin() -> None:
     from memlab.data.syllables import MAX_SYLLABLE_VOCAB
     df233 = (3, 8, 63, 3)
@@ -338,20 +341,30 @@ def _builtin() -> None:
         twin=speaker_twin, fast_twin=speaker_fast_twin,
         paper="activation memory flat in depth for the reversible nets (Liu & Qian 2024)"))
 
-    # Long utterances, large vocabulary: 320 syllables, ~4 s each; the joiner's
-    # B x T x (U+1) x V logits (and their gradient) dominate the batched loss.
-    asr = dict(vocab_size=MAX_SYLLABLE_VOCAB, seconds=4.0, batch_size=16, width=128, depth=2,
-               num_utts=480, eval_utts=40, steps=150, eval_every=25, measure_every=10)
-    asr_fast = dict(vocab_size=MAX_SYLLABLE_VOCAB, seconds=2.0, batch_size=4, width=32,
-                    depth=1, num_utts=8, eval_utts=4, steps=3, eval_every=3, measure_every=2)
+    # Long utterances, large vocabulary: 320 syllables, ~7 s each (~25 tokens); the joiner's
+    # B x T x (U+1) x V logits and their gradient grow with T x U (quadratic in the length),
+    # the encoder's activations only with T: at this length they are most of the batched step.
+    # A lean encoder (one layer of width 64, 4 frames stacked instead of the conv front end,
+    # whose 32 channels at T/2 x F/2 held ~100 MB at batch 16 x 4 s) and groups of one
+    # utterance (16 MiB: one 7-s utterance's logits + gradient is ~12-17 MB, two never fit,
+    # as in the paper) leave the sample-wise run little but the encoder.
+    asr = dict(vocab_size=MAX_SYLLABLE_VOCAB, seconds=7.0, batch_size=12, width=64, depth=1,
+               frontend="stack", max_chunk_bytes=LONG_UTTERANCE_GROUP_BYTES, num_utts=160,
+               eval_utts=24, steps=60, eval_every=20, measure_every=10)
+    asr_fast = dict(vocab_size=MAX_SYLLABLE_VOCAB, seconds=5.0, batch_size=8, width=32,
+                    depth=1, frontend="stack", max_chunk_bytes=4 << 20, num_utts=8, eval_utts=4,
+                    steps=3, eval_every=3, measure_every=2)
     register_scenario(Scenario(
         name="long-utterances",
         title="long utterances, large vocabulary: the 4-D joiner tensor dominates",
         description="A Transducer on the syllable corpus (320 compositional tokens + blank, "
-                    "~4-s utterances, 14 tokens each): the joiner's B x T x (U+1) x V logits "
-                    "and their gradient outweigh the encoder. The sample-wise loss computes "
-                    "them a few samples at a time (64 MiB groups) and frees each group's "
-                    "before the next.",
+                    "~7-s utterances, ~25 tokens each, batch 12): the joiner's B x T x (U+1) x V "
+                    "logits and their gradient grow with T x U, the encoder's activations only "
+                    "with T, so at this length they are most of the batched step. The encoder "
+                    "is lean (one layer of width 64; 4 frames stacked instead of the conv front "
+                    "end). The sample-wise loss computes them one utterance at a time (16 MiB "
+                    "groups: one utterance each) and frees each one's before the next: about a "
+                    "quarter of the batched peak.",
         task="asr", overrides=asr, fast_overrides=asr_fast,
         comparison={"loss": ("batched", "samplewise"), "optimizer": ("adam",)},
         baseline={"loss": "batched", "optimizer": "adam"},

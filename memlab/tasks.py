@@ -292,8 +292,21 @@ class AsrTask(Task):
     metrics = ("ter",)
     headline = "ter"
     note = "ter: token error rate with greedy decoding (untrained_ter: before training)"
-    options = ("adapt_speaker", "dev_fold")
+    options = ("adapt_speaker", "dev_fold", "max_chunk_bytes", "frontend", "frontend_channels")
     label_kinds = {"loss": "back"}
+
+    def validate(self, cfg) -> None:
+        from memlab.models.transducer import FRONTENDS
+        if cfg.frontend is not None and cfg.frontend not in FRONTENDS:
+            raise ValueError(f"frontend must be None or one of {FRONTENDS}, got {cfg.frontend!r}")
+        for name in ("max_chunk_bytes", "frontend_channels"):
+            v = getattr(cfg, name)
+            if v is None:
+                continue
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise TypeError(f"{name} must be None or an int, got {type(v).__name__} ({v!r})")
+            if v < 1:
+                raise ValueError(f"{name} must be None or >= 1, got {v}")
 
     def defaults(self, fast, overrides):
         # width 128, 300 steps: TER 0.35 on unseen utterances (an empty transcript scores 1.0)
@@ -323,8 +336,11 @@ class AsrTask(Task):
 
     def build_model(self, cfg, num_classes=None, **model_args):
         from memlab.models import Transducer
+        extra = {k: getattr(cfg, k, None)
+                 for k in ("max_chunk_bytes", "frontend", "frontend_channels")}
         return Transducer(cfg.vocab_size, enc_dim=cfg.width, enc_layers=cfg.depth,
-                          pred_dim=cfg.width, joint_dim=cfg.width, **model_args)
+                          pred_dim=cfg.width, joint_dim=cfg.width,
+                          **{k: v for k, v in extra.items() if v is not None}, **model_args)
 
     def loss(self, model, batch):
         return model(*batch)                       # feats, feat_lengths, targets, target_lengths

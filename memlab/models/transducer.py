@@ -27,7 +27,7 @@ import torch.nn as nn
 
 from memlab.memory import host_values, real_tensors
 from memlab.models.common import choose
-from memlab.transducer import rnnt_loss_batched, samplewise_rnnt_loss
+from memlab.transducer import _check_max_chunk_bytes, rnnt_loss_batched, samplewise_rnnt_loss
 
 
 class Subsampling(nn.Module):
@@ -66,6 +66,32 @@ class Subsampling(nn.Module):
             x = self._mask(torch.relu(conv(x)), lengths)              # (B, C, T/s, F/s)
         B, C, T, F = x.shape
         return self.out(x.permute(0, 2, 1, 3).reshape(B, T, C * F)), lengths  # (B, T', out_dim)
+
+
+class Stacking(nn.Module):
+    """Lean front end: ``subsample`` consecutive frames stacked, then a Linear (low frame rate
+    stacking); no conv activations at T/2 x F/2, only the (masked) input and the output."""
+
+    def __init__(self, feat_dim: int, out_dim: int, subsample: int = 4):
+        super().__init__()
+        if subsample not in (1, 2, 4):
+            raise ValueError(f"subsample must be one of (1, 2, 4), got {subsample!r}")
+        self.k = subsample
+        self.out = nn.Linear(subsample * feat_dim, out_dim)
+
+    def out_lengths(self, lengths: torch.Tensor) -> torch.Tensor:
+        return torch.div(lengths - 1, self.k, rounding_mode="floor") + 1       # ceil(L / k)
+
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor):
+        """x (B, T, F), lengths (B,) -> (B, ceil(T / k), out_dim), lengths (B,)."""
+        B, T, F = x.shape
+        pad = -T % self.k
+        keep = torch.arange(T + pad, device=x.device)[None] < lengths[:, None]      # (B, T+pad)
+        x = nn.functional.pad(x, (0, 0, 0, pad)) * keep[..., None].to(x.dtype)     # (B, T+pad, F)
+        return self.out(x.reshape(B, (T + pad) // self.k, self.k * F)), self.out_lengths(lengths)
+
+
+FRONTENDS = ("conv", "stack")
 
 
 def sinusoids(length: int, dim: int, device=None, dtype=torch.float32) -> torch.Tensor:
@@ -177,7 +203,12 @@ class Transducer(nn.Module):
         blank: blank index (also the predictor's start symbol). subsample: 1, 2 or 4.
         heads: encoder attention heads (None: 4, or the largest of 2, 1 that divides enc_dim).
         dropout: encoder dropout.
-        max_chunk_bytes: budget of one sample-wise joiner call (None: 64 MiB).
+        max_chunk_bytes: budget of one sample-wise joiner call (None: 64 MiB): the sample-wise
+            loss's one knob (a group of samples whose logits + gradient fit it runs at once).
+        frontend: "conv" (``Subsampling``: two conv layers, the default) or "stack"
+            (``Stacking``: ``subsample`` frames stacked into a Linear, no conv activations).
+        frontend_channels: channels of the conv front end; its activations at T/2 x F/2 grow
+            with them (32: the default).
         prune_range: symbols per frame the pruned losses keep (``loss="pruned"`` /
             ``"samplewise-pruned"``, which also add the simple joint's two projections).
     """
@@ -185,7 +216,8 @@ class Transducer(nn.Module):
     def __init__(self, vocab_size: int, feat_dim: int = 80, enc_dim: int = 144, enc_layers: int = 2,
                  pred_dim: int = 144, joint_dim: int = 144, loss: str = "batched", blank: int = 0,
                  subsample: int = 4, heads: Optional[int] = None, dropout: float = 0.1,
-                 max_chunk_bytes: Optional[int] = None, prune_range: int = 5):
+                 max_chunk_bytes: Optional[int] = None, prune_range: int = 5,
+                 frontend: str = "conv", frontend_channels: int = 32):
         super().__init__()
         self.loss, self._loss_fn = choose("loss", loss, LOSSES)
         if isinstance(prune_range, bool) or not isinstance(prune_range, int) or prune_range < 1:
@@ -202,8 +234,15 @@ class Transducer(nn.Module):
         if enc_layers < 0:
             raise ValueError(f"enc_layers must be >= 0, got {enc_layers}")
         self.vocab_size, self.feat_dim, self.blank = vocab_size, feat_dim, blank
+        if (isinstance(frontend_channels, bool) or not isinstance(frontend_channels, int)
+                or frontend_channels < 1):
+            raise ValueError(f"frontend_channels must be an int >= 1, got {frontend_channels!r}")
+        _check_max_chunk_bytes(max_chunk_bytes)         # TypeError / ValueError naming it
         self.max_chunk_bytes = max_chunk_bytes
-        self.subsampling = Subsampling(feat_dim, enc_dim, subsample)
+        if frontend not in FRONTENDS:
+            raise ValueError(f"frontend must be one of {FRONTENDS}, got {frontend!r}")
+        self.subsampling = (Stacking(feat_dim, enc_dim, subsample) if frontend == "stack" else
+                            Subsampling(feat_dim, enc_dim, subsample, frontend_channels))
         self.encoder = nn.ModuleList(
             nn.TransformerEncoderLayer(enc_dim, heads, 4 * enc_dim, dropout, batch_first=True,
                                        norm_first=True) for _ in range(enc_layers))

@@ -1,0 +1,82 @@
+"""The long-utterances scenario reaches the sample-wise loss's regime (issue 14), and the Config
+fields it turns (max_chunk_bytes, frontend, frontend_channels) reach the Transducer."""
+
+import pytest
+import torch
+
+from memlab import scenarios
+from memlab.lab import Config, Experiment, build_model, estimate_config, peak_record
+from memlab.models.transducer import Stacking, Subsampling
+
+NAME = "long-utterances"
+LOSSES = ("batched", "samplewise")
+
+
+def test_new_fields_default_to_the_old_model():
+    cfg = Config(task="asr")
+    assert (cfg.max_chunk_bytes, cfg.frontend, cfg.frontend_channels) == (None, None, None)
+    torch.manual_seed(0)
+    model = build_model(cfg.validate())
+    assert isinstance(model.subsampling, Subsampling) and model.max_chunk_bytes is None
+    assert model.subsampling.conv1.out_channels == 32
+    torch.manual_seed(0)
+    from memlab.models import Transducer
+    old = Transducer(cfg.vocab_size, enc_dim=cfg.width, enc_layers=cfg.depth,
+                     pred_dim=cfg.width, joint_dim=cfg.width)
+    a, b = model.state_dict(), old.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_new_fields_reach_the_transducer():
+    cfg = Config(task="asr", loss="samplewise", max_chunk_bytes=1 << 20, frontend_channels=4)
+    model = build_model(cfg.validate())
+    assert model.max_chunk_bytes == 1 << 20 and model.subsampling.conv1.out_channels == 4
+    model = build_model(Config(task="asr", frontend="stack").validate())
+    assert isinstance(model.subsampling, Stacking)
+    feats, lengths = torch.randn(2, 37, 80), torch.tensor([37, 21])
+    out, out_len = model.subsampling(feats, lengths)
+    assert out.shape == (2, 10, cfg.width) and out_len.tolist() == [10, 6]
+    # padding never leaks: the second utterance's output ignores frames past its length
+    noisy = feats.clone()
+    noisy[1, 21:] = 100.0
+    assert torch.allclose(model.subsampling(noisy, lengths)[0][1, :6], out[1, :6])
+
+
+@pytest.mark.parametrize("field, bad, err", [
+    ("max_chunk_bytes", 0, ValueError), ("max_chunk_bytes", -5, ValueError),
+    ("max_chunk_bytes", 1.5, TypeError), ("max_chunk_bytes", True, TypeError),
+    ("frontend_channels", 0, ValueError), ("frontend_channels", "8", TypeError),
+    ("frontend", "mel", ValueError)])
+def test_new_fields_refuse_bad_values(field, bad, err):
+    with pytest.raises(err, match=field):
+        Config(task="asr", **{field: bad}).validate()
+
+
+@pytest.mark.parametrize("field, value", [("max_chunk_bytes", 1 << 20), ("frontend", "stack"),
+                                          ("frontend_channels", 8)])
+def test_new_fields_are_asr_only(field, value):
+    with pytest.raises(ValueError, match=f"{field} applies to task='asr' only"):
+        Config(task="speaker", **{field: value}).validate()
+
+
+def test_estimate_samplewise_at_most_a_quarter_at_full_size(one_thread):
+    """The meter on fake tensors, the scenario's full (~2 min a run) sizes."""
+    peaks = {L: estimate_config(scenarios.config(NAME, loss=L, fast=False), steps=2).peak
+             for L in LOSSES}
+    assert 4 * peaks["samplewise"] <= peaks["batched"], peaks
+
+
+def _live_peaks(fast, **over):
+    peaks = {}
+    for L in LOSSES:
+        cfg = scenarios.config(NAME, loss=L, fast=fast, **over)
+        peaks[L] = peak_record(list(Experiment(cfg).run()))
+    return peaks
+
+
+def test_real_metered_step_samplewise_at_most_a_quarter(one_thread):
+    """Real CPU steps under the MemoryMeter at the fast-mode sizes (same regime, seconds)."""
+    peaks = _live_peaks(True, steps=2, measure_every=1, eval_every=2)
+    assert all(p.peak for p in peaks.values())
+    assert 4 * peaks["samplewise"].peak <= peaks["batched"].peak, \
+        {k: p.peak for k, p in peaks.items()}
