@@ -351,7 +351,7 @@ def _builtin() -> None:
     asr = dict(vocab_size=MAX_SYLLABLE_VOCAB, seconds=7.0, batch_size=12, width=64, depth=1,
                frontend="stack", max_chunk_bytes=LONG_UTTERANCE_GROUP_BYTES, num_utts=160,
                eval_utts=24, steps=60, eval_every=20, measure_every=10)
-    asr_fast = dict(vocab_size=MAX_SYLLABLE_VOCAB, seconds=5.0, batch_size=8, width=32,
+    asr_fast = dict(vocab_size=MAX_SYLLABLE_VOCAB, seconds=5.0, batch_size=10, width=32,
                     depth=1, frontend="stack", max_chunk_bytes=4 << 20, num_utts=8, eval_utts=4,
                     steps=3, eval_every=3, measure_every=2)
     register_scenario(Scenario(

@@ -1,6 +1,9 @@
 """The long-utterances scenario reaches the sample-wise loss's regime (issue 14), and the Config
 fields it turns (max_chunk_bytes, frontend, frontend_channels) reach the Transducer."""
 
+import contextlib
+import functools
+
 import pytest
 import torch
 
@@ -80,3 +83,46 @@ def test_real_metered_step_samplewise_at_most_a_quarter(one_thread):
     assert all(p.peak for p in peaks.values())
     assert 4 * peaks["samplewise"].peak <= peaks["batched"].peak, \
         {k: p.peak for k, p in peaks.items()}
+
+
+
+@functools.lru_cache(maxsize=1)
+def _full_size_runs():
+    """Both losses trained at the scenario's full size (~3 min for the two on a laptop CPU):
+    loss -> (final TER, peak bytes)."""
+    out = {}
+    with _one_thread():
+        for L in LOSSES:
+            records = list(Experiment(scenarios.config(NAME, loss=L, fast=False)).run())
+            out[L] = ([r.metrics["ter"] for r in records if r.metrics][-1],
+                      peak_record(records).peak)
+    return out
+
+
+@contextlib.contextmanager
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
+@pytest.mark.slow
+def test_full_size_runs_agree_at_a_quarter_of_the_memory():
+    """The same gradients, so the same TER curve; the sample-wise peak a quarter of the
+    batched one (measured: 280 MiB vs 66 MiB, TER 0.997 both after 60 steps)."""
+    runs = _full_size_runs()
+    (ter_b, peak_b), (ter_s, peak_s) = runs["batched"], runs["samplewise"]
+    assert 4 * peak_s <= peak_b, runs
+    assert abs(ter_b - ter_s) < 0.05, runs
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="issue 14, open: in a ~2-min run (60 steps) the "
+                   "320-syllable Transducer is still on the blank plateau (loss ~ uniform over "
+                   "the tokens, TER ~1.0, an empty transcript's)")
+def test_full_size_runs_learn():
+    runs = _full_size_runs()
+    assert all(ter < 0.7 for ter, _ in runs.values()), runs
