@@ -177,12 +177,14 @@ class Axis:
 
 
 def depth_axis(cfg, threshold: int = EXTRAPOLATE_FROM) -> Optional[Axis]:
-    """The deepest speaker stage, or the ASR encoder, when at least ``threshold`` deep."""
-    if cfg.task == "speaker":
+    """The deepest stage of a staged model (the speaker nets), or the layers (the ASR encoder),
+    when at least ``threshold`` deep."""
+    from memlab import tasks
+    if tasks.get(cfg.task).staged:
         blocks = tuple(cfg.blocks) if cfg.blocks is not None else (cfg.depth,) * 4
         i = max(range(len(blocks)), key=lambda j: blocks[j])
         return Axis(f"stage {i + 1} blocks", blocks[i], i) if blocks[i] >= threshold else None
-    if cfg.task == "asr" and cfg.depth >= threshold:
+    if cfg.depth >= threshold:
         return Axis("encoder layers", cfg.depth)
     return None
 

@@ -152,6 +152,7 @@ class Task:
     note: str = ""                        # one line under the CLI's table
     options: Tuple[str, ...] = ()         # Config fields that only this task reads (None elsewhere)
     label_kinds: Dict[str, str] = {}      # technique kinds always named in labels: "front"|"back"
+    staged: bool = False                  # depth per stage (Config.blocks) rather than Config.depth
 
     def defaults(self, fast: bool, overrides: Dict[str, Any]) -> Dict[str, Any]:
         """Config fields of ``Config.for_task`` (before ``overrides`` are applied)."""
@@ -226,6 +227,7 @@ class SpeakerTask(Task):
     note = ("eer: equal error rate on unseen speakers (chance = 0.5); accuracy: held-out "
             "utterances of training speakers; bytes at the peak of a metered step")
     label_kinds = {"memory": "front"}
+    staged = True
 
     def train_set_size(self, cfg) -> int:
         return cfg.num_speakers * cfg.utts_per_speaker
