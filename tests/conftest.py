@@ -16,6 +16,12 @@ def pytest_collection_modifyitems(config, items):
     items.sort(key=lambda it: 0 if ("notebook" in it.keywords or "browser" in it.keywords) else 1)
 
 
+def pytest_configure(config):
+    # two workers on two cores: one intra-op thread each (tests that want more set it)
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        torch.set_num_threads(1)
+
+
 @pytest.fixture
 def one_thread():
     """Tiny tensors: one intra-op thread is as fast, and far faster on a busy 2-core machine."""
@@ -29,3 +35,4 @@ def one_thread():
 def _seed():
     torch.manual_seed(0)
     yield
+

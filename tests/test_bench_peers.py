@@ -7,6 +7,9 @@ import pytest
 
 from memlab.bench import peers
 
+# pytest-xdist (-n 2 --dist loadgroup): its module fixtures are built once
+pytestmark = pytest.mark.xdist_group("test_bench_peers")
+
 
 @pytest.fixture(scope="module")
 def rows():

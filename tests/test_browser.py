@@ -28,7 +28,9 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.browser
+# pytest-xdist (-n 2 --dist loadgroup): one JupyterLab/Voila and Chromium at a time
+pytestmark = [pytest.mark.browser,
+              pytest.mark.xdist_group("browser")]
 
 ROOT = Path(__file__).resolve().parents[1]
 ARTIFACTS = ROOT / "artifacts"

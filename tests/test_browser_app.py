@@ -21,7 +21,9 @@ import pytest
 
 from tests.test_browser import BARS_JS, CHROMIUM, CHROMIUM_ARGS, _free_port
 
-pytestmark = pytest.mark.browser
+# pytest-xdist (-n 2 --dist loadgroup): one JupyterLab/Voila and Chromium at a time
+pytestmark = [pytest.mark.browser,
+              pytest.mark.xdist_group("browser")]
 
 ROOT = Path(__file__).resolve().parents[1]
 ARTIFACTS = ROOT / "artifacts"

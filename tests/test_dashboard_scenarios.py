@@ -16,6 +16,9 @@ from memlab.lab import peak_record  # noqa: E402
 from memlab.ui.dashboard import FULL_SIZE_WAIT, format_ratio  # noqa: E402
 from memlab.widgets import MemoryLab  # noqa: E402
 
+# pytest-xdist (-n 2 --dist loadgroup): its module fixtures are built once
+pytestmark = pytest.mark.xdist_group("test_dashboard_scenarios")
+
 TINY = dict(width=4, batch_size=2, steps=3, eval_every=3, measure_every=2, seconds=0.5)
 
 

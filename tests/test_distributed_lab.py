@@ -22,9 +22,11 @@ import torch.distributed as dist
 from memlab.distributed import launch
 from memlab.lab import Config, Experiment
 
+# pytest-xdist (-n 2 --dist loadgroup): one 2-rank launch at a time
 pytestmark = [pytest.mark.distributed,
               pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
-                                 reason="needs torch.distributed with gloo")]
+                                 reason="needs torch.distributed with gloo"),
+              pytest.mark.xdist_group("distributed")]
 
 STEPS = 3
 TIMEOUT = 300

@@ -17,8 +17,10 @@ import torch.nn as nn
 from memlab.distributed import launch
 from memlab.optim import Adam8bit, AdamW8bit, SGD8bit
 
-pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
-                                reason="needs torch.distributed with gloo")
+# pytest-xdist (-n 2 --dist loadgroup): one 2-rank launch at a time
+pytestmark = [pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
+                                 reason="needs torch.distributed with gloo"),
+              pytest.mark.xdist_group("distributed")]
 
 MIN8 = 12000
 OPTS = {

@@ -19,6 +19,9 @@ from memlab.widgets import (MemoryLab, breakdown_figure, log_range,  # noqa: E40
                             reference_line, timeline_figure)
 from test_notebooks import IDS, NOTEBOOKS, execute_notebook  # noqa: E402
 
+# pytest-xdist (-n 2 --dist loadgroup): one execution of each tutorial, shared by three files
+pytestmark = pytest.mark.xdist_group("notebooks")
+
 GB = 1e9
 TINY = dict(width=4, batch_size=2, steps=3, eval_every=3, measure_every=2, seconds=0.5)
 # Tutorial 03's calculator at its start values: the batched and the sample-wise loss step

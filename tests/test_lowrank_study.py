@@ -12,6 +12,9 @@ from memlab.bench import lowrank as study
 from memlab.lab import Config, Experiment, _asr_data, build_model, load_init
 from memlab.memory import CATEGORIES
 
+# pytest-xdist (-n 2 --dist loadgroup): its module fixtures are built once
+pytestmark = pytest.mark.xdist_group("test_lowrank_study")
+
 
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory):

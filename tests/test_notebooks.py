@@ -15,6 +15,9 @@ from pathlib import Path
 
 import pytest
 
+# pytest-xdist (-n 2 --dist loadgroup): one execution of each tutorial, shared by three files
+pytestmark = pytest.mark.xdist_group("notebooks")
+
 nbformat = pytest.importorskip("nbformat")
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -21,6 +21,9 @@ from types import SimpleNamespace
 import plotly.graph_objects as go
 import pytest
 
+# pytest-xdist (-n 2 --dist loadgroup): one execution of each tutorial, shared by three files
+pytestmark = pytest.mark.xdist_group("notebooks")
+
 ROOT = Path(__file__).resolve().parents[1]
 IMAGES = ROOT / "docs" / "images"
 EXTERNAL_SRC = re.compile(r"<script[^>]*\ssrc=[\"']?(https?:)?//", re.I)

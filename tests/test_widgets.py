@@ -15,6 +15,9 @@ from memlab.memory import CATEGORIES  # noqa: E402
 from memlab.widgets import (CATEGORY_COLORS, MemoryLab, breakdown_figure,  # noqa: E402
                             measure_step, sweep, timeline_figure)
 
+# pytest-xdist (-n 2 --dist loadgroup): its module fixtures are built once
+pytestmark = pytest.mark.xdist_group("test_widgets")
+
 TINY = dict(width=4, batch_size=2, steps=3, eval_every=3, measure_every=2, seconds=0.5)
 
 
