@@ -6,7 +6,6 @@ import re
 import threading
 
 import pytest
-import torch
 
 pytest.importorskip("ipywidgets")
 pytest.importorskip("plotly")
@@ -16,18 +15,10 @@ from memlab.lab import peak_record  # noqa: E402
 from memlab.ui.dashboard import FULL_SIZE_WAIT, format_ratio  # noqa: E402
 from memlab.widgets import MemoryLab  # noqa: E402
 
-# pytest-xdist (-n 2 --dist loadgroup): its module fixtures are built once
-pytestmark = pytest.mark.xdist_group("test_dashboard_scenarios")
+# tiny models: one intra-op thread avoids OpenMP spin-waits when the machine is busy
+pytestmark = pytest.mark.usefixtures("one_thread_module")
 
 TINY = dict(width=4, batch_size=2, steps=3, eval_every=3, measure_every=2, seconds=0.5)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def same_config(a, b):

@@ -15,19 +15,10 @@ from memlab.memory import CATEGORIES  # noqa: E402
 from memlab.widgets import (CATEGORY_COLORS, MemoryLab, breakdown_figure,  # noqa: E402
                             measure_step, sweep, timeline_figure)
 
-# pytest-xdist (-n 2 --dist loadgroup): its module fixtures are built once
-pytestmark = pytest.mark.xdist_group("test_widgets")
+# tiny models: one intra-op thread avoids OpenMP spin-waits when the machine is busy
+pytestmark = pytest.mark.usefixtures("one_thread_module")
 
 TINY = dict(width=4, batch_size=2, steps=3, eval_every=3, measure_every=2, seconds=0.5)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # Tiny models: one intra-op thread avoids OpenMP spin-waits when the machine is busy.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def bars(lab):
