@@ -192,13 +192,17 @@ def test_peak_rule():
     assert peak_record(recs[1:2]) is None
 
 
-def test_owned_modules_stay_small():
-    owned = ["lab.py", "registry.py", "strategies.py", "tasks.py", "cli.py", "memory.py",
-             "__init__.py", "techniques/__init__.py", "techniques/base.py",
-             "techniques/builtin.py", "steps.py", "bench/reversible.py", "bench/transducer.py",
-             "bench/lowrank.py", *(f"models/{p.name}" for p in (ROOT / "models").glob("*.py"))]
-    sizes = {m: len((ROOT / m).read_text().splitlines()) for m in owned}
-    assert max(sizes.values()) <= 620, sizes
+def test_modules_stay_small():
+    # every module of memlab/ (the issue: "about 600 lines"), and MemoryLab under about 400
+    sizes = {str(p.relative_to(ROOT)): len(p.read_text().splitlines())
+             for p in ROOT.rglob("*.py")}
+    big = {m: n for m, n in sizes.items() if n > 625}
+    assert not big, big
+    text = (ROOT / "ui" / "dashboard.py").read_text()
+    body = text[text.index("class MemoryLab("):]
+    end = re.search(r"^\S", body[1:], re.M)
+    lines = len(body[: end.start() + 1 if end else len(body)].splitlines())
+    assert lines <= 400, f"MemoryLab has {lines} lines"
 
 
 def test_beyond_the_seeds_are_registered_and_train(one_thread):
