@@ -68,7 +68,7 @@ def host_tensor(data, dtype: Optional[torch.dtype] = None, device=None) -> torch
         if real.numel() > HOST_VALUES_LIMIT:
             raise ValueError(f"host_tensor: data has {real.numel()} elements, more than the "
                              f"{HOST_VALUES_LIMIT} an estimate keeps on the host")
-        real = real.to("cpu").clone()
+        real = real.clone()
     dev = torch.device(device) if device is not None else torch.device(_mode_device(mode))
     out = mode.fake_tensor_converter.from_real_tensor(mode, real, make_constant=True)
     return out if dev.type == "cpu" else out.to(dev)
@@ -91,6 +91,17 @@ def host_values(*tensors):
                 t = c
         out.append(t)
     return tuple(out)
+
+
+def on_host(fn: Callable[..., Any], *tensors):
+    """``fn(*values)`` on the real values of ``tensors`` (``host_values``), with tensors real
+    again while it runs; nothing (None) when any of them is fake without values. For checks
+    that read the values of a batch, which fake tensors cannot give."""
+    known = host_values(*tensors)
+    if known is None:
+        return None
+    with real_tensors():
+        return fn(*known)
 
 
 def real_tensors():

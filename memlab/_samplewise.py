@@ -29,13 +29,6 @@ def _joiner_params(joiner) -> List[torch.nn.Parameter]:
     return [p for p in params() if p.requires_grad]
 
 
-def _storage_key(st) -> int:
-    """Which storage: its data pointer; inside ``memlab.memory.estimate`` (fake storages, no
-    data) the storage object itself."""
-    from memlab._estimate import _ESTIMATE_MODE
-    return st._cdata if _ESTIMATE_MODE else st.data_ptr()
-
-
 def _may_overwrite(logits: torch.Tensor) -> bool:
     """Whether the gradient may overwrite the joiner's output: a non-leaf, contiguous tensor
     that spans its whole storage (a reshape of the last matmul's output is fine; a view of a
@@ -50,7 +43,9 @@ def _may_overwrite(logits: torch.Tensor) -> bool:
     st = logits.untyped_storage()
     if logits.storage_offset() != 0 or st.nbytes() != logits.numel() * logits.element_size():
         return False
-    key = _storage_key
+    from memlab._estimate import _ESTIMATE_MODE
+    # which storage: its data pointer; inside estimate (fake storages, no data) the object
+    key = (lambda s: s._cdata) if _ESTIMATE_MODE else (lambda s: s.data_ptr())
     ptr, seen, stack = key(st), set(), [logits.grad_fn]
     while stack:
         fn = stack.pop()

@@ -549,4 +549,4 @@ def storage_bytes(objs: Iterable) -> int:
 # ---------------------------------------------------------------------- estimate
 # (memlab._estimate: the meter on fake tensors, and the host tensors a step may read there)
 from memlab._estimate import (HOST_VALUES_LIMIT, Estimate, estimate, host_tensor,  # noqa: E402,F401
-                              host_values, real_tensors)
+                              host_values, on_host, real_tensors)

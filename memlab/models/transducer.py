@@ -25,7 +25,7 @@ from typing import List, Optional, Tuple
 import torch
 import torch.nn as nn
 
-from memlab.memory import host_values, real_tensors
+from memlab.memory import on_host
 from memlab.models.common import choose
 from memlab.transducer import _check_max_chunk_bytes, rnnt_loss_batched, samplewise_rnnt_loss
 
@@ -284,16 +284,12 @@ class Transducer(nn.Module):
         lo, hi = int(target_lengths.min()), int(target_lengths.max())
         if lo < 0 or hi > U:
             raise ValueError(f"target_lengths must lie in [0, U={U}], got values in [{lo}, {hi}]")
-        known = host_values(targets, target_lengths)    # None: fake tensors (estimate)
-        if known is None:
-            return
-        with real_tensors():
-            targets, target_lengths = known
-            valid = torch.arange(U, device=targets.device)[None] < target_lengths[:, None]
-            bad = valid & ((targets < 0) | (targets >= self.vocab_size) | (targets == self.blank))
-            self._raise_bad_target(targets, bad)
+        on_host(self._check_target_values, targets, target_lengths)   # fake: no values, no check
 
-    def _raise_bad_target(self, targets, bad) -> None:
+    def _check_target_values(self, targets, target_lengths) -> None:
+        U = targets.shape[1]
+        valid = torch.arange(U, device=targets.device)[None] < target_lengths[:, None]  # (B, U)
+        bad = valid & ((targets < 0) | (targets >= self.vocab_size) | (targets == self.blank))
         if bool(bad.any()):
             b, u = (int(i) for i in bad.nonzero()[0])
             raise ValueError(f"targets must lie in [0, {self.vocab_size}) and differ from blank="
