@@ -15,6 +15,12 @@ A tensor ``x`` is stored as 8-bit *codes* (indices into a sorted table of 256 fl
     codes = argmin_j |x / absmax[block] - code[j]|        # quantize: round to the nearest value
 
 Storage is 1 byte per element + 4 bytes per block (1.016 B/element for blocks of 256).
+:class:`QTensor` (the optimizers' states) normalises by multiplying with the float32 reciprocal
+``1 / absmax[block]`` rather than dividing, on every path (eager, compiled, the fused C kernel):
+a division per element cost more than the rest of the fused encoder. The two differ in the last
+bit of ``x / absmax``, so in a code only for a value within one ulp of a midpoint between two
+codes; a block whose reciprocal overflows (absmax below ~2.9e-39) is divided.
+:func:`quantize_blockwise` divides.
 
 **Zero rule for second moments.** Adam divides by ``sqrt(v)``; an element whose ``v`` is stored
 as 0 steps by ``m / eps``, arbitrarily far. Rounding to the nearest code does exactly that to
@@ -219,12 +225,17 @@ def _parts(n: int, block_size: int):
 
 def _quantize_into(x: Tensor, book: _Codebook, block_size: int, codes: Tensor, absmax: Tensor,
                    scratch: Optional[Tensor] = None, nonneg: bool = False,
-                   keep_nonzero: bool = False) -> None:
+                   keep_nonzero: bool = False, reciprocal: bool = False) -> None:
     """Quantize flat float32 ``x`` (N,) into ``codes`` (N,) uint8 and ``absmax`` (num_blocks,).
 
     ``nonneg``: the caller guarantees x >= 0 (Adam's second moment): |x| is x, one pass less.
     ``keep_nonzero``: a positive element whose nearest code is 0 gets the smallest non-zero
-    code instead (for a map whose zero is its smallest value: the unsigned state map)."""
+    code instead (for a map whose zero is its smallest value: the unsigned state map).
+    ``reciprocal``: normalise by multiplying with the float32 reciprocal ``1 / absmax`` instead
+    of dividing (the optimizer states, as the fused C kernel: a division per element costs
+    more than the rest of the encoder; the result differs from the division in the last bit,
+    so a code only for a value within one ulp of a midpoint). A block whose reciprocal
+    overflows (absmax below ~2.9e-39) or is NaN is divided."""
     if nonneg:
         ax, xn = x, (scratch if scratch is not None else torch.empty_like(x))  # (N,) x / absmax
     else:
@@ -235,7 +246,18 @@ def _quantize_into(x: Tensor, book: _Codebook, block_size: int, codes: Tensor, a
         a = absmax[row:row + rows]                                        # (rows,)
         torch.amax(ax[start:end].view(rows, -1), dim=1, out=a)
         scale = a.masked_fill(a == 0, 1.0)                                # all-zero block: x / 1
-        torch.div(x[start:end].view(rows, -1), scale[:, None], out=xn[start:end].view(rows, -1))
+        xr, out = x[start:end].view(rows, -1), xn[start:end].view(rows, -1)
+        if not reciprocal:
+            torch.div(xr, scale[:, None], out=out)
+        else:
+            r = torch.reciprocal(scale)                                   # (rows,)
+            bad = ~torch.isfinite(r)                                      # tiny / NaN absmax
+            if torch.compiler.is_compiling() or x.device.type != "cpu":
+                torch.where(bad[:, None], xr / scale[:, None], xr * r[:, None], out=out)
+            else:                                                         # rare: divide those
+                torch.mul(xr, r[:, None], out=out)
+                if type(bad) is Tensor and bool(bad.any()):    # (fake: no values to read)
+                    out[bad] = xr[bad] / scale[bad, None]
         row += rows
     book.encode(xn, codes)
     if keep_nonzero:                                                      # 0 only for x == 0
@@ -423,7 +445,7 @@ class QTensor:
         if scratch is not None:
             scratch = scratch.view(-1)
         _quantize_into(flat, self._book, self.block_size, self.codes, self.absmax, scratch,
-                       nonneg=nonneg, keep_nonzero=not self.signed)
+                       nonneg=nonneg, keep_nonzero=not self.signed, reciprocal=True)
         return self
 
     quantize_ = copy_

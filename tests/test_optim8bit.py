@@ -435,6 +435,75 @@ def test_fused_kernel_threads_give_the_same_bits(monkeypatch):
     assert all(torch.equal(sa[k], sb[k]) for k in sa if isinstance(sa[k], torch.Tensor))
 
 
+def test_fused_kernel_threads_are_torchs_openmp_workers(monkeypatch):
+    """With more than one thread the blocks go to an OpenMP team of the libgomp torch already
+    loaded (torch's own workers, as at::parallel_for), not to a second pool of threads that
+    would compete with torch's spinning workers after a backward; one OpenMP runtime in the
+    process. Same bits as one thread, SGD and AdamW included."""
+    import sys
+    from memlab import _cpu_kernels
+    _needs_kernel()
+    if not sys.platform.startswith("linux") or "OpenMP" not in torch.__config__.parallel_info():
+        pytest.skip("torch without OpenMP, or no /proc/self/maps")
+    assert _cpu_kernels.threading_mode() == "openmp"
+    assert len(_cpu_kernels._gomp_files()) == 1
+    monkeypatch.setattr(_cpu_kernels, "MIN_PER_THREAD", 1000)
+    calls = []
+    monkeypatch.setattr(_cpu_kernels, "_pool", None)       # a Python pool would be created here
+
+    torch.manual_seed(1)
+    p0 = torch.randn(256 * 41 + 7)
+    grads = [torch.randn_like(p0) for _ in range(3)]
+
+    def run(make, threads):
+        torch.set_num_threads(threads)
+        p = torch.nn.Parameter(p0.clone())
+        opt = make([p])
+        for g in grads:
+            p.grad = g.clone()
+            opt.step()
+        calls.append(_cpu_kernels._pool)
+        return p.detach(), opt.state[p]
+    try:
+        for make in (lambda p: AdamW8bit(p, lr=1e-2, min_8bit_size=0),
+                     lambda p: SGD8bit(p, lr=0.1, momentum=0.9, min_8bit_size=0)):
+            a, sa = run(make, 1)
+            b, sb = run(make, 2)
+            assert torch.equal(a, b)
+            assert all(torch.equal(sa[k], sb[k]) for k in sa if isinstance(sa[k], torch.Tensor))
+    finally:
+        torch.set_num_threads(1)
+    assert calls == [None] * 4                               # no Python pool was started
+
+
+def test_tiny_absmax_block_is_divided_on_both_paths():
+    """The states are normalised by multiplying with 1 / absmax (a division per element cost
+    more than the rest of the encoder); where that reciprocal overflows (a block whose absmax is
+    below ~2.9e-39, e.g. the momentum of a parameter whose gradients are ~1e-39) both paths
+    divide instead: the same codes, and the block decodes to its values (not NaN or 0)."""
+    _needs_kernel()
+    n = 64 * 8
+    p0 = torch.randn(n)
+    g = torch.randn(n)
+    g[:64] *= 1e-41                    # block 0: subnormal momentum, 1 / absmax = inf
+    g[64:128] = 0.0                    # block 1: all zero
+    res = []
+    for compile in (False, None):
+        p = torch.nn.Parameter(p0.clone())
+        opt = SGD8bit([p], lr=0.1, momentum=0.9, min_8bit_size=0, block_size=64, compile=compile)
+        for k in range(3):
+            p.grad = g * (1 + k)
+            opt.step()
+        res.append((p.detach().clone(), {k: v.clone() for k, v in opt.state[p].items()
+                                          if isinstance(v, torch.Tensor)}))
+    (pa, sa), (pb, sb) = res
+    assert torch.equal(pa, pb)
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    absmax = next(v for k, v in sa.items() if k.endswith("_absmax"))
+    assert 0 < absmax[0] < 2.9e-39 and absmax[1] == 0
+    codes = next(v for k, v in sa.items() if k.endswith("_codes"))
+    assert codes[:64].float().std() > 1                      # not all one code
+
 def test_fused_kernel_bumps_the_version_counter():
     """Writes through raw pointers are announced to autograd, so a backward through a graph that
     saved the parameter before step() still raises, as it does with torch's optimizers."""
