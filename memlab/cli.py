@@ -153,11 +153,14 @@ def _estimated_peak(cfg) -> Tuple[Optional[int], bool]:
 
 def check_memory(cfgs) -> None:
     """Raise ValueError when a run's estimated peak exceeds the memory available now."""
+    import torch
     for cfg in cfgs:
         need, exact = _estimated_peak(cfg)
         have, where = _available_memory(cfg.device)
         if need is None or have is None:
             continue
+        if cfg.parallel != "none" and torch.device(cfg.device).type == "cpu":
+            need *= cfg.nproc            # a per-rank figure: the local ranks share the host
         if need > have:
             what = (f"an estimated {format_bytes(need)}" if exact else
                     f"at least {format_bytes(need)} (parameters, gradients and optimizer state "

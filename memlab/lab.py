@@ -568,6 +568,12 @@ def estimate_config(cfg: Config, batch_size: Optional[int] = None, frames: Optio
 
         estimate_config(Config(blocks=(3, 4, 6, 3), width=32, embed_dim=256, batch_size=128),
                         frames=200, num_classes=1211)
+
+    ``parallel="ddp"|"fsdp2"`` with ``nproc=N``: the memory *per rank* (a ``RankEstimate``,
+    rank 0's): the local step at ``batch_size / N`` (which must divide), parameters, gradients
+    and optimizer state full under DDP (its gradient buckets are the gradients) and this rank's
+    shards under FSDP2, plus the parameters FSDP2 all-gathers (the root's, and a block and the
+    next one's at a time); the model and how it is measured: ``memlab._per_rank``.
     """
     cfg.validate()
     for name, v in (("batch_size", batch_size), ("frames", frames), ("num_classes", num_classes),
@@ -583,6 +589,9 @@ def estimate_config(cfg: Config, batch_size: Optional[int] = None, frames: Optio
     num_classes = None if num_classes is None else int(num_classes)
     target_len = None if target_len is None else int(target_len)
 
+    if cfg.parallel != "none":               # what each of nproc ranks needs (B / nproc each)
+        from memlab._per_rank import estimate_per_rank
+        return estimate_per_rank(cfg, B, T, steps, num_classes, target_len)
     task, step = tasks.get(cfg.task), training_step(cfg)
 
     def setup():

@@ -256,7 +256,7 @@ class MemoryMeter:
     def _on_op(self, func, out):
         flat, _ = tree_flatten(out)
         cat = None
-        for t in flat:
+        for t in _plain_tensors(flat):
             if not isinstance(t, torch.Tensor) or t.layout != torch.strided:
                 continue
             try:
@@ -314,7 +314,7 @@ class MemoryMeter:
                 cats.append((t, "parameters"))
             else:
                 cats.append((t, "other"))
-        for t, c in cats:
+        for t, c in [(p, c) for t, c in cats for p in _plain_tensors([t])]:
             try:
                 if t.layout != torch.strided:
                     continue
@@ -520,6 +520,21 @@ def _optimizer_tensors(opt, where: Optional[str]):
     for st in list(state.values()):
         for v in _tensors_in(st):
             out.append((v, "optimizer"))
+    return out
+
+
+def _plain_tensors(items) -> List[Any]:
+    """``items`` with every wrapper tensor subclass (a DTensor: FSDP2's sharded parameters and
+    gradients) replaced by the tensors it holds (its local shard), recursively: a wrapper's own
+    storage has the *global* size and no memory behind it; what a rank holds is its local part."""
+    from torch.utils._python_dispatch import is_traceable_wrapper_subclass
+    out: List[Any] = []
+    for t in items:
+        if isinstance(t, torch.Tensor) and is_traceable_wrapper_subclass(t):
+            names, _ = t.__tensor_flatten__()
+            out.extend(_plain_tensors([getattr(t, n) for n in names]))
+        else:
+            out.append(t)
     return out
 
 

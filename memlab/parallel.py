@@ -156,13 +156,14 @@ class SyncBatchNorm(_BatchNorm):
         if self.affine:
             y = y * self.weight.view(shape) + self.bias.view(shape)
         if self.track_running_stats:
-            with torch.no_grad():
-                self.num_batches_tracked.add_(1)
-                m = (1.0 / float(self.num_batches_tracked) if self.momentum is None
-                     else self.momentum)
-                unbiased = var.detach() * (n / (n - 1)).clamp_min(0) if float(n) > 1 else var
+            with torch.no_grad():               # tensor ops only, no values read: an
+                self.num_batches_tracked.add_(1)     # estimate on fake tensors runs this too
+                m = (1.0 / self.num_batches_tracked.to(self.running_mean.dtype)
+                     if self.momentum is None else self.momentum)
+                v = var.detach()
+                unbiased = torch.where(n > 1, v * (n / (n - 1)).clamp_min(0), v)
                 self.running_mean.lerp_(mean.detach().to(self.running_mean.dtype), m)
-                self.running_var.lerp_(unbiased.detach().to(self.running_var.dtype), m)
+                self.running_var.lerp_(unbiased.to(self.running_var.dtype), m)
         return y.to(x.dtype)
 
 
@@ -203,8 +204,9 @@ def fsdp_blocks(model: nn.Module) -> List[nn.Module]:
     return out
 
 
-def wrap(model: nn.Module, mode: str, device: torch.device) -> nn.Module:
-    """``model`` under DDP or FSDP2 (fully_shard per block, then the model)."""
+def wrap(model: nn.Module, mode: str, device: torch.device, mesh=None) -> nn.Module:
+    """``model`` under DDP or FSDP2 (fully_shard per block, then the model; ``mesh``: FSDP2's
+    device mesh, default the whole default process group)."""
     if mode == "ddp":
         from torch.nn.parallel import DistributedDataParallel as DDP
         ids = [device.index] if device.type == "cuda" else None
@@ -213,8 +215,8 @@ def wrap(model: nn.Module, mode: str, device: torch.device) -> nn.Module:
     if mode == "fsdp2":
         from torch.distributed.fsdp import fully_shard
         for block in fsdp_blocks(model):
-            fully_shard(block)
-        return fully_shard(model)
+            fully_shard(block, mesh=mesh)
+        return fully_shard(model, mesh=mesh)
     raise ValueError(f"parallel must be 'ddp' or 'fsdp2' to wrap a model, got {mode!r}")
 
 
@@ -257,8 +259,9 @@ class ParallelExperiment(Experiment):
             self.scheduler = lab._schedule(cfg, self.optimizer)
 
     def _to_device(self, batch):
-        # this rank's DistributedSampler-style slice of the global batch
-        return super()._to_device(tuple(t[self.rank::self.world] for t in batch))
+        # this rank's DistributedSampler-style slice of the global batch, a copy: a view would
+        # keep the whole global batch alive on the rank (on CPU, where .to() does not copy)
+        return super()._to_device(tuple(t[self.rank::self.world].contiguous() for t in batch))
 
     def _train_step(self, batch) -> float:
         loss = self._step(self.model, self.optimizer, batch).detach().float().reshape(1)

@@ -99,6 +99,8 @@ class Plan:
     unverified: int = 0                       # predicted to fit, not estimated (verify/time)
     not_predicted: int = 0                    # costlier than the rows found: not considered
     notes: List[str] = field(default_factory=list)
+    per_rank: Optional[str] = None            # "fsdp2 on 2 ranks, 16 utterances each": figures
+    #                                           are each rank's (memlab._per_rank)
 
 
 def _with(cfg, choices: Mapping[str, str]):
@@ -163,7 +165,9 @@ def plan(cfg, fit, *, batch_size: Optional[int] = None, frames: Optional[int] = 
     predicted-to-fit combinations. ``confirm``: the top answers estimated at full size when
     extrapolated. ``time_budget``: seconds after which no more combinations are estimated
     (the top answer is still confirmed). ``extrapolate=False``: every estimate at full size.
-    ``progress(text)``: called before each estimate."""
+    ``progress(text)``: called before each estimate. A ``cfg`` with ``parallel="ddp"|"fsdp2"``
+    and ``nproc=N``: every figure is per rank (``estimate_config``'s per-rank estimate, the
+    global batch split across N) and ``fit`` is the memory of one rank's device."""
     from memlab.lab import estimate_config
     budget = parse_size(fit)
     for name, v, lo in (("verify", verify, 1), ("confirm", confirm, 0)):
@@ -173,6 +177,11 @@ def plan(cfg, fit, *, batch_size: Optional[int] = None, frames: Optional[int] = 
             time_budget, (int, float)) or not time_budget > 0):
         raise ValueError(f"time_budget must be None or seconds > 0, got {time_budget!r}")
     cfg.validate()
+    per_rank = None
+    if cfg.parallel != "none":
+        from memlab._per_rank import local_batch
+        b = local_batch(cfg.batch_size if batch_size is None else batch_size, cfg.nproc)
+        per_rank = f"{cfg.parallel} on {cfg.nproc} ranks, {b} utterances each"
     t0 = time.perf_counter()
     cand = candidates(cfg, kinds, choices)
     axis = depth_axis(cfg) if extrapolate else None
@@ -385,7 +394,7 @@ def plan(cfg, fit, *, batch_size: Optional[int] = None, frames: Optional[int] = 
                 axis=None if axis is None else axis.label,
                 full_depth=None if axis is None else axis.full,
                 full_estimates=calls["full"], unverified=unverified,
-                not_predicted=skipped, notes=notes)
+                not_predicted=skipped, notes=notes, per_rank=per_rank)
 
 
 def _gib(n: int) -> str:
@@ -399,7 +408,10 @@ def format_plan(result: Plan, limit: int = 10) -> str:
     from memlab.memory import CATEGORIES, format_bytes
     from memlab.report import format_table
     b = result.base
-    out = [f"budget {format_bytes(result.fit)}; as given: {format_bytes(b['peak'])} "
+    each = " per rank" if result.per_rank else ""
+    out = [f"budget {format_bytes(result.fit)}{each}"
+           + (f" ({result.per_rank})" if result.per_rank else "")
+           + f"; as given: {format_bytes(b['peak'])}{each} "
            f"({'fits' if b['fits'] else 'does not fit'}; peak in {b['phase']}"
            + (f"; {b['source']} {result.axis}" if b.get("source", "full") != "full" else "")
            + ")"]
@@ -419,6 +431,8 @@ def format_plan(result: Plan, limit: int = 10) -> str:
                          **({"from": r.get("source", "full")} if result.axis else {}),
                          "step_time": t, "measured ratios (bench, CPU)": extra or "-"})
         out.append(format_table(rows))
+        if each:
+            out.append(f"peak and breakdown: per rank ({result.per_rank}; memlab._per_rank)")
         if len(result.rows) > limit:
             out.append(f"... and {len(result.rows) - limit} more that fit")
     out.append(f"{result.checked} estimates on fake tensors ({result.full_estimates} at full "
@@ -462,6 +476,10 @@ def add_arguments(p) -> None:
                              ("--num-classes", int, "speakers of the classifier head"),
                              ("--vocab-size", int, "tokens incl. blank (asr)")):
         p.add_argument(flag, dest=flag[2:].replace("-", "_"), type=kind, help=what)
+    p.add_argument("--nproc", type=int, help="data-parallel ranks: plan the memory each of N "
+                   "devices needs, the global --batch-size split across them (default 1)")
+    p.add_argument("--parallel", choices=("ddp", "fsdp2"), help="data-parallel mode with "
+                   "--nproc (default: ddp): fsdp2 shards parameters, gradients and optimizer")
     p.add_argument("--vary", help="comma-separated kinds to vary (default: every kind that "
                    "applies); the others stay as configured")
     for kind in tech.kinds():
@@ -484,8 +502,10 @@ def config_from_args(args):
     """(Config, estimate_config keyword arguments) from ``memlab plan``'s options."""
     from memlab.lab import Config
     fields = {k: getattr(args, k) for k in ("model", "depth", "width", "embed_dim",
-                                            "batch_size", "vocab_size")
+                                            "batch_size", "vocab_size", "nproc", "parallel")
               if getattr(args, k, None) is not None}
+    if "nproc" in fields and "parallel" not in fields:
+        fields["parallel"] = "ddp"                   # as memlab compare --nproc
     if args.blocks is not None:
         try:
             fields["blocks"] = tuple(int(b) for b in args.blocks.split(","))
@@ -539,7 +559,8 @@ def command(args) -> int:
                   progress=(lambda t: print(f"memlab plan: {t}", file=sys.stderr, flush=True))
                   if show else None, **extra)
     if args.json:
-        print(json.dumps({"fit": result.fit, "config": cfg.label, "base": result.base,
+        print(json.dumps({"fit": result.fit, "config": cfg.label, "per_rank": result.per_rank,
+                          "base": result.base,
                           "rows": result.rows, "predicted_over": result.predicted_over,
                           "checked": result.checked, "full_estimates": result.full_estimates,
                           "extrapolated": {"axis": result.axis, "depths": list(DEPTHS),
