@@ -302,6 +302,37 @@ class ParallelExperiment(Experiment):
             yield rec
 
 
+# ----------------------------------------------------------------------------- per-rank memory
+def _metered_ranks(rank, world, cfg, steps):
+    from memlab.memory import MemoryMeter
+    exp = Experiment(cfg)
+    exp._setup()
+    best: Optional[Dict[str, Any]] = None
+    for _ in range(steps):                 # the metered step of Experiment.run, no evaluation
+        batch = exp._to_device(next(exp._stream))
+        with MemoryMeter(exp.config.device, model=exp.model, optimizer=exp.optimizer,
+                         inputs=batch) as meter:
+            exp._train_step(batch)
+        if best is None or meter.peak >= best["peak"]:
+            best = {"rank": rank, "peak": meter.peak, "breakdown": meter.breakdown(),
+                    "phase": meter.peak_phase}
+    return best
+
+
+def measure_ranks(cfg, steps: int = 2, timeout: float = 300.0) -> List[Dict[str, Any]]:
+    """Train ``steps`` metered steps of a parallel ``cfg`` on ``cfg.nproc`` local ranks
+    (gloo on CPU; memlab.distributed.launch, every process ended within ``timeout`` s); each
+    rank's highest metered peak, its breakdown and phase, in rank order. Beside
+    ``estimate_config(cfg)`` (the per-rank estimate) in tutorial 05 and the tests."""
+    from memlab.distributed import launch
+    cfg.validate()
+    if cfg.parallel == "none":
+        raise ValueError("cfg: measure_ranks needs parallel='ddp' or 'fsdp2', got 'none'")
+    threads = max(1, (os.cpu_count() or 1) // cfg.nproc)
+    return launch(_metered_ranks, cfg.nproc, (cfg, steps), timeout=timeout,
+                  backend=backend(cfg.device), threads=threads)
+
+
 # ----------------------------------------------------------------------------- compare
 def _rank_row(rank, world, cfg, index, total, progress):
     from memlab.cli import _run_one
