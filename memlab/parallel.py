@@ -303,34 +303,49 @@ class ParallelExperiment(Experiment):
 
 
 # ----------------------------------------------------------------------------- per-rank memory
-def _metered_ranks(rank, world, cfg, steps):
+def _metered_ranks(rank, world, cfgs, steps):
     from memlab.memory import MemoryMeter
-    exp = Experiment(cfg)
-    exp._setup()
-    best: Optional[Dict[str, Any]] = None
-    for _ in range(steps):                 # the metered step of Experiment.run, no evaluation
-        batch = exp._to_device(next(exp._stream))
-        with MemoryMeter(exp.config.device, model=exp.model, optimizer=exp.optimizer,
-                         inputs=batch) as meter:
-            exp._train_step(batch)
-        if best is None or meter.peak >= best["peak"]:
-            best = {"rank": rank, "peak": meter.peak, "breakdown": meter.breakdown(),
-                    "phase": meter.peak_phase}
-    return best
+    out = []
+    for cfg in cfgs:
+        exp = Experiment(cfg)
+        exp._setup()
+        best: Optional[Dict[str, Any]] = None
+        for _ in range(steps):             # the metered step of Experiment.run, no evaluation
+            batch = exp._to_device(next(exp._stream))
+            with MemoryMeter(exp.config.device, model=exp.model, optimizer=exp.optimizer,
+                             inputs=batch) as meter:
+                exp._train_step(batch)
+            if best is None or meter.peak >= best["peak"]:
+                best = {"rank": rank, "peak": meter.peak, "breakdown": meter.breakdown(),
+                        "phase": meter.peak_phase}
+        out.append(best)
+    return out
 
 
-def measure_ranks(cfg, steps: int = 2, timeout: float = 300.0) -> List[Dict[str, Any]]:
+def measure_ranks(cfg, steps: int = 2, timeout: float = 300.0) -> List[Any]:
     """Train ``steps`` metered steps of a parallel ``cfg`` on ``cfg.nproc`` local ranks
-    (gloo on CPU; memlab.distributed.launch, every process ended within ``timeout`` s); each
-    rank's highest metered peak, its breakdown and phase, in rank order. Beside
-    ``estimate_config(cfg)`` (the per-rank estimate) in tutorial 05 and the tests."""
+    (gloo on CPU; memlab.distributed.launch, every process ended within ``timeout`` s): each
+    rank's highest metered peak with its breakdown and phase, in rank order. ``cfg`` may be a
+    list of Configs with the same nproc, run one after the other in one launch: then a list of
+    those lists. Beside ``estimate_config(cfg)`` (the per-rank estimate) in tutorial 05 and
+    the tests."""
     from memlab.distributed import launch
-    cfg.validate()
-    if cfg.parallel == "none":
-        raise ValueError("cfg: measure_ranks needs parallel='ddp' or 'fsdp2', got 'none'")
-    threads = max(1, (os.cpu_count() or 1) // cfg.nproc)
-    return launch(_metered_ranks, cfg.nproc, (cfg, steps), timeout=timeout,
-                  backend=backend(cfg.device), threads=threads)
+    cfgs = list(cfg) if isinstance(cfg, (list, tuple)) else [cfg]
+    if not cfgs:
+        raise ValueError("cfg: measure_ranks needs a Config or a non-empty list of them")
+    for c in cfgs:
+        c.validate()
+        if c.parallel == "none":
+            raise ValueError("cfg: measure_ranks needs parallel='ddp' or 'fsdp2', got 'none'")
+    n = cfgs[0].nproc
+    if any(c.nproc != n for c in cfgs):
+        raise ValueError(f"cfg: every Config must have the same nproc, got "
+                         f"{[c.nproc for c in cfgs]}")
+    threads = max(1, (os.cpu_count() or 1) // n)
+    per_rank = launch(_metered_ranks, n, (cfgs, steps), timeout=timeout,
+                      backend=backend(cfgs[0].device), threads=threads)
+    out = [[per_rank[r][i] for r in range(n)] for i in range(len(cfgs))]
+    return out if isinstance(cfg, (list, tuple)) else out[0]
 
 
 # ----------------------------------------------------------------------------- compare
