@@ -52,3 +52,15 @@ def test_bench_peers_from_the_cli(capsys, monkeypatch):
                                                                 ratio=1.0)])
     assert cli.main(["bench", "peers", "--fast"]) == 0
     assert "Peers" in capsys.readouterr().out
+
+
+def test_rnnt_rows_check_against_the_exact_lattice_not_torchaudio():
+    """At T=100, U=20 torchaudio's gradients are ~1.2e-4 off the exact ones (finite differences
+    agree with memlab's float64 reference lattice to 1e-10): checked against torchaudio with a
+    1e-4 tolerance, memlab's exact sample-wise loss failed its check and was not timed."""
+    rows = peers.rnnt_rows(B=2, T=100, U=20, V=64, H=16, repeats=1)
+    by = {r["subject"]: r for r in rows}
+    assert by["memlab-samplewise"]["ok"] and by["memlab-samplewise"]["max_diff"] < 1e-5
+    assert by["torchaudio-batched"]["ok"]
+    assert 1e-5 < by["torchaudio-batched"]["max_diff"] < peers.RNNT_TOLERANCE
+    assert "float64 reference" in by["memlab-samplewise"]["check"]

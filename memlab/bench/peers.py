@@ -22,8 +22,9 @@ Workloads:
   Check: loss and every parameter gradient against plain autograd (relative 1e-4).
 * ``rnnt-loss``: RNN-T loss + joiner forward and backward (B x T x U x V, H-dim joiner).
   Baseline: torchaudio's batched loss (``memlab.transducer.rnnt_loss_batched``); memlab's
-  sample-wise loss, and ``optimized_transducer`` / ``fast_rnnt`` when installed. Check: loss and
-  joiner gradients against the baseline (relative 1e-4).
+  sample-wise loss, and ``optimized_transducer`` / ``fast_rnnt`` when installed. Check: loss,
+  joiner and encoder gradients in float32 on a few utterances of the batch against memlab's
+  float64 reference lattice (relative 1e-3: torchaudio's own gradients are 2.5e-4 off).
 """
 
 from __future__ import annotations
@@ -224,10 +225,13 @@ class _Joiner(nn.Module):
 
 
 def rnnt_rows(B: int = 32, T: int = 200, U: int = 40, V: int = 512, H: int = 128,
-              repeats: int = 3) -> List[dict]:
-    """``rnnt-loss`` rows (see the module docstring)."""
+              repeats: int = 3, check_batch: int = 4) -> List[dict]:
+    """``rnnt-loss`` rows (see the module docstring). Check: each implementation in float32 on
+    the first ``check_batch`` utterances (the full T, U, V) against memlab's float64 reference
+    lattice (``rnnt_loss_reference``), not against the baseline: torchaudio's own gradients are
+    2e-4 off the exact ones at T=200, U=40, even for float64 inputs."""
     from memlab.memory import MemoryMeter
-    from memlab.transducer import rnnt_loss_batched, samplewise_rnnt_loss
+    from memlab.transducer import rnnt_loss_batched, rnnt_loss_reference, samplewise_rnnt_loss
     g = torch.Generator().manual_seed(0)
     enc = torch.randn(B, T, H, generator=g)
     pred = torch.randn(B, U + 1, H, generator=g)
@@ -237,50 +241,59 @@ def rnnt_rows(B: int = 32, T: int = 200, U: int = 40, V: int = 512, H: int = 128
     join = _Joiner(H, V)
     joiner = join.out
 
-    impls = {"torchaudio-batched": lambda e, p: rnnt_loss_batched(
-                 join(e, p), targets, el, tl, reduction="sum"),
-             "memlab-samplewise": lambda e, p: samplewise_rnnt_loss(
-                 join, e, p, targets, el, tl, reduction="sum")}
+    impls = {"torchaudio-batched": lambda j, e, p, y, n, m: rnnt_loss_batched(
+                 j(e, p), y, n, m, reduction="sum"),
+             "memlab-samplewise": lambda j, e, p, y, n, m: samplewise_rnnt_loss(
+                 j, e, p, y, n, m, reduction="sum")}
     if _have("optimized_transducer"):
         import optimized_transducer as ot
 
-        def _ot(e, p):
-            logits = join(e, p).reshape(-1, V)
-            return ot.transducer_loss(logits=logits, targets=targets.int(),
-                                      logit_lengths=el.int(), target_lengths=tl.int(),
+        def _ot(j, e, p, y, n, m):
+            return ot.transducer_loss(logits=j(e, p).reshape(-1, V), targets=y.int(),
+                                      logit_lengths=n.int(), target_lengths=m.int(),
                                       blank=0, reduction="sum", from_log_softmax=False)
         impls["optimized_transducer"] = _ot
     if _have("fast_rnnt"):
         import fast_rnnt
 
-        def _fr(e, p):
-            bnd = torch.zeros(B, 4, dtype=torch.long)
-            bnd[:, 2], bnd[:, 3] = U, T
-            return fast_rnnt.rnnt_loss(logits=join(e, p), symbols=targets, termination_symbol=0,
+        def _fr(j, e, p, y, n, m):
+            bnd = torch.zeros(e.shape[0], 4, dtype=torch.long)
+            bnd[:, 2], bnd[:, 3] = m, n
+            return fast_rnnt.rnnt_loss(logits=j(e, p), symbols=y, termination_symbol=0,
                                        boundary=bnd, reduction="sum")
         impls["fast_rnnt"] = _fr
 
-    def step(fn):
-        joiner.zero_grad(set_to_none=True)
-        e, p = enc.clone().requires_grad_(), pred.clone().requires_grad_()
-        loss = fn(e, p)
+    def step(fn, j=join, b=B, dtype=torch.float32):
+        j.zero_grad(set_to_none=True)
+        e = enc[:b].to(dtype).clone().requires_grad_()
+        p = pred[:b].to(dtype).clone().requires_grad_()
+        loss = fn(j, e, p, targets[:b], el[:b], tl[:b])
         loss.backward()
-        return loss.detach(), [joiner.weight.grad, e.grad]
+        return loss.detach().double(), [j.out.weight.grad.double(), e.grad.double()]
 
-    ref_loss, ref_grads = step(impls["torchaudio-batched"])
+    b = min(B, check_batch)
+    ref_loss, ref_grads = step(lambda j, e, p, y, n, m: rnnt_loss_reference(
+        j(e, p), y, n, m, reduction="sum"), copy.deepcopy(join).double(), b, torch.float64)
     checks, timed, extra = {}, {}, {}
     for name, fn in impls.items():
-        with MemoryMeter("cpu", model=joiner, inputs=[enc, pred]) as meter:
-            loss, grads = step(fn)
+        loss, grads = step(fn, b=b)
         diff = max([(abs(loss - ref_loss) / ref_loss.abs()).item()] +
-                   [((a - b).norm() / b.norm()).item() for a, b in zip(grads, ref_grads)])
-        checks[name] = dict(check="loss, joiner and encoder gradients vs torchaudio (relative)",
+                   [((a - r).norm() / r.norm()).item() for a, r in zip(grads, ref_grads)])
+        checks[name] = dict(check=f"loss, joiner and encoder gradients (float32, {b} utterances)"
+                                  f" vs the float64 reference lattice (relative)",
                             max_diff=float(f"{diff:.3g}"))
+        with MemoryMeter("cpu", model=joiner, inputs=[enc, pred]) as meter:
+            step(fn)
         extra[name] = dict(peak_mib=round((meter.peak - meter.baseline) / 2 ** 20, 1))
-        if diff <= 1e-4:
+        if diff <= RNNT_TOLERANCE:
             timed[name] = (lambda fn=fn: step(fn))
     times = _time_round_robin(timed, repeats)
     return _rows("rnnt-loss", times, "torchaudio-batched", checks, extra)
+
+
+# torchaudio's float32 gradients are ~2.5e-4 off the exact ones at T=200, U=40 (memlab's
+# sample-wise loss: 3e-7): a peer within 1e-3 computes the same loss
+RNNT_TOLERANCE = 1e-3
 
 
 # ----------------------------------------------------------------------------- all
