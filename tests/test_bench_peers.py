@@ -64,3 +64,12 @@ def test_rnnt_rows_check_against_the_exact_lattice_not_torchaudio():
     assert by["torchaudio-batched"]["ok"]
     assert 1e-5 < by["torchaudio-batched"]["max_diff"] < peers.RNNT_TOLERANCE
     assert "float64 reference" in by["memlab-samplewise"]["check"]
+
+
+def test_reversible_rows_cover_both_couplings_and_two_depths(rows):
+    ours = [r for r in rows if r["subject"] == "memlab-reversible"]
+    assert {(r["coupling"], r["depth"]) for r in ours} == {
+        (c, d) for c in ("conv", "bottleneck") for d in (2, 4)}
+    assert all(r["ok"] and r["max_diff"] < 1e-5 for r in ours)
+    bases = [r for r in rows if r["subject"] == "plain-autograd"]
+    assert len(bases) == 4 and all(r["ratio"] == 1.0 for r in bases)

@@ -15,9 +15,10 @@ Workloads:
   torchao (AdamW8bit; its first step compiles, excluded from the timing). Check: after the same
   3 steps from the same start, the parameters' distance to fp32's, relative to fp32's update
   (an 8-bit optimizer is not bit-equal to fp32: the check bounds it at 5%).
-* ``reversible-stage``: forward + backward of a stage of ``depth`` additive couplings with
-  convolutional F and G (3x3 conv, ReLU, 3x3 conv, on half the channels) on a (B, C, H, W)
-  batch. Baseline: the same couplings under plain autograd (keeps every activation); memlab
+* ``reversible-stage``: forward + backward of a stage of ``depth`` (8 and 32; fast: 2 and 4)
+  additive couplings on a (B, C, H, W) batch, for two kinds of F and G on half the channels
+  (``coupling``): ``conv`` (3x3 conv, ReLU, 3x3 conv: the ResNet block) and ``bottleneck``
+  (1x1 conv to 4x, ReLU, depthwise 3x3, ReLU, 1x1 conv: the DF-ResNet block's shape). Baseline: the same couplings under plain autograd (keeps every activation); memlab
   ``ReversibleSequence``, revlib ``ReversibleSequential``, memcnn ``InvertibleModuleWrapper``.
   Check: loss and every parameter gradient against plain autograd (relative 1e-4).
 * ``rnnt-loss``: RNN-T loss + joiner forward and backward (B x T x U x V, H-dim joiner).
@@ -147,6 +148,24 @@ class _Half(nn.Module):
         return self.net(x)
 
 
+class _HalfBottleneck(nn.Module):
+    """F or G of an inverted-bottleneck coupling (the DF-ResNet block's shape, without its
+    BatchNorms, whose running statistics the peers update differently): 1x1 conv to 4c, ReLU,
+    depthwise 3x3, ReLU, 1x1 conv back to c."""
+
+    def __init__(self, c: int):
+        super().__init__()
+        self.net = nn.Sequential(nn.Conv2d(c, 4 * c, 1), nn.ReLU(),
+                                 nn.Conv2d(4 * c, 4 * c, 3, padding=1, groups=4 * c), nn.ReLU(),
+                                 nn.Conv2d(4 * c, c, 1))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+COUPLINGS = {"conv": _Half, "bottleneck": _HalfBottleneck}
+
+
 class _Plain(nn.Module):
     """The couplings under plain autograd: y1 = x1 + f(x2); y2 = x2 + g(y1)."""
 
@@ -162,10 +181,11 @@ class _Plain(nn.Module):
         return x
 
 
-def _stage_nets(depth: int, channels: int) -> Dict[str, nn.Module]:
+def _stage_nets(depth: int, channels: int, coupling: str = "conv") -> Dict[str, nn.Module]:
     from memlab.reversible import AdditiveCoupling, ReversibleSequence
     torch.manual_seed(0)
-    pairs = [(_Half(channels // 2), _Half(channels // 2)) for _ in range(depth)]
+    half = COUPLINGS[coupling]
+    pairs = [(half(channels // 2), half(channels // 2)) for _ in range(depth)]
     nets = {"plain-autograd": _Plain(copy.deepcopy(pairs)),
             "memlab-reversible": ReversibleSequence(
                 [AdditiveCoupling(*copy.deepcopy(p)) for p in pairs])}
@@ -184,10 +204,19 @@ def _stage_nets(depth: int, channels: int) -> Dict[str, nn.Module]:
     return nets
 
 
-def reversible_rows(depth: int = 32, channels: int = 64, size: int = 16, batch: int = 2,
-                    repeats: int = 5) -> List[dict]:
-    """``reversible-stage`` rows (see the module docstring)."""
-    nets = _stage_nets(depth, channels)
+def reversible_rows(depths=(8, 32), couplings=("conv", "bottleneck"), channels: int = 64,
+                    size: int = 16, batch: int = 2, repeats: int = 5) -> List[dict]:
+    """``reversible-stage`` rows (see the module docstring), for every coupling and depth."""
+    rows = []
+    for coupling in couplings:
+        for depth in depths:
+            rows += _reversible_rows(depth, coupling, channels, size, batch, repeats)
+    return rows
+
+
+def _reversible_rows(depth: int, coupling: str, channels: int, size: int, batch: int,
+                     repeats: int) -> List[dict]:
+    nets = _stage_nets(depth, channels, coupling)
     x0 = torch.randn(batch, channels, size, size, generator=torch.Generator().manual_seed(1))
 
     def step(net):
@@ -205,7 +234,7 @@ def reversible_rows(depth: int = 32, channels: int = 64, size: int = 16, batch: 
                    [((g - r).norm() / r.norm().clamp_min(1e-30)).item()
                     for g, r in zip(grads, ref_grads)])
         checks[name] = dict(check="loss and parameter gradients vs plain autograd (relative)",
-                            max_diff=float(f"{diff:.3g}"), depth=depth)
+                            max_diff=float(f"{diff:.3g}"), depth=depth, coupling=coupling)
         if diff <= 1e-4:
             timed[name] = (lambda net=net: step(net))
     times = _time_round_robin(timed, repeats)
@@ -305,8 +334,8 @@ def run(fast: bool = False, threads: Optional[int] = None) -> List[dict]:
     try:
         rows = optimizer_rows("adam", fast, repeats=3 if fast else 7)
         rows += optimizer_rows("sgd", fast, repeats=3 if fast else 7)
-        rows += reversible_rows(**(dict(depth=4, channels=16, size=8, repeats=2) if fast
-                                   else dict(depth=32)))
+        rows += reversible_rows(**(dict(depths=(2, 4), channels=16, size=8, repeats=2) if fast
+                                   else {}))
         rows += rnnt_rows(**(dict(B=4, T=20, U=5, V=32, H=16, repeats=2) if fast else {}))
         rows += [dict(workload="-", subject=p, status="missing") for p in PEERS if not _have(p)]
         keys = list(dict.fromkeys(k for r in rows for k in r))      # one table: every column
