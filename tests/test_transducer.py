@@ -351,9 +351,16 @@ def test_samplewise_peak_full_size():
 def test_bench_rows():
     from memlab.bench.transducer import run, run_paper
     rows = run(fast=True)
-    assert {r["method"] for r in rows} == {"batched", "samplewise"}
+    assert [r["method"] for r in rows] == ["batched", "samplewise", "pruned", "samplewise-pruned"]
     for r in rows:
         assert r["peak_bytes"] > 0 and r["time_s"] > 0 and r["estimated"] is False
+    by = {r["method"]: r for r in rows}
+    assert by["batched"]["loss"] == pytest.approx(by["samplewise"]["loss"], rel=1e-5)
+    assert by["pruned"]["loss"] == pytest.approx(by["samplewise-pruned"]["loss"], rel=1e-5)
+    assert by["pruned"]["s_range"] == 5 and by["samplewise"]["s_range"] is None
+    assert run(fast=True, methods=("batched", "samplewise"), repeats=0)[1]["method"] == "samplewise"
+    with pytest.raises(ValueError, match="methods must start with 'batched'"):
+        run(fast=True, methods=("pruned",))
     # the paper's 40 s utterances at 64 of its 1024 (the full batch: test_estimate_asr, slow)
     paper = {r["method"]: r for r in run_paper(device="cpu", batch_size=64)}
     assert paper["batched"]["estimated"] and paper["samplewise"]["estimated"]

@@ -51,12 +51,13 @@ def optimizer_state_rows(fast: bool) -> List[dict]:
 
 
 def transducer_batch_rows(fast: bool) -> List[dict]:
-    from memlab.bench.transducer import run
+    from memlab.bench.transducer import METHODS, run
     if fast:
         # groups of ~3 utterances (the 64 MiB default would hold the whole tiny batch)
         return run(fast=True, batch_sizes=(2, 4, 8, 16), seconds=(2.0,), vocab_sizes=(32,),
-                   repeats=0, max_chunk_bytes=2 ** 18)
-    return run(batch_sizes=(4, 8, 16, 32, 64), seconds=(4.0,), vocab_sizes=(512,), repeats=0)
+                   repeats=0, max_chunk_bytes=2 ** 18, methods=METHODS)
+    return run(batch_sizes=(4, 8, 16, 32, 64), seconds=(4.0,), vocab_sizes=(512,), repeats=0,
+               methods=METHODS)
 
 
 def full_size_rows(fast: bool) -> List[dict]:

@@ -10,6 +10,12 @@ for both methods, and leaving them out isolates the B x T x (U+1) x V tensor.
 * batched:    ``rnnt_loss_batched(joiner(enc_out, pred_out), ...)`` (torchaudio on the 4-D tensor)
 * samplewise: ``samplewise_rnnt_loss(joiner, enc_out, pred_out, ...)`` (groups up to
   ``max_chunk_bytes``, default 64 MiB)
+* pruned / samplewise-pruned: ``memlab.pruned.pruned_rnnt_loss`` (Kuang et al. 2022): the
+  "simple" joint of two extra Linear projections (H -> V, :func:`simple_projections`, counted
+  with the joiner's parameters) gives each frame a window of ``s_range`` symbols (default 5),
+  and the joiner runs on that band only; ``samplewise-pruned`` computes the band one group of
+  utterances at a time. Another loss than the full one (equal to it when ``s_range`` >= U+1),
+  so these rows report ``loss`` beside the full loss's for comparison.
 
 Sizes. ``seconds`` of audio -> T = 25 encoder frames per second (10 ms fbank frames, 4x
 subsampling: 40 ms frames) and U = 5 tokens per second (an assumed subword rate; pass
@@ -50,6 +56,9 @@ from memlab.transducer import (DEFAULT_MAX_CHUNK_BYTES, chunk_bytes, plan_chunks
 FRAMES_PER_SECOND = 25.0   # 10 ms fbank frames, 4x subsampling
 TOKENS_PER_SECOND = 5.0    # assumed subword rate
 METHODS = ("batched", "samplewise")
+PRUNED_METHODS = ("pruned", "samplewise-pruned")
+ALL_METHODS = METHODS + PRUNED_METHODS
+S_RANGE = 5                # symbols per frame the pruned losses keep (icefall's default)
 
 
 def sizes(seconds: float, frames_per_second: float = FRAMES_PER_SECOND,
@@ -80,17 +89,40 @@ def make_problem(batch_size: int, T: int, U: int, vocab_size: int, *, hidden: in
     return joiner, enc, pred, targets, enc_len.to(device), tgt_len.to(device)
 
 
+def simple_projections(problem) -> torch.nn.ModuleList:
+    """The pruned losses' two "simple" projections (enc H -> V, pred H -> V) for ``problem``
+    (:func:`make_problem`'s tuple), seeded, on its device."""
+    joiner, enc, pred = problem[:3]
+    V = joiner.out.out_features
+    g = torch.random.fork_rng(devices=[])
+    with g:
+        torch.manual_seed(1)
+        mods = torch.nn.ModuleList([torch.nn.Linear(enc.shape[-1], V),
+                                    torch.nn.Linear(pred.shape[-1], V)])
+    return mods.to(enc.device)
+
+
 def loss_step(method: str, joiner, enc, pred, targets, enc_len, tgt_len,
               max_chunk_bytes: Optional[int] = None, stats: Optional[Dict] = None,
-              value: bool = True) -> Optional[float]:
-    """One loss + backward; returns the loss value (None with ``value=False``: fake tensors)."""
+              value: bool = True, simple: Optional[torch.nn.ModuleList] = None,
+              s_range: int = S_RANGE) -> Optional[float]:
+    """One loss + backward; returns the loss value (None with ``value=False``: fake tensors).
+    The pruned methods need ``simple`` (:func:`simple_projections`)."""
     if method == "batched":
         loss = rnnt_loss_batched(joiner(enc, pred), targets, enc_len, tgt_len)
     elif method == "samplewise":
         loss = samplewise_rnnt_loss(joiner, enc, pred, targets, enc_len, tgt_len,
                                     max_chunk_bytes=max_chunk_bytes, stats=stats)
+    elif method in PRUNED_METHODS:
+        from memlab.pruned import pruned_rnnt_loss
+        if simple is None:
+            raise ValueError(f"method {method!r} needs simple=simple_projections(problem)")
+        loss = pruned_rnnt_loss(joiner, enc, pred, simple[0](enc), simple[1](pred), targets,
+                                enc_len, tgt_len, s_range=s_range,
+                                samplewise=method == "samplewise-pruned",
+                                max_chunk_bytes=max_chunk_bytes)
     else:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+        raise ValueError(f"method must be one of {ALL_METHODS}, got {method!r}")
     loss.backward()
     return float(loss.detach()) if value else None
 
@@ -123,57 +155,68 @@ def metered_bytes(method: str, batch_size: int, T: int, U: int, vocab_size: int,
     return {"peak_bytes": int(est.peak), "step_bytes": int(est.peak - est.baseline)}
 
 
-def _clear(joiner, enc, pred):
+def _clear(joiner, enc, pred, simple=None):
     joiner.zero_grad(set_to_none=True)
+    if simple is not None:
+        simple.zero_grad(set_to_none=True)
     enc.grad = None
     pred.grad = None
 
 
-def measure_peak(method: str, problem, max_chunk_bytes: Optional[int] = None) -> Dict[str, int]:
-    """Peak bytes of one loss step: {"peak_bytes", "step_bytes", "chunks"}."""
+def measure_peak(method: str, problem, max_chunk_bytes: Optional[int] = None,
+                 simple: Optional[torch.nn.ModuleList] = None,
+                 s_range: int = S_RANGE) -> Dict[str, int]:
+    """Peak bytes of one loss step: {"peak_bytes", "step_bytes", "chunks", "loss"}."""
     from memlab.memory import MemoryMeter
 
     joiner, enc, pred, targets, enc_len, tgt_len = problem
-    _clear(joiner, enc, pred)
+    _clear(joiner, enc, pred, simple)
+    pruned = dict(simple=simple, s_range=s_range) if method in PRUNED_METHODS else {}
+    model = torch.nn.ModuleList([joiner, simple]) if pruned else joiner
     dev = enc.device
     stats: Dict = {}
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
         base = torch.cuda.memory_allocated(dev)
         torch.cuda.reset_peak_memory_stats(dev)
-        loss_step(method, *problem, max_chunk_bytes=max_chunk_bytes, stats=stats)
+        loss = loss_step(method, *problem, max_chunk_bytes=max_chunk_bytes, stats=stats,
+                         **pruned)
         torch.cuda.synchronize(dev)
         peak = torch.cuda.max_memory_allocated(dev)
     else:
-        with MemoryMeter(dev, model=joiner, inputs=[enc, pred, targets, enc_len, tgt_len],
+        with MemoryMeter(dev, model=model, inputs=[enc, pred, targets, enc_len, tgt_len],
                          timeline=False) as meter:
-            loss_step(method, *problem, max_chunk_bytes=max_chunk_bytes, stats=stats)
+            loss = loss_step(method, *problem, max_chunk_bytes=max_chunk_bytes, stats=stats,
+                             **pruned)
         peak, base = meter.peak, meter.baseline
-    _clear(joiner, enc, pred)
-    return {"peak_bytes": int(peak), "step_bytes": int(peak - base),
+    _clear(joiner, enc, pred, simple)
+    return {"peak_bytes": int(peak), "step_bytes": int(peak - base), "loss": loss,
             "chunks": len(stats.get("chunks", [])) if method == "samplewise" else 1}
 
 
-def measure_times(problem, repeats: int = 3, max_chunk_bytes: Optional[int] = None):
+def measure_times(problem, repeats: int = 3, max_chunk_bytes: Optional[int] = None,
+                  methods: Sequence[str] = METHODS, simple: Optional[torch.nn.ModuleList] = None,
+                  s_range: int = S_RANGE):
     """{method: (median wall s, median cpu s)}, runs alternating between the methods."""
     joiner, enc, pred = problem[:3]
     dev = enc.device
-    wall: Dict[str, List[float]] = {m: [] for m in METHODS}
-    cpu: Dict[str, List[float]] = {m: [] for m in METHODS}
+    wall: Dict[str, List[float]] = {m: [] for m in methods}
+    cpu: Dict[str, List[float]] = {m: [] for m in methods}
     for r in range(repeats + 1):                     # r = 0 is the warm-up
-        for m in METHODS:
-            _clear(joiner, enc, pred)
+        for m in methods:
+            _clear(joiner, enc, pred, simple)
             if dev.type == "cuda":
                 torch.cuda.synchronize(dev)
             w0, c0 = time.perf_counter(), time.process_time()
-            loss_step(m, *problem, max_chunk_bytes=max_chunk_bytes)
+            loss_step(m, *problem, max_chunk_bytes=max_chunk_bytes,
+                      **(dict(simple=simple, s_range=s_range) if m in PRUNED_METHODS else {}))
             if dev.type == "cuda":
                 torch.cuda.synchronize(dev)
             if r:
                 wall[m].append(time.perf_counter() - w0)
                 cpu[m].append(time.process_time() - c0)
-    _clear(joiner, enc, pred)
-    return {m: (statistics.median(wall[m]), statistics.median(cpu[m])) for m in METHODS}
+    _clear(joiner, enc, pred, simple)
+    return {m: (statistics.median(wall[m]), statistics.median(cpu[m])) for m in methods}
 
 
 def _time_fields(times, m: str) -> dict:
@@ -189,10 +232,13 @@ def run(fast: bool = False, batch_sizes: Optional[Sequence[int]] = None,
         *, device="cpu", hidden: int = 144, joint_dim: int = 144, repeats: Optional[int] = None,
         max_chunk_bytes: Optional[int] = None, length_spread: float = 0.0,
         frames_per_second: float = FRAMES_PER_SECOND,
-        tokens_per_second: float = TOKENS_PER_SECOND, preset: Optional[str] = None) -> List[dict]:
-    """Batched vs sample-wise over a grid of batch size x audio seconds x vocabulary size.
+        tokens_per_second: float = TOKENS_PER_SECOND, preset: Optional[str] = None,
+        methods: Sequence[str] = ALL_METHODS, s_range: int = S_RANGE) -> List[dict]:
+    """Batched vs sample-wise (and the pruned losses) over a grid of batch size x audio seconds
+    x vocabulary size.
 
-    One row per (configuration, method). Defaults: B in (8, 32), seconds in (4, 8), V in (128,
+    One row per (configuration, method); ``methods``: any of ``ALL_METHODS`` ("batched" first,
+    the rows' ratios are to it); ``s_range``: the pruned losses' band. Defaults: B in (8, 32), seconds in (4, 8), V in (128,
     512), 3 timed repeats; ``fast`` (or MEMLAB_FAST set): B=4, 2 s, V=32, 1 repeat.
     ``repeats=0`` measures memory only (the time fields are None).
     ``preset="paper"`` returns :func:`run_paper` instead (``memlab bench transducer --preset paper``).
@@ -209,6 +255,9 @@ def run(fast: bool = False, batch_sizes: Optional[Sequence[int]] = None,
     repeats = repeats if repeats is not None else (1 if fast else 3)
     if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 0:
         raise ValueError(f"repeats must be an int >= 0, got {repeats!r}")
+    if not methods or methods[0] != "batched" or any(m not in ALL_METHODS for m in methods):
+        raise ValueError(f"methods must start with 'batched' and be drawn from {ALL_METHODS}, "
+                         f"got {methods!r}")
     device = torch.device(device)
     rows: List[dict] = []
     for B in batch_sizes:
@@ -217,9 +266,13 @@ def run(fast: bool = False, batch_sizes: Optional[Sequence[int]] = None,
             for V in vocab_sizes:
                 problem = make_problem(B, T, U, V, hidden=hidden, joint_dim=joint_dim,
                                        length_spread=length_spread, device=device)
-                mem = {m: measure_peak(m, problem, max_chunk_bytes) for m in METHODS}
-                times = measure_times(problem, repeats, max_chunk_bytes) if repeats else None
-                for m in METHODS:
+                simple = (simple_projections(problem)
+                          if any(m in PRUNED_METHODS for m in methods) else None)
+                mem = {m: measure_peak(m, problem, max_chunk_bytes, simple, s_range)
+                       for m in methods}
+                times = (measure_times(problem, repeats, max_chunk_bytes, methods, simple,
+                                       s_range) if repeats else None)
+                for m in methods:
                     rows.append({
                         "method": m, "device": str(device), "batch_size": B, "seconds": s,
                         "T": T, "U": U, "vocab_size": V, "joint_dim": joint_dim,
@@ -229,8 +282,9 @@ def run(fast: bool = False, batch_sizes: Optional[Sequence[int]] = None,
                         **_time_fields(times, m),
                         "chunks": mem[m]["chunks"],
                         "max_chunk_bytes": (max_chunk_bytes or DEFAULT_MAX_CHUNK_BYTES)
-                        if m == "samplewise" else None,
-                        "estimated": False,
+                        if m in ("samplewise", "samplewise-pruned") else None,
+                        "s_range": s_range if m in PRUNED_METHODS else None,
+                        "loss": round(mem[m]["loss"], 4), "estimated": False,
                     })
                 del problem
     return rows

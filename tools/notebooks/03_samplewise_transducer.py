@@ -320,7 +320,7 @@ fig
 
 # %%
 rows = bench.run(batch_sizes=BATCH_SIZES, seconds=[BENCH_SECONDS], vocab_sizes=[BENCH_VOCAB],
-                 repeats=0)
+                 repeats=0, methods=bench.METHODS)
 fig = go.Figure()
 for method, color in (("batched", "#E45756"), ("samplewise", "#4C78A8")):
     mine = [r for r in rows if r["method"] == method]
