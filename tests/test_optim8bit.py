@@ -630,3 +630,6 @@ def test_bench_optim_step_rows_compare_with_torch_fused_and_foreach():
     assert r["foreach_value"] > 0 and r["fused_vs_foreach"] > 0
     assert r["range"][0] <= r["value"] <= r["range"][1]
     assert abs(sum(torch.Size(s).numel() for s in study._big_shapes()) - 33e6) < 0.1e6
+    assert r["shapes"] == "resnet-like" and r["tensors"] == len(study._shapes(True))
+    total = sum(torch.Size(s).numel() for s in study._shapes(False))   # the same work in one
+    assert abs(study.ONE_TENSOR - total) < 1e-3 * total

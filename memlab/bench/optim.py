@@ -56,6 +56,9 @@ def _shapes(fast: bool) -> list:
     return shapes
 
 
+ONE_TENSOR = 4_180_000        # the step_time rows' single tensor (as many elements as _shapes)
+
+
 def _big_shapes() -> list:
     """~33 M parameters: a wider ResNet-like net (12.5 M in 3x3 convs) with large projections."""
     widths = (64, 128, 256, 512)
@@ -167,7 +170,8 @@ def _path(opt, device: str) -> str:
     return "compiled" if opt._compiled.get(device) else "eager"
 
 
-def _time_rows(shapes, repeats: int, devices=None, eager: bool = True) -> list:
+def _time_rows(shapes, repeats: int, devices=None, eager: bool = True,
+               label: str = "resnet-like") -> list:
     rows, build = [], _timed_builders()
     devices = devices or (["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
     numel = sum(torch.Size(s).numel() for s in shapes)
@@ -206,7 +210,7 @@ def _time_rows(shapes, repeats: int, devices=None, eager: bool = True) -> list:
                                     round(max(times[ours]) * 1e3, 3)),
                              device=dev_name, path=_path(opts[ours], device),
                              threads=torch.get_num_threads() if device == "cpu" else None,
-                             numel=numel))
+                             numel=numel, shapes=label, tensors=len(shapes)))
     return rows
 
 
@@ -403,7 +407,8 @@ def step_times(fast: bool = False, repeats: Optional[int] = None,
                threads: Optional[int] = None) -> List[dict]:
     """The ``step_time`` rows only: each 8-bit optimizer against torch's fastest fp32 step
     (``fused``), with its ``foreach`` step beside it; in full mode also on ~33 M parameters
-    (:func:`_big_shapes`; the 8-bit defaults only, not the slow eager path).
+    (:func:`_big_shapes`; the 8-bit defaults only, not the slow eager path) and on one
+    tensor of 4.18 M (``shapes="one tensor"``: the kernel without per-tensor overhead).
 
     ``threads``: torch intra-op threads for the timings (default: leave torch's setting);
     on a busy machine ``threads=1`` gives steadier ratios.
@@ -415,7 +420,9 @@ def step_times(fast: bool = False, repeats: Optional[int] = None,
     try:
         rows = _time_rows(_shapes(fast), repeats)
         if not fast:
-            rows += _time_rows(_big_shapes(), max(5, repeats // 3), eager=False)
+            rows += _time_rows(_big_shapes(), max(5, repeats // 3), eager=False,
+                               label="33M resnet-like")
+            rows += _time_rows([(ONE_TENSOR,)], 2 * repeats, eager=False, label="one tensor")
         return rows
     finally:
         torch.set_num_threads(before)
