@@ -135,6 +135,24 @@ def test_stride0_state_is_refused_before_a_pointer_is_taken():
 
 
 @needs_cc
+def test_a_code_book_with_a_short_table_is_refused_even_after_a_valid_step():
+    """The book's tables are checked once and remembered by identity: a table replaced after
+    a valid step (a shorter lookup table) is checked again and refused before a pointer."""
+    import copy
+    from memlab.quant import QTensor
+    n = 4096
+    buf = QTensor.zeros((n,), True)
+    args = dict(lr=0.1, momentum=0.9, dampening=0.0, weight_decay=0.0, nesterov=False,
+                maximize=False, first=True)
+    _cpu_kernels.sgd8bit(torch.zeros(n), torch.ones(n), buf, **args)       # valid: remembered
+    buf._book = copy.copy(buf._book)                                       # same tables: fine
+    _cpu_kernels.sgd8bit(torch.zeros(n), torch.ones(n), buf, **args)
+    buf._book.lut32 = torch.zeros(10, dtype=torch.int32)
+    with pytest.raises(ValueError, match="momentum_buffer: the code book has no 16-bit"):
+        _cpu_kernels.sgd8bit(torch.zeros(n), torch.ones(n), buf, **args)
+
+
+@needs_cc
 def test_short_absmax_storage_is_refused():
     n = 4096
     q = _cpu_kernels
