@@ -114,6 +114,18 @@ def test_compare_width_2000_is_refused_before_allocating(capsys, no_training, mo
     one_line_error(capsys.readouterr().err, "GiB", "8.00 GiB available")
 
 
+def test_memory_check_counts_every_local_cpu_rank(monkeypatch):
+    """--nproc N on CPU: the estimate is one rank's, and the N local ranks share this host's
+    memory, so the check asks for N times it (a per-rank figure that fits alone may not)."""
+    from memlab.lab import Config
+    cfg = Config.for_task("speaker", parallel="ddp", nproc=2, batch_size=4)
+    monkeypatch.setattr(cli, "_estimated_peak", lambda c: (600 * 2**20, True))
+    monkeypatch.setattr(cli, "_available_memory", lambda device: (1000 * 2**20, "MemAvailable"))
+    cli.check_memory([cfg.replace(parallel="none", nproc=1)])        # one process: 600 fits
+    with pytest.raises(ValueError, match="1.17 GiB"):                 # 2 x 600 MiB does not
+        cli.check_memory([cfg])
+
+
 def test_available_memory_reads_meminfo():
     if not os.path.exists("/proc/meminfo"):
         pytest.skip("Linux only")
