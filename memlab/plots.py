@@ -348,3 +348,26 @@ def write_png(fig: go.Figure, path, width: Optional[int] = None, height: Optiona
             finally:
                 browser.close()
     return path
+
+
+def tradeoff_figure(rows: Sequence[Dict[str, Any]], title: str = "What each choice saves and "
+                    "costs", subtitle: str = "") -> go.Figure:
+    """``memlab.alternatives.compare`` rows as points: step time / the baseline's (x) against
+    the saving, baseline peak / peak (y), both measured live; refused rows are left out."""
+    rows = [r for r in rows if r.get("saving") is not None and r.get("time") is not None]
+    fig = go.Figure()
+    fig.add_scatter(x=[r["time"] for r in rows], y=[r["saving"] for r in rows],
+                    mode="markers+text", text=[r["run"].replace(" + ", "<br>+ ") for r in rows],
+                    textposition="top center", textfont=dict(size=10),
+                    marker=dict(size=11, color="#4C78A8"), showlegend=False,
+                    customdata=[r["peak"] / MiB for r in rows],
+                    hovertemplate="%{text}<br>step time %{x:.2f}x<br>saving %{y:.2f}x"
+                                  "<br>peak %{customdata:.3g} MiB<extra></extra>")
+    _layout(fig, title, subtitle, height=520)
+    xs = [r["time"] for r in rows] or [1.0]
+    ys = [r["saving"] for r in rows] or [1.0]
+    fig.update_xaxes(title_text="step time / the baseline's (x, measured live; lower is "
+                     "faster)", range=[0.9 * min(min(xs), 1.0) - 0.05, 1.1 * max(xs) + 0.1])
+    fig.update_yaxes(title_text="saving: baseline peak / peak (x, higher saves more)",
+                     range=[0, 1.25 * max(ys) + 0.2])
+    return fig
