@@ -160,7 +160,8 @@ def compare(scenario: str, choices: Sequence[str], *, repeats: int = 3, full_siz
     if isinstance(choices, str):
         raise TypeError("choices must be a list of 'kind=name[+kind=name]' strings, got a str")
     scenarios.get(scenario)
-    picked = [("baseline", {})] + [(label(parse(c)), parse(c)) for c in choices if parse(c)]
+    parsed = [parse(c) for c in choices]
+    picked = [("baseline", {})] + [(label(ch), ch) for ch in parsed if ch]
     if reference:
         picked.insert(1, (REFERENCE, {}))
     rows: List[Dict[str, Any]] = []

@@ -45,7 +45,7 @@ from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 import torch
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._python_dispatch import TorchDispatchMode, is_traceable_wrapper_subclass
 from torch.utils._pytree import tree_flatten
 
 CATEGORIES = ("parameters", "gradients", "optimizer", "activations", "other")
@@ -527,7 +527,6 @@ def _plain_tensors(items) -> List[Any]:
     """``items`` with every wrapper tensor subclass (a DTensor: FSDP2's sharded parameters and
     gradients) replaced by the tensors it holds (its local shard), recursively: a wrapper's own
     storage has the *global* size and no memory behind it; what a rank holds is its local part."""
-    from torch.utils._python_dispatch import is_traceable_wrapper_subclass
     out: List[Any] = []
     for t in items:
         if isinstance(t, torch.Tensor) and is_traceable_wrapper_subclass(t):

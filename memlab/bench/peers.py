@@ -18,7 +18,8 @@ Workloads:
 * ``reversible-stage``: forward + backward of a stage of ``depth`` (8 and 32; fast: 2 and 4)
   additive couplings on a (B, C, H, W) batch, for two kinds of F and G on half the channels
   (``coupling``): ``conv`` (3x3 conv, ReLU, 3x3 conv: the ResNet block) and ``bottleneck``
-  (1x1 conv to 4x, ReLU, depthwise 3x3, ReLU, 1x1 conv: the DF-ResNet block's shape). Baseline: the same couplings under plain autograd (keeps every activation); memlab
+  (1x1 conv to 4x, ReLU, depthwise 3x3, ReLU, 1x1 conv: the DF-ResNet block's shape).
+  Baseline: the same couplings under plain autograd (keeps every activation); memlab
   ``ReversibleSequence``, revlib ``ReversibleSequential``, memcnn ``InvertibleModuleWrapper``.
   Check: loss and every parameter gradient against plain autograd (relative 1e-4).
 * ``rnnt-loss``: RNN-T loss + joiner forward and backward (B x T x U x V, H-dim joiner).
@@ -148,22 +149,16 @@ class _Half(nn.Module):
         return self.net(x)
 
 
-class _HalfBottleneck(nn.Module):
+def _half_bottleneck(c: int) -> nn.Module:
     """F or G of an inverted-bottleneck coupling (the DF-ResNet block's shape, without its
     BatchNorms, whose running statistics the peers update differently): 1x1 conv to 4c, ReLU,
     depthwise 3x3, ReLU, 1x1 conv back to c."""
-
-    def __init__(self, c: int):
-        super().__init__()
-        self.net = nn.Sequential(nn.Conv2d(c, 4 * c, 1), nn.ReLU(),
-                                 nn.Conv2d(4 * c, 4 * c, 3, padding=1, groups=4 * c), nn.ReLU(),
-                                 nn.Conv2d(4 * c, c, 1))
-
-    def forward(self, x):
-        return self.net(x)
+    return nn.Sequential(nn.Conv2d(c, 4 * c, 1), nn.ReLU(),
+                         nn.Conv2d(4 * c, 4 * c, 3, padding=1, groups=4 * c), nn.ReLU(),
+                         nn.Conv2d(4 * c, c, 1))
 
 
-COUPLINGS = {"conv": _Half, "bottleneck": _HalfBottleneck}
+COUPLINGS = {"conv": _Half, "bottleneck": _half_bottleneck}
 
 
 class _Plain(nn.Module):

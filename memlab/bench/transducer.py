@@ -94,8 +94,7 @@ def simple_projections(problem) -> torch.nn.ModuleList:
     (:func:`make_problem`'s tuple), seeded, on its device."""
     joiner, enc, pred = problem[:3]
     V = joiner.out.out_features
-    g = torch.random.fork_rng(devices=[])
-    with g:
+    with torch.random.fork_rng(devices=[]):
         torch.manual_seed(1)
         mods = torch.nn.ModuleList([torch.nn.Linear(enc.shape[-1], V),
                                     torch.nn.Linear(pred.shape[-1], V)])
@@ -107,7 +106,8 @@ def loss_step(method: str, joiner, enc, pred, targets, enc_len, tgt_len,
               value: bool = True, simple: Optional[torch.nn.ModuleList] = None,
               s_range: int = S_RANGE) -> Optional[float]:
     """One loss + backward; returns the loss value (None with ``value=False``: fake tensors).
-    The pruned methods need ``simple`` (:func:`simple_projections`)."""
+    The pruned methods need ``simple`` (:func:`simple_projections`); the others ignore it and
+    ``s_range``."""
     if method == "batched":
         loss = rnnt_loss_batched(joiner(enc, pred), targets, enc_len, tgt_len)
     elif method == "samplewise":
@@ -171,7 +171,7 @@ def measure_peak(method: str, problem, max_chunk_bytes: Optional[int] = None,
 
     joiner, enc, pred, targets, enc_len, tgt_len = problem
     _clear(joiner, enc, pred, simple)
-    pruned = dict(simple=simple, s_range=s_range) if method in PRUNED_METHODS else {}
+    pruned = method in PRUNED_METHODS
     model = torch.nn.ModuleList([joiner, simple]) if pruned else joiner
     dev = enc.device
     stats: Dict = {}
@@ -180,14 +180,14 @@ def measure_peak(method: str, problem, max_chunk_bytes: Optional[int] = None,
         base = torch.cuda.memory_allocated(dev)
         torch.cuda.reset_peak_memory_stats(dev)
         loss = loss_step(method, *problem, max_chunk_bytes=max_chunk_bytes, stats=stats,
-                         **pruned)
+                         simple=simple, s_range=s_range)
         torch.cuda.synchronize(dev)
         peak = torch.cuda.max_memory_allocated(dev)
     else:
         with MemoryMeter(dev, model=model, inputs=[enc, pred, targets, enc_len, tgt_len],
                          timeline=False) as meter:
             loss = loss_step(method, *problem, max_chunk_bytes=max_chunk_bytes, stats=stats,
-                             **pruned)
+                             simple=simple, s_range=s_range)
         peak, base = meter.peak, meter.baseline
     _clear(joiner, enc, pred, simple)
     return {"peak_bytes": int(peak), "step_bytes": int(peak - base), "loss": loss,
@@ -208,8 +208,8 @@ def measure_times(problem, repeats: int = 3, max_chunk_bytes: Optional[int] = No
             if dev.type == "cuda":
                 torch.cuda.synchronize(dev)
             w0, c0 = time.perf_counter(), time.process_time()
-            loss_step(m, *problem, max_chunk_bytes=max_chunk_bytes,
-                      **(dict(simple=simple, s_range=s_range) if m in PRUNED_METHODS else {}))
+            loss_step(m, *problem, max_chunk_bytes=max_chunk_bytes, simple=simple,
+                      s_range=s_range)
             if dev.type == "cuda":
                 torch.cuda.synchronize(dev)
             if r:
@@ -238,8 +238,8 @@ def run(fast: bool = False, batch_sizes: Optional[Sequence[int]] = None,
     x vocabulary size.
 
     One row per (configuration, method); ``methods``: any of ``ALL_METHODS`` ("batched" first,
-    the rows' ratios are to it); ``s_range``: the pruned losses' band. Defaults: B in (8, 32), seconds in (4, 8), V in (128,
-    512), 3 timed repeats; ``fast`` (or MEMLAB_FAST set): B=4, 2 s, V=32, 1 repeat.
+    the rows' ratios are to it); ``s_range``: the pruned losses' band. Defaults: B in (8, 32),
+    seconds in (4, 8), V in (128, 512), 3 timed repeats; ``fast`` (or MEMLAB_FAST set): B=4, 2 s, V=32, 1 repeat.
     ``repeats=0`` measures memory only (the time fields are None).
     ``preset="paper"`` returns :func:`run_paper` instead (``memlab bench transducer --preset paper``).
     """
