@@ -41,6 +41,21 @@ SOURCE = r"""
 
 #define LANES 16
 
+/* Gradients far off a sample's likely paths are below float's normal range; on x86 such
+   subnormal results cost ~100 cycles each (3x the whole pass at T=200, U=40, V=512). The
+   gradient passes flush them to zero (MXCSR FTZ + DAZ for the call, restored after). */
+/* float32 gradient rows whose weight (occupancy) is at most TINY_F32 are written as zeros: every
+   value in them is below 1e-30, and downstream products with them would be subnormal too */
+#define TINY_F32 1e-30
+#if defined(__x86_64__) || defined(__i386__)
+#include <xmmintrin.h>
+#define FLUSH_BEGIN unsigned int csr_saved_ = _mm_getcsr(); _mm_setcsr(csr_saved_ | 0x8040u);
+#define FLUSH_END _mm_setcsr(csr_saved_);
+#else
+#define FLUSH_BEGIN
+#define FLUSH_END
+#endif
+
 /* e^x for float lanes: x = n ln2 + r, |r| <= ln2/2; 2^n from the exponent bits */
 static inline float exp_lane(float x) {
     x = x < -87.0f ? -87.0f : x;
@@ -157,17 +172,18 @@ void memlab_rnnt_lattice(int64_t T, int64_t U1, const int64_t *tlen, const int64
 }
 
 /* (3) rows [r0, r1): out = occ * softmax - tb [blank] - te [y_{u+1}]; out may alias x */
-#define PASS3(NAME, R, EXPR)                                                                   \
+#define PASS3(NAME, R, EXPR, TINY)                                                               \
 void NAME(const R *x, R *out, const int64_t *tgt, const int64_t *tlen, const int64_t *ulen,   \
           int64_t T, int64_t U1, int64_t V, int64_t blank, int64_t r0, int64_t r1,            \
           const double *ln, const double *occ, const double *tb, const double *te) {          \
+    FLUSH_BEGIN                                                                               \
     for (int64_t r = r0; r < r1; r++) {                                                       \
         int64_t n = r / T, t = r % T;                                                         \
         for (int64_t u = 0; u < U1; u++) {                                                    \
             int64_t c = r * U1 + u;                                                           \
             const R *row = x + c * V;                                                         \
             R *o = out + c * V;                                                               \
-            if (t >= tlen[n] || u > ulen[n] || occ[c] == 0.0) {                               \
+            if (t >= tlen[n] || u > ulen[n] || fabs(occ[c]) <= TINY) {                         \
                 memset(o, 0, sizeof(R) * V); continue;                                        \
             }                                                                                 \
             double l = ln[c], k = occ[c];                                                     \
@@ -181,9 +197,53 @@ void NAME(const R *x, R *out, const int64_t *tgt, const int64_t *tlen, const int
             if (y >= 0) o[y] = (R)gy;                                                         \
         }                                                                                     \
     }                                                                                         \
+    FLUSH_END                                                                                 \
 }
-PASS3(memlab_rnnt_pass3_f32, float, exp_lane)
-PASS3(memlab_rnnt_pass3_f64, double, exp)
+PASS3(memlab_rnnt_pass3_f32, float, exp_lane, TINY_F32)
+PASS3(memlab_rnnt_pass3_f64, double, exp, 0.0)
+
+/* Rows of a pruned band (memlab.pruned): rows [r0, r1) of V logits each, with their own symbol
+   sym[r] (the next label of the row's cell). (1) lognorm and log p(blank), log p(sym). */
+#define BAND1(NAME, R, LSE)                                                                    \
+void NAME(const R *x, const int64_t *sym, int64_t V, int64_t blank, int64_t r0, int64_t r1,   \
+          double *ln, double *lpb, double *lpe) {                                             \
+    for (int64_t r = r0; r < r1; r++) {                                                       \
+        const R *row = x + r * V;                                                             \
+        double l = LSE(row, V);                                                               \
+        ln[r] = l;                                                                            \
+        lpb[r] = (double)row[blank] - l;                                                      \
+        lpe[r] = (double)row[sym[r]] - l;                                                     \
+    }                                                                                         \
+}
+BAND1(memlab_band_pass1_f32, float, lse_f32)
+BAND1(memlab_band_pass1_f64, double, lse_f64)
+
+/* (3) d loss / d logits of band rows [r0, r1): gb, ge are d loss / d log p(blank), d log p(sym):
+   out = -(gb + ge) softmax + gb [blank] + ge [sym]; out may alias x */
+#define BAND3(NAME, R, EXPR, TINY)                                                               \
+void NAME(const R *x, R *out, const int64_t *sym, int64_t V, int64_t blank, int64_t r0,       \
+          int64_t r1, const double *ln, const double *gb, const double *ge) {                 \
+    FLUSH_BEGIN                                                                               \
+    for (int64_t r = r0; r < r1; r++) {                                                       \
+        const R *row = x + r * V;                                                             \
+        R *o = out + r * V;                                                                   \
+        double k = -(gb[r] + ge[r]);                                                          \
+        if (fabs(gb[r]) <= TINY && fabs(ge[r]) <= TINY) {                                    \
+            memset(o, 0, sizeof(R) * V); continue;                                            \
+        }                                                                                     \
+        double l = ln[r];                                                                     \
+        int64_t y = sym[r];                                                                   \
+        double pb = exp((double)row[blank] - l), py = exp((double)row[y] - l);                \
+        R lr = (R)l, kr = (R)k;                                                               \
+        if (o == row) for (int64_t v = 0; v < V; v++) o[v] = EXPR(o[v] - lr) * kr;            \
+        else for (int64_t v = 0; v < V; v++) o[v] = EXPR(row[v] - lr) * kr;                   \
+        if (y == blank) o[blank] = (R)(pb * k + gb[r] + ge[r]);                               \
+        else { o[blank] = (R)(pb * k + gb[r]); o[y] = (R)(py * k + ge[r]); }                  \
+    }                                                                                         \
+    FLUSH_END                                                                                 \
+}
+BAND3(memlab_band_pass3_f32, float, exp_lane, TINY_F32)
+BAND3(memlab_band_pass3_f64, double, exp, 0.0)
 """
 
 FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-shared", "-fPIC"]
@@ -214,6 +274,11 @@ def _declare(lib) -> None:
         f.argtypes, f.restype = [P, P, P, P, P, I, I, I, I, I, I, P, P, P, P], None
     lib.memlab_rnnt_lattice.argtypes = [I, I, P, P, I, I, P, P, P, P, P, P]
     lib.memlab_rnnt_lattice.restype = None
+    for dt in ("f32", "f64"):
+        f = getattr(lib, f"memlab_band_pass1_{dt}")
+        f.argtypes, f.restype = [P, P, I, I, I, I, P, P, P], None
+        f = getattr(lib, f"memlab_band_pass3_{dt}")
+        f.argtypes, f.restype = [P, P, P, I, I, I, I, P, P, P], None
 
 
 _LIBRARY = _cbuild.LazyLibrary(lambda: _build(), lambda lib: _declare(lib),
@@ -312,3 +377,93 @@ def chunk_loss(logits, tgt, t_len, u_len, blank: int, weights=None, out=None) ->
         if inc is not None:
             inc(out)                  # written through a pointer: tell autograd it changed
     return costs
+
+
+# ----------------------------------------------------------------------------------------------
+# pruned band rows and the bare lattice (memlab.pruned)
+
+MIN_BAND_ROWS_PER_THREAD = 256     # rows of V values
+
+
+def _real(*ts) -> bool:
+    return all(type(t) is torch.Tensor for t in ts if t is not None)
+
+
+def band_usable(logits: torch.Tensor) -> bool:
+    """The band kernels take these logits: real, contiguous float32/float64 CPU, library built."""
+    return (logits.dtype in (torch.float32, torch.float64) and logits.dim() == 4
+            and _real(logits) and _dense(logits, logits.dtype, logits.shape) and available())
+
+
+def band_forward(logits: torch.Tensor, sym: torch.Tensor, blank: int):
+    """logits (N, T, S, V), sym (N, T, S) int64 -> float64 (lognorm, log p(blank), log p(sym)),
+    each (N, T, S); one read of the logits (every row in L1 while it is reduced)."""
+    N, T, S, V = logits.shape
+    sym = sym.reshape(N, T, S).to(torch.int64).contiguous()
+    if not 0 <= blank < V:
+        raise ValueError(f"blank must lie in [0, V={V}), got {blank}")
+    if sym.numel() and (int(sym.min()) < 0 or int(sym.max()) >= V):
+        raise ValueError(f"sym must lie in [0, V={V})")
+    out = torch.empty(3, N, T, S, dtype=torch.float64)
+    dt = "f32" if logits.dtype == torch.float32 else "f64"
+    p = lambda t: t.data_ptr()                                                 # noqa: E731
+    _split(getattr(library(), f"memlab_band_pass1_{dt}"), N * T * S, MIN_BAND_ROWS_PER_THREAD,
+           (p(logits), p(sym), V, blank), (p(out[0]), p(out[1]), p(out[2])))
+    return out[0], out[1], out[2]
+
+
+def band_backward(logits: torch.Tensor, sym: torch.Tensor, blank: int, lognorm: torch.Tensor,
+                  g_blank: torch.Tensor, g_emit: torch.Tensor) -> torch.Tensor:
+    """d loss / d logits (N, T, S, V) of :func:`band_forward`'s outputs, given their gradients
+    g_blank, g_emit (N, T, S): -(g_blank + g_emit) softmax + g_blank [blank] + g_emit [sym],
+    written in one sweep into a new tensor of the logits' dtype."""
+    N, T, S, V = logits.shape
+    sym = sym.reshape(N, T, S).to(torch.int64).contiguous()
+    gb = g_blank.detach().to(torch.float64).contiguous()
+    ge = g_emit.detach().to(torch.float64).contiguous()
+    ln = lognorm.to(torch.float64).contiguous()
+    for name, t in (("lognorm", ln), ("g_blank", gb), ("g_emit", ge)):
+        if not _dense(t, torch.float64, (N, T, S)):
+            raise ValueError(f"{name} must have shape ({N}, {T}, {S}), got {tuple(t.shape)}")
+    grad = torch.empty_like(logits, memory_format=torch.contiguous_format)
+    dt = "f32" if logits.dtype == torch.float32 else "f64"
+    p = lambda t: t.data_ptr()                                                 # noqa: E731
+    _split(getattr(library(), f"memlab_band_pass3_{dt}"), N * T * S, MIN_BAND_ROWS_PER_THREAD,
+           (p(logits), p(grad), p(sym), V, blank), (p(ln), p(gb), p(ge)))
+    return grad
+
+
+def lattice(px: torch.Tensor, py: torch.Tensor, enc_lengths: torch.Tensor,
+            target_lengths: torch.Tensor):
+    """The alpha-beta pass of a bare lattice in C, float64: px (B, T, U), py (B, T, U+1) log-probs
+    (-inf: no arc) -> (losses (B,), d loss / d px, d loss / d py) in float64, zero off each
+    sample's lattice. None when the kernel cannot take them (fake tensors, no library)."""
+    if not (_real(px, py) and available() and px.device.type == "cpu"
+            and py.device.type == "cpu"):
+        return None
+    B, T, U1 = py.shape
+    if tuple(px.shape) != (B, T, U1 - 1):
+        raise ValueError(f"px must have shape ({B}, {T}, {U1 - 1}), got {tuple(px.shape)}")
+    t_len = enc_lengths.detach().to("cpu", torch.int64).contiguous()
+    u_len = target_lengths.detach().to("cpu", torch.int64).contiguous()
+    if B and (int(t_len.min()) < 1 or int(t_len.max()) > T or int(u_len.min()) < 0
+              or int(u_len.max()) > U1 - 1):
+        raise ValueError(f"lengths must lie in [1, T={T}] and [0, U={U1 - 1}]")
+    lpb = py.detach().to(torch.float64).clone(memory_format=torch.contiguous_format)
+    lpe = torch.full((B, T, U1), -float("inf"), dtype=torch.float64)
+    lpe[:, :, :U1 - 1] = px.detach()
+    al = torch.empty(B, T, U1, dtype=torch.float64)
+    be = torch.empty(B, T, U1, dtype=torch.float64)
+    w = torch.ones(B, dtype=torch.float64)
+    costs = torch.empty(B, dtype=torch.float64)
+    p = lambda t: t.data_ptr()                                                 # noqa: E731
+    _split(library().memlab_rnnt_lattice, B, 1, (T, U1, p(t_len), p(u_len)),
+           (p(lpb), p(lpe), p(al), p(be), p(w), p(costs)))
+    # lpb / lpe now hold the blank / emit arcs' occupations on each sample's lattice; cells
+    # outside it (t >= T_b or u > U_b) were not written
+    t = torch.arange(T)[None, :, None]
+    u = torch.arange(U1)[None, None, :]
+    on = (t < t_len[:, None, None]) & (u <= u_len[:, None, None])               # (B, T, U+1)
+    gy = torch.where(on, lpb.neg_(), 0.0)
+    gx = torch.where(on, lpe.neg_(), 0.0)[:, :, :U1 - 1]
+    return costs, gx, gy

@@ -56,6 +56,7 @@ from memlab.transducer import _check_common, _check_tensor, _count as _int
 REDUCTIONS = ("mean", "sum", "none")
 DEFAULT_MAX_CHUNK_BYTES = 64 * 2**20   # pruned logits + their gradient of one sample-wise call
 _INF = float("inf")
+_TINY_F32 = 1e-30      # float32 lattice gradients at most this are zero (as the C kernels do)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -160,8 +161,25 @@ def lattice_forward_backward(px: torch.Tensor, py: torch.Tensor, enc_lengths: to
     px (B, T, U): log-prob of emitting y_{u+1} from (t, u); py (B, T, U+1): log-prob of blank
     from (t, u); -inf marks a missing arc. Returns (losses (B,), d loss_b / d px, d loss_b / d py);
     -(the gradients) are the arcs' occupation probabilities. Computed in px's dtype (use float32
-    or float64). One Python step per anti-diagonal, each on (B, U+1) tensors: no V axis anywhere.
+    or float64). On CPU the C kernel of memlab._lattice_kernel runs it in float64 (float32
+    gradients at most 1e-30 become 0); elsewhere one Python step per anti-diagonal, each on
+    (B, U+1) tensors: no V axis anywhere.
     """
+    from memlab import _lattice_kernel
+    fast = _lattice_kernel.lattice(px, py, enc_lengths, target_lengths)           # C, float64
+    if fast is None:
+        return _lattice_torch(px, py, enc_lengths, target_lengths)
+    losses, gx, gy = fast
+    if px.dtype != torch.float64:
+        # occupations below 1e-30 would be float32 subnormals, which make every later op on
+        # them (the simple joint's matmul backward) several times slower on x86: zero them
+        tiny = lambda g: g.masked_fill_(g.abs() <= _TINY_F32, 0.0).to(px.dtype)  # noqa: E731
+        return losses.to(px.dtype), tiny(gx), tiny(gy)
+    return losses, gx, gy
+
+
+def _lattice_torch(px, py, enc_lengths, target_lengths):
+    """:func:`lattice_forward_backward` in torch ops (CUDA, fake tensors, no C compiler)."""
     B, T, U1 = py.shape
     U = U1 - 1
     N = T + U                                                                     # diagonals
@@ -339,10 +357,16 @@ class _BandLogProbs(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, sym, blank, work):
+        from memlab import _lattice_kernel
+        ctx.blank, ctx.work = blank, work
+        ctx.kernel = _lattice_kernel.band_usable(logits) and sym.device.type == "cpu"
+        if ctx.kernel:              # C: one sweep of the logits, one for the gradient
+            lse, blank_lp, emit = _lattice_kernel.band_forward(logits, sym, blank)
+            ctx.save_for_backward(logits, lse, sym)
+            return blank_lp.to(work), emit.to(work)
         lse = logits.to(work).logsumexp(-1)                                       # (N, T, S)
         blank_lp = logits[..., blank].to(work) - lse                              # (N, T, S)
         emit = logits.gather(3, sym)[..., 0].to(work) - lse                       # (N, T, S)
-        ctx.blank, ctx.work = blank, work
         ctx.save_for_backward(logits, lse, sym)
         return blank_lp, emit
 
@@ -350,6 +374,10 @@ class _BandLogProbs(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, g_blank, g_emit):
         logits, lse, sym = ctx.saved_tensors
+        if ctx.kernel:
+            from memlab import _lattice_kernel
+            return (_lattice_kernel.band_backward(logits, sym, ctx.blank, lse, g_blank, g_emit),
+                    None, None, None)
         g = logits.to(ctx.work).sub(lse[..., None]).exp_()                        # (N, T, S, V) softmax
         g.mul_((g_blank + g_emit).neg_()[..., None])
         g[..., ctx.blank] += g_blank
