@@ -102,8 +102,12 @@ class Config:
     max_chunk_bytes: Optional[int] = None  # asr, sample-wise losses: bytes of one group's
     #                                   logits + gradient, the method's one knob (None: 64 MiB)
     frontend: Optional[str] = None    # asr: "conv" (None: two stride-2 conv layers) | "stack"
-    #                                   (4 frames stacked into a Linear: no conv activations)
+    #                                   (4 frames stacked into a Linear) | "context" (240 ms conv)
     frontend_channels: Optional[int] = None  # asr: channels of the conv front end (None: 32)
+    output: Optional[str] = None      # asr: joiner output "linear" (None) | "factored"
+    #                                   (syllables: each token's row = onset + nucleus + its own)
+    dropout: Optional[float] = None   # asr: encoder dropout (None: 0.1); its masks are
+    #                                   activations too (half of a lean sample-wise step's)
     # data-parallel runs (memlab.parallel): "none" | "ddp" | "fsdp2" on nproc ranks, the global
     # batch split across them; sync_bn: BatchNorm statistics of the global batch
     parallel: str = "none"

@@ -288,19 +288,38 @@ class SpeakerTask(Task):
         return SpeakerCorpus(num_speakers, utts, seconds=seconds, seed=seed)
 
 
+# the joiner's output layer: "linear" (None) or "factored" (syllables: W[v] = R[v] + onset row +
+# nucleus row, memlab.models.transducer.Joiner)
+OUTPUTS = (None, "linear", "factored")
+
+
+def _max_token_vocab() -> int:
+    from memlab.data.synth import MAX_VOCAB_SIZE
+    return MAX_VOCAB_SIZE
+
+
 class AsrTask(Task):
     name = "asr"
     models = ("transducer",)
     metrics = ("ter",)
     headline = "ter"
     note = "ter: token error rate with greedy decoding (untrained_ter: before training)"
-    options = ("adapt_speaker", "dev_fold", "max_chunk_bytes", "frontend", "frontend_channels")
+    options = ("adapt_speaker", "dev_fold", "max_chunk_bytes", "frontend", "frontend_channels",
+               "output", "dropout")
     label_kinds = {"loss": "back"}
 
     def validate(self, cfg) -> None:
         from memlab.models.transducer import FRONTENDS
         if cfg.frontend is not None and cfg.frontend not in FRONTENDS:
             raise ValueError(f"frontend must be None or one of {FRONTENDS}, got {cfg.frontend!r}")
+        if cfg.output not in OUTPUTS:
+            raise ValueError(f"output must be one of {OUTPUTS}, got {cfg.output!r}")
+        if cfg.output == "factored" and asr_corpus(cfg) != "syllables":
+            raise ValueError(f"output='factored' needs the syllable corpus (vocab_size > "
+                             f"{_max_token_vocab()}), got vocab_size={cfg.vocab_size}")
+        if cfg.dropout is not None and (isinstance(cfg.dropout, bool) or not isinstance(
+                cfg.dropout, (int, float)) or not 0.0 <= cfg.dropout < 1.0):
+            raise ValueError(f"dropout must be None or a number in [0, 1), got {cfg.dropout!r}")
         for name in ("max_chunk_bytes", "frontend_channels"):
             v = getattr(cfg, name)
             if v is None:
@@ -339,7 +358,10 @@ class AsrTask(Task):
     def build_model(self, cfg, num_classes=None, **model_args):
         from memlab.models import Transducer
         extra = {k: getattr(cfg, k, None)
-                 for k in ("max_chunk_bytes", "frontend", "frontend_channels")}
+                 for k in ("max_chunk_bytes", "frontend", "frontend_channels", "dropout")}
+        if cfg.output == "factored":
+            from memlab.data import syllable_factors
+            extra["output_factors"] = syllable_factors(cfg.vocab_size)
         return Transducer(cfg.vocab_size, enc_dim=cfg.width, enc_layers=cfg.depth,
                           pred_dim=cfg.width, joint_dim=cfg.width,
                           **{k: v for k, v in extra.items() if v is not None}, **model_args)

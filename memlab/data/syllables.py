@@ -34,7 +34,7 @@ from .synth import _FRAME_LENGTH, _FRAME_SHIFT, _SynthCorpus, _frames, _glides, 
 from .voice import NOISE, SILENCE, VOICED, Segment, Session, make_voice, render
 
 __all__ = ["SyllableCorpus", "ONSETS", "NUCLEI", "MAX_SYLLABLE_VOCAB", "SYLLABLES_PER_SECOND",
-           "syllable"]
+           "syllable", "syllable_factors"]
 
 _SYLLABLE_CORPUS_SALT = 0x5B1A
 SYLLABLES_PER_SECOND = 3.5
@@ -63,6 +63,15 @@ def syllable(token: int):
     k = token - 1
     o, q = k % len(ONSETS), k // len(ONSETS)
     return o, ((len(ONSETS) + 1) * q + o) % len(NUCLEI)
+
+
+def syllable_factors(vocab_size: int = MAX_SYLLABLE_VOCAB) -> torch.Tensor:
+    """(vocab_size, 2) int64: (onset, nucleus) of every token, the blank (0) as the extra onset
+    len(ONSETS) and nucleus len(NUCLEI): the sub-units of a factored output layer
+    (memlab.models.Transducer's ``output_factors``)."""
+    vocab_size = check_int("vocab_size", vocab_size, minimum=2, maximum=MAX_SYLLABLE_VOCAB)
+    rows = [(len(ONSETS), len(NUCLEI))] + [syllable(t) for t in range(1, vocab_size)]
+    return torch.tensor(rows, dtype=torch.int64)
 
 
 def syllable_name(token: int) -> str:

@@ -91,7 +91,37 @@ class Stacking(nn.Module):
         return self.out(x.reshape(B, (T + pad) // self.k, self.k * F)), self.out_lengths(lengths)
 
 
-FRONTENDS = ("conv", "stack")
+class ContextWindow(nn.Module):
+    """Front end with syllable-sized context: a 1-D convolution over ``window`` frames (240 ms
+    by default) at stride ``subsample``, so every encoder frame sees a whole syllable from the
+    first step (self-attention has to learn such locality before it helps: on the syllable corpus
+    the model stays on the blank plateau without it). Keeps only its (B, F, T) input for backward
+    (a Linear on unfolded windows would keep ``window`` x F values per encoder frame)."""
+
+    def __init__(self, feat_dim: int, out_dim: int, subsample: int = 4, window: int = 24):
+        super().__init__()
+        if subsample not in (1, 2, 4):
+            raise ValueError(f"subsample must be one of (1, 2, 4), got {subsample!r}")
+        if isinstance(window, bool) or not isinstance(window, int) or window < subsample:
+            raise ValueError(f"window must be an int >= subsample={subsample}, got {window!r}")
+        self.k, self.window = subsample, window
+        self.conv = nn.Conv1d(feat_dim, out_dim, window, stride=subsample)
+
+    def out_lengths(self, lengths: torch.Tensor) -> torch.Tensor:
+        return torch.div(lengths - 1, self.k, rounding_mode="floor") + 1       # ceil(L / k)
+
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor):
+        """x (B, T, F), lengths (B,) -> (B, ceil(T / k), out_dim), lengths (B,)."""
+        B, T, F = x.shape
+        keep = torch.arange(T, device=x.device)[None] < lengths[:, None]            # (B, T)
+        x = (x * keep[..., None].to(x.dtype)).transpose(1, 2)                     # (B, F, T)
+        Tk = -(-T // self.k)
+        left = (self.window - self.k) // 2                     # window centred on its k frames
+        x = nn.functional.pad(x, (left, (Tk - 1) * self.k + self.window - left - T))
+        return self.conv(x).transpose(1, 2), self.out_lengths(lengths)            # (B, Tk, D)
+
+
+FRONTENDS = ("conv", "stack", "context")
 
 
 def sinusoids(length: int, dim: int, device=None, dtype=torch.float32) -> torch.Tensor:
@@ -126,18 +156,41 @@ class Predictor(nn.Module):
 
 
 class Joiner(nn.Module):
-    """logits = W_out tanh(W_enc enc + W_pred pred): (N, T, H), (N, U+1, H) -> (N, T, U+1, V)."""
+    """logits = W_out tanh(W_enc enc + W_pred pred): (N, T, H), (N, U+1, H) -> (N, T, U+1, V).
 
-    def __init__(self, enc_dim: int, pred_dim: int, joint_dim: int, vocab_size: int):
+    ``factors`` (V, K) int (optional): token v is made of the sub-units factors[v, k] (e.g. a
+    syllable's onset and nucleus); then W_out[v] = R[v] + sum_k E_k[factors[v, k]], with R
+    (``out.weight``) starting at zero, so every sub-unit's row learns from all tokens that share
+    it (the output layer is still a general V x J matrix; the logits are the same size).
+    """
+
+    def __init__(self, enc_dim: int, pred_dim: int, joint_dim: int, vocab_size: int,
+                 factors: Optional[torch.Tensor] = None):
         super().__init__()
         self.enc_proj = nn.Linear(enc_dim, joint_dim)
         self.pred_proj = nn.Linear(pred_dim, joint_dim)
         self.out = nn.Linear(joint_dim, vocab_size)
+        self.factor_embed = None
+        if factors is not None:
+            f = torch.as_tensor(factors)
+            if (f.dim() != 2 or f.shape[0] != vocab_size or f.dtype.is_floating_point
+                    or f.numel() == 0 or int(f.min()) < 0):
+                raise ValueError(f"factors must be a (vocab_size={vocab_size}, K) tensor of "
+                                 f"non-negative ints, got {tuple(f.shape)} {f.dtype}")
+            self.register_buffer("factors", f.long(), persistent=False)
+            self.factor_embed = nn.ParameterList(
+                nn.Parameter(torch.randn(int(f[:, k].max()) + 1, joint_dim) / math.sqrt(joint_dim))
+                for k in range(f.shape[1]))
+            nn.init.zeros_(self.out.weight)
 
     def forward(self, enc_out: torch.Tensor, pred_out: torch.Tensor) -> torch.Tensor:
         e = self.enc_proj(enc_out)[:, :, None]                                   # (N, T, 1, J)
         p = self.pred_proj(pred_out)[:, None]                                    # (N, 1, U+1, J)
-        return self.out(torch.tanh(e + p))                                       # (N, T, U+1, V)
+        h = torch.tanh(e + p)                                                    # (N, T, U+1, J)
+        if self.factor_embed is None:
+            return self.out(h)                                                   # (N, T, U+1, V)
+        w = self.out.weight + sum(E[self.factors[:, k]] for k, E in enumerate(self.factor_embed))
+        return nn.functional.linear(h, w, self.out.bias)                         # (N, T, U+1, V)
 
 
 def _check_int_1d(name: str, x, batch: int, device) -> None:
@@ -208,7 +261,10 @@ class Transducer(nn.Module):
         frontend: "conv" (``Subsampling``: two conv layers, the default) or "stack"
             (``Stacking``: ``subsample`` frames stacked into a Linear, no conv activations).
         frontend_channels: channels of the conv front end; its activations at T/2 x F/2 grow
-            with them (32: the default).
+            with them (32: the default). "context": ``ContextWindow`` (a 240-ms convolution at
+            stride ``subsample``: syllable-sized context from the first step).
+        output_factors: (vocab_size, K) sub-units of every token for a factored output layer
+            (``Joiner``'s ``factors``; e.g. memlab.data.syllable_factors); None: plain Linear.
         prune_range: symbols per frame the pruned losses keep (``loss="pruned"`` /
             ``"samplewise-pruned"``, which also add the simple joint's two projections).
     """
@@ -217,7 +273,8 @@ class Transducer(nn.Module):
                  pred_dim: int = 144, joint_dim: int = 144, loss: str = "batched", blank: int = 0,
                  subsample: int = 4, heads: Optional[int] = None, dropout: float = 0.1,
                  max_chunk_bytes: Optional[int] = None, prune_range: int = 5,
-                 frontend: str = "conv", frontend_channels: int = 32):
+                 frontend: str = "conv", frontend_channels: int = 32,
+                 output_factors: Optional[torch.Tensor] = None):
         super().__init__()
         self.loss, self._loss_fn = choose("loss", loss, LOSSES)
         if isinstance(prune_range, bool) or not isinstance(prune_range, int) or prune_range < 1:
@@ -242,13 +299,14 @@ class Transducer(nn.Module):
         if frontend not in FRONTENDS:
             raise ValueError(f"frontend must be one of {FRONTENDS}, got {frontend!r}")
         self.subsampling = (Stacking(feat_dim, enc_dim, subsample) if frontend == "stack" else
-                            Subsampling(feat_dim, enc_dim, subsample, frontend_channels))
+                            ContextWindow(feat_dim, enc_dim, subsample) if frontend == "context"
+                            else Subsampling(feat_dim, enc_dim, subsample, frontend_channels))
         self.encoder = nn.ModuleList(
             nn.TransformerEncoderLayer(enc_dim, heads, 4 * enc_dim, dropout, batch_first=True,
                                        norm_first=True) for _ in range(enc_layers))
         self.enc_norm = nn.LayerNorm(enc_dim)
         self.predictor = Predictor(vocab_size, pred_dim, blank)
-        self.joiner = Joiner(enc_dim, pred_dim, joint_dim, vocab_size)
+        self.joiner = Joiner(enc_dim, pred_dim, joint_dim, vocab_size, output_factors)
         if self.loss in PRUNED:                 # the simple joint: am[t] + lm[u] in vocab space
             self.simple_am_proj = nn.Linear(enc_dim, vocab_size)
             self.simple_lm_proj = nn.Linear(pred_dim, vocab_size)
