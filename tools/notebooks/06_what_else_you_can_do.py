@@ -174,7 +174,7 @@ breakdown_figure(bars(wide, full=True), title=f"Full size ({full_title}), on fak
 # %% [markdown]
 # ## 3. The transducer loss: long utterances, large vocabulary
 #
-# Scenario `long-utterances` (a Transducer on 7-s utterances, 321 output symbols): the joiner's
+# Scenario `long-utterances` (a Transducer on 4-s utterances, 321 output symbols): the joiner's
 # B × T × (U+1) × V logits and their gradient dominate. The sample-wise loss computes them one
 # utterance at a time; the pruned loss runs the joiner on a band of `s_range` symbols per frame
 # only (a cheap additive "simple" joint picks the band); sample-wise pruned does both. bf16 is
@@ -349,7 +349,7 @@ for key in ("cheapest", "smallest"):
 #    speakers? Compare with the drift of section 5.
 # 3. After section 5, set the loss's band to the lattice: `scenarios.config("long-utterances",
 #    loss="pruned")` builds a Transducer with `prune_range`; which `s_range` makes it the exact
-#    loss for 7-s utterances of ~25 tokens, and what is its memory then?
+#    loss for 4-s utterances of ~14 tokens, and what is its memory then?
 # 4. Plan for a smaller card: `FIT = "4GiB"`. Which kinds does the planner now need, and which
 #    one costs the most step time?
 # 5. With a GPU: `memlab compare --device cuda --scenario deep-speaker --precision fp32,bf16,fp16
