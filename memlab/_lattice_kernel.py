@@ -43,9 +43,10 @@ SOURCE = r"""
 
 /* Gradients far off a sample's likely paths are below float's normal range; on x86 such
    subnormal results cost ~100 cycles each (3x the whole pass at T=200, U=40, V=512). The
-   gradient passes flush them to zero (MXCSR FTZ + DAZ for the call, restored after). */
-/* float32 gradient rows whose weight (occupancy) is at most TINY_F32 are written as zeros: every
-   value in them is below 1e-30, and downstream products with them would be subnormal too */
+   gradient passes flush them to zero (MXCSR FTZ + DAZ for the call, restored after), and float32
+   gradient rows whose weight (occupancy) is at most TINY_F32 are written as zeros: every value
+   in them is below 1e-30, and downstream products with them would be subnormal too (the Python
+   constant TINY_F32 below is the same rule for the lattice's float32 gradients) */
 #define TINY_F32 1e-30
 #if defined(__x86_64__) || defined(__i386__)
 #include <xmmintrin.h>
@@ -312,6 +313,11 @@ def _split(fn, total: int, min_per: int, before, after) -> None:
         f.result()
 
 
+def _real(*ts) -> bool:
+    """No fake tensors (memlab.memory.estimate) among ts (None skipped): pointers may be taken."""
+    return all(type(t) is torch.Tensor for t in ts if t is not None)
+
+
 def _dense(t: torch.Tensor, dtype: torch.dtype, shape) -> bool:
     """A CPU tensor of that dtype and shape whose storage holds its bytes contiguously (real, or
     fake under estimate: chunk_loss takes pointers of real tensors only)."""
@@ -359,8 +365,7 @@ def chunk_loss(logits, tgt, t_len, u_len, blank: int, weights=None, out=None) ->
         w = weights.detach().to(device="cpu", dtype=torch.float64).contiguous()
         if not _dense(w, torch.float64, (N,)):
             raise ValueError(f"weights must have shape ({N},), got {tuple(weights.shape)}")
-    if any(type(t) is not torch.Tensor for t in (logits, out, tgt, t_len, u_len, w)
-           if t is not None):
+    if not _real(logits, out, tgt, t_len, u_len, w):
         # fake tensors (memlab.memory.estimate): the allocations above are the kernel's; the
         # values are unknown, so nothing is computed (out keeps its shape, costs are fake)
         return costs
@@ -383,10 +388,7 @@ def chunk_loss(logits, tgt, t_len, u_len, blank: int, weights=None, out=None) ->
 # pruned band rows and the bare lattice (memlab.pruned)
 
 MIN_BAND_ROWS_PER_THREAD = 256     # rows of V values
-
-
-def _real(*ts) -> bool:
-    return all(type(t) is torch.Tensor for t in ts if t is not None)
+TINY_F32 = 1e-30                   # as the C source's TINY_F32: float32 gradients at most this are 0
 
 
 def band_usable(logits: torch.Tensor) -> bool:
@@ -435,9 +437,11 @@ def band_backward(logits: torch.Tensor, sym: torch.Tensor, blank: int, lognorm: 
 
 def lattice(px: torch.Tensor, py: torch.Tensor, enc_lengths: torch.Tensor,
             target_lengths: torch.Tensor):
-    """The alpha-beta pass of a bare lattice in C, float64: px (B, T, U), py (B, T, U+1) log-probs
-    (-inf: no arc) -> (losses (B,), d loss / d px, d loss / d py) in float64, zero off each
-    sample's lattice. None when the kernel cannot take them (fake tensors, no library)."""
+    """The alpha-beta pass of a bare lattice in C, in float64: px (B, T, U), py (B, T, U+1)
+    log-probs (-inf: no arc) -> (losses (B,), d loss / d px, d loss / d py) in px's dtype, zero
+    off each sample's lattice; below float64, gradients at most TINY_F32 are zero (float32
+    subnormals make every later op on them several times slower on x86). None when the kernel
+    cannot take them (fake tensors, no library)."""
     if not (_real(px, py) and available() and px.device.type == "cpu"
             and py.device.type == "cpu"):
         return None
@@ -466,4 +470,7 @@ def lattice(px: torch.Tensor, py: torch.Tensor, enc_lengths: torch.Tensor,
     on = (t < t_len[:, None, None]) & (u <= u_len[:, None, None])               # (B, T, U+1)
     gy = torch.where(on, lpb.neg_(), 0.0)
     gx = torch.where(on, lpe.neg_(), 0.0)[:, :, :U1 - 1]
-    return costs, gx, gy
+    if px.dtype == torch.float64:
+        return costs, gx, gy
+    flush = lambda g: g.masked_fill_(g.abs() <= TINY_F32, 0.0).to(px.dtype)  # noqa: E731
+    return costs.to(px.dtype), flush(gx), flush(gy)

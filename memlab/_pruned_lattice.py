@@ -10,7 +10,6 @@ import torch
 from torch.autograd.function import once_differentiable
 
 _INF = float("inf")
-_TINY_F32 = 1e-30      # float32 lattice gradients at most this are zero (as the C kernels do)
 
 
 def _skew(x: torch.Tensor, N: int) -> torch.Tensor:
@@ -45,16 +44,10 @@ def lattice_forward_backward(px: torch.Tensor, py: torch.Tensor, enc_lengths: to
     (B, U+1) tensors: no V axis anywhere.
     """
     from memlab import _lattice_kernel
-    fast = _lattice_kernel.lattice(px, py, enc_lengths, target_lengths)           # C, float64
+    fast = _lattice_kernel.lattice(px, py, enc_lengths, target_lengths)  # C (float64 inside)
     if fast is None:
         return _lattice_torch(px, py, enc_lengths, target_lengths)
-    losses, gx, gy = fast
-    if px.dtype != torch.float64:
-        # occupations below 1e-30 would be float32 subnormals, which make every later op on
-        # them (the simple joint's matmul backward) several times slower on x86: zero them
-        tiny = lambda g: g.masked_fill_(g.abs() <= _TINY_F32, 0.0).to(px.dtype)  # noqa: E731
-        return losses.to(px.dtype), tiny(gx), tiny(gy)
-    return losses, gx, gy
+    return fast
 
 
 def _lattice_torch(px, py, enc_lengths, target_lengths):

@@ -293,11 +293,6 @@ class SpeakerTask(Task):
 OUTPUTS = (None, "linear", "factored")
 
 
-def _max_token_vocab() -> int:
-    from memlab.data.synth import MAX_VOCAB_SIZE
-    return MAX_VOCAB_SIZE
-
-
 class AsrTask(Task):
     name = "asr"
     models = ("transducer",)
@@ -315,8 +310,9 @@ class AsrTask(Task):
         if cfg.output not in OUTPUTS:
             raise ValueError(f"output must be one of {OUTPUTS}, got {cfg.output!r}")
         if cfg.output == "factored" and asr_corpus(cfg) != "syllables":
+            from memlab.data.synth import MAX_VOCAB_SIZE
             raise ValueError(f"output='factored' needs the syllable corpus (vocab_size > "
-                             f"{_max_token_vocab()}), got vocab_size={cfg.vocab_size}")
+                             f"{MAX_VOCAB_SIZE}), got vocab_size={cfg.vocab_size}")
         if cfg.dropout is not None and (isinstance(cfg.dropout, bool) or not isinstance(
                 cfg.dropout, (int, float)) or not 0.0 <= cfg.dropout < 1.0):
             raise ValueError(f"dropout must be None or a number in [0, 1), got {cfg.dropout!r}")

@@ -459,6 +459,7 @@ def test_float32_gradients_hold_no_subnormals():
     subnormal numbers, which cost ~100 cycles per operation on x86 (the band's gradient pass
     3.5x slower, the simple joint's matmul backward 10x). They are flushed to zero now, in the
     band and sample-wise kernels and in the float32 lattice gradients."""
+    assert f"#define TINY_F32 {_lattice_kernel.TINY_F32!r}" in _lattice_kernel.SOURCE  # one rule
     g = torch.Generator().manual_seed(0)
     N, T, S, V = 2, 50, 3, 64
     logits = torch.randn(N, T, S, V, generator=g)

@@ -30,6 +30,11 @@ from memlab.models.common import choose
 from memlab.transducer import _check_max_chunk_bytes, rnnt_loss_batched, samplewise_rnnt_loss
 
 
+def _ceil_div(lengths: torch.Tensor, k: int) -> torch.Tensor:
+    """ceil(L / k) of integer lengths: frames left after a stride-k front-end step."""
+    return torch.div(lengths - 1, k, rounding_mode="floor") + 1
+
+
 class Subsampling(nn.Module):
     """Conv2d front end: time (and frequency) reduced by 2 per stride-2 layer, then a Linear."""
 
@@ -49,7 +54,7 @@ class Subsampling(nn.Module):
 
     def out_lengths(self, lengths: torch.Tensor) -> torch.Tensor:
         for s in self.strides:
-            lengths = torch.div(lengths - 1, s, rounding_mode="floor") + 1      # ceil(L / s)
+            lengths = _ceil_div(lengths, s)
         return lengths
 
     @staticmethod
@@ -62,7 +67,7 @@ class Subsampling(nn.Module):
         """x (B, T, F), lengths (B,) -> (B, T', out_dim), lengths (B,)."""
         x = self._mask(x.unsqueeze(1), lengths)                       # (B, 1, T, F)
         for conv, s in ((self.conv1, self.strides[0]), (self.conv2, self.strides[1])):
-            lengths = torch.div(lengths - 1, s, rounding_mode="floor") + 1
+            lengths = _ceil_div(lengths, s)
             x = self._mask(torch.relu(conv(x)), lengths)              # (B, C, T/s, F/s)
         B, C, T, F = x.shape
         return self.out(x.permute(0, 2, 1, 3).reshape(B, T, C * F)), lengths  # (B, T', out_dim)
@@ -80,7 +85,7 @@ class Stacking(nn.Module):
         self.out = nn.Linear(subsample * feat_dim, out_dim)
 
     def out_lengths(self, lengths: torch.Tensor) -> torch.Tensor:
-        return torch.div(lengths - 1, self.k, rounding_mode="floor") + 1       # ceil(L / k)
+        return _ceil_div(lengths, self.k)
 
     def forward(self, x: torch.Tensor, lengths: torch.Tensor):
         """x (B, T, F), lengths (B,) -> (B, ceil(T / k), out_dim), lengths (B,)."""
@@ -108,7 +113,7 @@ class ContextWindow(nn.Module):
         self.conv = nn.Conv1d(feat_dim, out_dim, window, stride=subsample)
 
     def out_lengths(self, lengths: torch.Tensor) -> torch.Tensor:
-        return torch.div(lengths - 1, self.k, rounding_mode="floor") + 1       # ceil(L / k)
+        return _ceil_div(lengths, self.k)
 
     def forward(self, x: torch.Tensor, lengths: torch.Tensor):
         """x (B, T, F), lengths (B,) -> (B, ceil(T / k), out_dim), lengths (B,)."""
