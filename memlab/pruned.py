@@ -51,11 +51,12 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from memlab._pruned_lattice import _lattice_torch, lattice_forward_backward, lattice_loss  # noqa: F401
-from memlab._rng import capture_rng as _capture_rng, replay_rng as _replay_rng
-from memlab.transducer import _check_common, _check_tensor, _count as _int
+from memlab._pruned_groups import _params_of, _samplewise
+from memlab.transducer import _check_common, _check_tensor, _count as _int, _reduce
 
 REDUCTIONS = ("mean", "sum", "none")
 DEFAULT_MAX_CHUNK_BYTES = 64 * 2**20   # pruned logits + their gradient of one sample-wise call
+SIMPLE_MAX_CHUNK_BYTES = 16 * 2**20    # ... and the simple joint of the group, when computed per group
 _INF = float("inf")
 
 
@@ -120,14 +121,6 @@ def _check_band(s_range: int, enc_lengths, target_lengths) -> None:
         raise ValueError(f"s_range={s_range} is too small: sample {b} has {Ub} tokens in {Tb} "
                          f"frames, and a band of s_range symbols per frame advances at most "
                          f"s_range - 1 tokens a frame; need s_range >= {need}")
-
-
-def _reduce(losses: torch.Tensor, reduction: str) -> torch.Tensor:
-    if reduction == "sum":
-        return losses.sum()
-    if reduction == "mean":
-        return losses.sum() / losses.shape[0]
-    return losses
 
 
 # ----------------------------------------------------------------------------------------------
@@ -303,140 +296,95 @@ def _band_losses(joiner, enc_out, pred_out, starts, S, targets, enc_lengths, tar
 
 
 def plan_groups(enc_lengths: Sequence[int], s_range: int, vocab_size: int,
-                max_chunk_bytes: Optional[float] = None, bytes_per_element: int = 4) -> List[List[int]]:
+                max_chunk_bytes: Optional[float] = None, bytes_per_element: int = 4,
+                simple: bool = False) -> List[List[int]]:
     """Sample indices grouped so that 2 * n * T_group * s_range * V * bytes (the band's logits and
-    their gradient) fits ``max_chunk_bytes`` (None: 64 MiB; inf: one group). Longest first."""
+    their gradient; with ``simple``, + 4 * n * T_group * V * bytes for the group's simple joint:
+    am, its exp, their gradients) fits ``max_chunk_bytes`` (None: 64 MiB, 16 MiB with
+    ``simple``; inf: one group). Longest first."""
     if max_chunk_bytes is None:
-        limit = DEFAULT_MAX_CHUNK_BYTES
+        limit = SIMPLE_MAX_CHUNK_BYTES if simple else DEFAULT_MAX_CHUNK_BYTES
     elif isinstance(max_chunk_bytes, bool) or not isinstance(max_chunk_bytes, numbers.Real) \
             or math.isnan(max_chunk_bytes) or max_chunk_bytes < 1:
         raise ValueError(f"max_chunk_bytes must be a number of bytes >= 1, inf or None, got "
                          f"{max_chunk_bytes!r}")
     else:
         limit = max_chunk_bytes
+    per_frame = (2 * s_range + (4 if simple else 0)) * vocab_size * bytes_per_element
     T = [int(v) for v in enc_lengths]
     order = sorted(range(len(T)), key=lambda i: T[i], reverse=True)
     groups: List[List[int]] = []
     for i in order:   # longest first, so a group's padded length is its first member's
-        if groups and 2 * (len(groups[-1]) + 1) * T[groups[-1][0]] * s_range * vocab_size \
-                * bytes_per_element <= limit:
+        if groups and (len(groups[-1]) + 1) * T[groups[-1][0]] * per_frame <= limit:
             groups[-1].append(i)
         else:
             groups.append([i])
     return groups
 
 
-def _run_groups(joiner, enc_out, pred_out, starts, S, targets, enc_lengths, target_lengths, blank,
-                groups, weights, want_enc, want_pred, params, stats):
-    """Losses (B,) and, if ``weights`` (B,) is given, grads of sum_b w_b loss_b w.r.t. enc_out,
-    pred_out and params (None where not wanted). One group's band exists at a time."""
-    B = enc_out.shape[0]
-    grad = weights is not None
-    enc_grad = torch.zeros_like(enc_out) if grad and want_enc else None           # (B, T, H)
-    pred_grad = torch.zeros_like(pred_out) if grad and want_pred else None        # (B, U+1, H)
-    param_grads: List[Optional[torch.Tensor]] = [None] * len(params)
-    losses = None
-    t_len = enc_lengths.tolist()
-    enc_d, pred_d = enc_out.detach(), pred_out.detach()
-    for group in groups:
-        idx = torch.tensor(group, device=enc_out.device)                          # (n,)
-        tg = max(t_len[i] for i in group)
-        with torch.enable_grad() if grad else torch.no_grad():
-            e = enc_d[idx, :tg].requires_grad_(grad and want_enc)                 # (n, Tg, H)
-            p = pred_d[idx].requires_grad_(grad and want_pred)                    # (n, U+1, H)
-            costs = _band_losses(joiner, e, p, starts[idx, :tg], S, targets[idx], enc_lengths[idx],
-                                 target_lengths[idx], blank)                      # (n,)
-            if grad:
-                inputs = ([e] if want_enc else []) + ([p] if want_pred else []) + list(params)
-                gs = list(torch.autograd.grad(costs, inputs, weights[idx].to(costs.dtype),
-                                              allow_unused=True))
-                if want_enc:
-                    g = gs.pop(0)
-                    if g is not None:
-                        enc_grad[idx, :tg] = g.to(enc_grad.dtype)
-                if want_pred:
-                    g = gs.pop(0)
-                    if g is not None:
-                        pred_grad[idx] = g.to(pred_grad.dtype)
-                for j, g in enumerate(gs):
-                    if g is not None:
-                        param_grads[j] = g if param_grads[j] is None else param_grads[j].add_(g)
-        if losses is None:
-            losses = costs.new_empty(B)                                           # (B,)
-        losses[idx] = costs.detach()
-        if stats is not None:
-            stats.setdefault("chunks", []).append(list(group))
-    param_grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, param_grads)]
-    return losses, enc_grad, pred_grad, param_grads
-
-
-class _StoredGrads(torch.autograd.Function):
-    """A reduced loss whose gradients were computed in forward: backward scales them."""
-
-    @staticmethod
-    def forward(ctx, value, stored, enc_out, pred_out, *params):
-        enc_grad, pred_grad, param_grads = stored
-        ctx.has = (enc_grad is not None, pred_grad is not None)
-        ctx.save_for_backward(*[g for g in (enc_grad, pred_grad) if g is not None], *param_grads)
-        return value.detach().clone()
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_output):
-        saved = list(ctx.saved_tensors)
-        enc_grad = saved.pop(0) * grad_output if ctx.has[0] else None
-        pred_grad = saved.pop(0) * grad_output if ctx.has[1] else None
-        return (None, None, enc_grad, pred_grad, *[g * grad_output for g in saved])
-
-
-class _Recompute(torch.autograd.Function):
-    """reduction="none": per-sample weights arrive in backward, so the band is recomputed there
-    (replaying the forward's RNG state, so a dropout joiner draws the same masks)."""
-
-    @staticmethod
-    def forward(ctx, losses, spec, enc_out, pred_out, *params):
-        ctx.spec = spec
-        ctx.save_for_backward(enc_out, pred_out, *params)
-        return losses.detach().clone()
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_output):
-        enc_out, pred_out, *params = ctx.saved_tensors
-        joiner, starts, S, targets, el, tl, blank, groups, rng = ctx.spec
-        with _replay_rng(rng, enc_out.device):
-            _, eg, pg, param_grads = _run_groups(
-                joiner, enc_out, pred_out, starts, S, targets, el, tl, blank, groups, grad_output,
-                ctx.needs_input_grad[2], ctx.needs_input_grad[3], params, None)
-        return (None, None, eg, pg, *param_grads)
-
-
 def _samplewise_band(joiner, enc_out, pred_out, starts, S, targets, enc_lengths, target_lengths,
                      blank, reduction, max_chunk_bytes, vocab_size, stats):
-    """(the band's loss reduced and attached to the graph, per-sample losses (B,) detached),
-    computed group by group."""
+    """The band of given window starts, computed group by group (see :func:`_samplewise`)."""
     groups = plan_groups(enc_lengths.tolist(), S, vocab_size, max_chunk_bytes,
                          enc_out.element_size())
-    params = [p for p in (joiner.parameters() if hasattr(joiner, "parameters") else ())
-              if p.requires_grad]
-    want_enc, want_pred = enc_out.requires_grad, pred_out.requires_grad
-    need = torch.is_grad_enabled() and (want_enc or want_pred or bool(params))
-    args = (joiner, enc_out, pred_out, starts, S, targets, enc_lengths, target_lengths, blank, groups)
-    if not need:
-        losses = _run_groups(*args, None, False, False, [], stats)[0]
-        return _reduce(losses, reduction), losses
-    if reduction == "none":
-        rng = _capture_rng(enc_out.device)     # backward replays it: same dropout masks
-        losses = _run_groups(*args, None, False, False, [], stats)[0]
-        spec = (joiner, starts, S, targets, enc_lengths, target_lengths, blank, groups, rng)
-        return _Recompute.apply(losses, spec, enc_out, pred_out, *params), losses
-    B = enc_out.shape[0]
-    weights = torch.full((B,), 1.0 / B if reduction == "mean" else 1.0, dtype=torch.float64,
-                         device=enc_out.device)                                   # (B,) cast per group
-    losses, eg, pg, param_grads = _run_groups(*args, weights, want_enc, want_pred, params, stats)
-    value = _StoredGrads.apply(_reduce(losses, reduction), (eg, pg, param_grads), enc_out,
-                               pred_out, *params)
-    return value, losses
+
+    def band(e, p, idx, tg):
+        return _band_losses(joiner, e, p, starts[idx, :tg], S, targets[idx], enc_lengths[idx],
+                            target_lengths[idx], blank)
+
+    return _samplewise(band, enc_out, pred_out, enc_lengths, groups, _params_of(joiner),
+                       reduction, stats)
+
+
+def _projected(name: str, fn, x: torch.Tensor, want: tuple) -> torch.Tensor:
+    """``fn(x)``, checked to be (N, L, V) with (N, L) == want."""
+    y = fn(x)
+    if not isinstance(y, torch.Tensor) or y.dim() != 3 or tuple(y.shape[:2]) != want \
+            or not y.is_floating_point():
+        got = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
+        raise ValueError(f"{name} must map a {tuple(x.shape)} tensor to a floating-point "
+                         f"{want + ('V',)} tensor, got {got}")
+    return y
+
+
+def _samplewise_all(joiner, am_fn, lm_fn, enc_out, pred_out, targets, enc_lengths,
+                    target_lengths, S, blank, reduction, simple_scale, pruned_scale,
+                    max_chunk_bytes, vocab_size, stats):
+    """The whole pruned loss group by group: each group's simple projections, simple lattice,
+    window starts and band; the (B, T, V) simple joint never exists for the whole batch.
+    Returns (loss, simple (B,), pruned (B,), starts (B, T'), dtype)."""
+    B, T = enc_out.shape[:2]
+    groups = plan_groups(enc_lengths.tolist(), S, vocab_size, max_chunk_bytes,
+                         enc_out.element_size(), simple=True)
+    kept = {"starts": torch.zeros(B, T, dtype=torch.long, device=enc_out.device)}   # (B, T')
+
+    def whole(e, p, idx, tg):
+        el, tl, tgt = enc_lengths[idx], target_lengths[idx], targets[idx]
+        am = _projected("am", am_fn, e, tuple(e.shape[:2]))                       # (n, Tg, V)
+        lm = _projected("lm", lm_fn, p, tuple(p.shape[:2]))                       # (n, U'+1, V)
+        px, py = simple_lattice(am, lm, tgt, tl, blank)
+        simple, gx, gy = lattice_loss(px, py, el, tl)                             # (n,)
+        del px, py
+        starts = prune_ranges(gx, gy, el, tl, S)                                  # (n, Tg)
+        pruned = _band_losses(joiner, e, p, starts, S, tgt, el, tl, blank)        # (n,)
+        kept["starts"][idx, :tg] = starts
+        kept["starts"][idx, tg:] = starts[:, -1:]
+        for k, v in (("simple", simple), ("pruned", pruned)):
+            if k not in kept:
+                kept[k] = v.new_zeros(B)
+            kept[k][idx] = v.detach()
+        kept["dtype"] = am.dtype
+        return simple_scale * simple + pruned_scale * pruned                      # (n,)
+
+    frozen = {}
+
+    def record():                       # before a "none" backward recomputes into ``kept``
+        frozen.update({k: v.clone() if isinstance(v, torch.Tensor) else v
+                       for k, v in kept.items()})
+
+    loss, _ = _samplewise(whole, enc_out, pred_out, enc_lengths, groups,
+                          _params_of(joiner, am_fn, lm_fn), reduction, stats, record)
+    return loss, frozen["simple"], frozen["pruned"], frozen["starts"], frozen["dtype"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -475,7 +423,9 @@ def pruned_rnnt_loss(joiner: Callable[[torch.Tensor, torch.Tensor], torch.Tensor
             cell (memlab.models.transducer.Joiner; see the module docstring for the band call).
         enc_out (B, T, H_enc), pred_out (B, U+1, H_pred): encoder and predictor outputs.
         am (B, T, V), lm (B, U+1, V): the "simple" projections of enc_out and pred_out to the
-            vocabulary (two extra Linear layers of the model), added to form the simple joint.
+            vocabulary (two extra Linear layers of the model), added to form the simple joint;
+            or the two projections themselves (callables such as nn.Linear: ``am(enc_out)``,
+            ``lm(pred_out)``), which lets ``samplewise=True`` run them group by group too.
         targets (B, U), enc_lengths (B,), target_lengths (B,): as in memlab.transducer.
         s_range: symbols per frame kept for the joiner (>= 1; clipped to U+1, U the longest
             target; a band that cannot hold a path raises ValueError).
@@ -483,13 +433,34 @@ def pruned_rnnt_loss(joiner: Callable[[torch.Tensor, torch.Tensor], torch.Tensor
         simple_loss_scale, pruned_loss_scale: weights of the two parts (see :func:`warmup_scales`).
         samplewise: compute the band one group of samples at a time, so the (B, T, s_range, V)
             tensor never exists for the whole batch; groups fit ``max_chunk_bytes`` (band logits +
-            their gradient; None: 64 MiB). The joiner's gradients are computed in this call and
+            their gradient; None: 64 MiB). With ``am`` and ``lm`` given as projections, each
+            group also computes its own simple joint, lattice and bounds, so no (B, T, V) tensor
+            exists either (groups then also count the simple joint; None: 16 MiB). The joiner's gradients are computed in this call and
             delivered in backward, as in memlab.transducer.samplewise_rnnt_loss ("none": the band
             is recomputed in backward instead).
         stats: optional dict, filled with "simple" and "pruned" per-sample losses (B,), "starts"
             (B, T') the window starts, "s_range" (after clipping) and, sample-wise, "chunks".
     The lattices are float32 (float64 for float64 inputs); the result has am's dtype.
     """
+    am_fn = lm_fn = None
+    if not isinstance(am, torch.Tensor) or not isinstance(lm, torch.Tensor):
+        if isinstance(am, torch.Tensor) or isinstance(lm, torch.Tensor) \
+                or not (callable(am) and callable(lm)):
+            raise TypeError(f"am and lm must both be tensors or both be projections (callables), "
+                            f"got {type(am).__name__} and {type(lm).__name__}")
+        for name, x in (("enc_out", enc_out), ("pred_out", pred_out)):
+            _check_tensor(name, x, 3, "float")
+        if samplewise is True:           # per group; stand-ins (expanded views) for the checks
+            am_fn, lm_fn = am, lm
+            with torch.no_grad(), torch.random.fork_rng(
+                    devices=[enc_out.device] if enc_out.device.type == "cuda" else []):
+                am = _projected("am", am_fn, enc_out[:1, :1], (1, 1))             # (1, 1, V)
+                lm = _projected("lm", lm_fn, pred_out[:1], (1, pred_out.shape[1]))  # (1, U+1, V)
+            am = am.expand(enc_out.shape[0], enc_out.shape[1], am.shape[2])       # (B, T, V)
+            lm = lm.expand(pred_out.shape[0], *lm.shape[1:])                      # (B, U+1, V)
+        else:
+            am = _projected("am", am, enc_out, tuple(enc_out.shape[:2]))          # (B, T, V)
+            lm = _projected("lm", lm, pred_out, tuple(pred_out.shape[:2]))        # (B, U+1, V)
     s_range = _check_args(joiner, enc_out, pred_out, am, lm, targets, enc_lengths,
                           target_lengths, s_range, blank, reduction)
     simple_loss_scale = _scale("simple_loss_scale", simple_loss_scale)
@@ -506,6 +477,14 @@ def pruned_rnnt_loss(joiner: Callable[[torch.Tensor, torch.Tensor], torch.Tensor
     pred_out, lm = pred_out[:, :u_max + 1], lm[:, :u_max + 1]                     # (B, U'+1, .)
     targets = targets[:, :u_max]                                                  # (B, U')
 
+    if am_fn is not None:                        # everything group by group
+        total, simple, pruned_b, starts, dtype = _samplewise_all(
+            joiner, am_fn, lm_fn, enc_out, pred_out, targets, enc_lengths, target_lengths, S,
+            blank, reduction, simple_loss_scale, pruned_loss_scale, max_chunk_bytes, am.shape[2],
+            stats)
+        if stats is not None:
+            stats.update(simple=simple, pruned=pruned_b, starts=starts, s_range=S)
+        return total.to(dtype)
     px, py = simple_lattice(am, lm, targets, target_lengths, blank)               # (B,T',U'), (B,T',U'+1)
     simple, gx, gy = lattice_loss(px, py, enc_lengths, target_lengths)            # (B,)
     starts = prune_ranges(gx, gy, enc_lengths, target_lengths, S)                 # (B, T')

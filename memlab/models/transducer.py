@@ -229,15 +229,18 @@ def pruned_loss(model, enc_out, pred_out, targets, enc_lengths, target_lengths,
     """Pruned RNN-T (Kuang et al. 2022): a simple additive joint gives per-frame bounds, the
     joiner runs on ``model.prune_range`` symbols per frame only (memlab.pruned)."""
     from memlab.pruned import pruned_rnnt_loss
-    return pruned_rnnt_loss(model.joiner, enc_out, pred_out, model.simple_am_proj(enc_out),
-                            model.simple_lm_proj(pred_out), targets, enc_lengths,
+    am, lm = model.simple_am_proj, model.simple_lm_proj        # sample-wise: run per group
+    if not samplewise:
+        am, lm = am(enc_out), lm(pred_out)                    # (B, T, V), (B, U+1, V)
+    return pruned_rnnt_loss(model.joiner, enc_out, pred_out, am, lm, targets, enc_lengths,
                             target_lengths, s_range=model.prune_range, blank=model.blank,
                             samplewise=samplewise,
                             max_chunk_bytes=model.max_chunk_bytes if samplewise else None)
 
 
 def samplewise_pruned_loss(model, enc_out, pred_out, targets, enc_lengths, target_lengths):
-    """The pruned band computed one sample (or small group) at a time."""
+    """The pruned loss computed one sample (or small group) at a time: simple joint, bounds and
+    band, so neither the (B, T, V) simple joint nor the (B, T, S, V) band exists for the batch."""
     return pruned_loss(model, enc_out, pred_out, targets, enc_lengths, target_lengths,
                        samplewise=True)
 
