@@ -68,7 +68,7 @@ from memlab import _cbuild
 from memlab._opt8bit_source import SOURCE          # the C code
 from memlab._private import user_cache_root
 
-__all__ = ["library", "available", "sgd8bit", "adam8bit"]
+__all__ = ["library", "available", "sgd8bit", "adam8bit", "sgd8bit_many", "adam8bit_many"]
 
 FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math",
          "-fopenmp", "-shared", "-fPIC"]
@@ -123,6 +123,13 @@ def _declare(lib) -> None:
         args = getattr(lib, name).argtypes
         getattr(lib, name + "_mt").argtypes = [i, *args[:6], i64, *args[8:]]
         getattr(lib, name + "_mt").restype = ctypes.c_int
+    lib.memlab_sgd8bit_multi.argtypes = [i, i64, f32p, f32p, f32p, i64, f32p, u8p, f32p, u8p,
+                                         f, f, f, f, i, i]
+    lib.memlab_sgd8bit_multi.restype = ctypes.c_int
+    lib.memlab_adam8bit_multi.argtypes = [i, i64, f32p, f32p, f32p, f32p, i64,
+                                          f32p, u8p, f32p, u8p, f32p, u8p, f32p, u8p,
+                                          f, f, f, f, f, f, i, i, ctypes.c_int32]
+    lib.memlab_adam8bit_multi.restype = ctypes.c_int
     lib.memlab_openmp.argtypes = []
     lib.memlab_openmp.restype = ctypes.c_int
 
@@ -195,7 +202,7 @@ def _run_blocks(name: str, nblocks: int, numel: int, args_before, args_after) ->
     global _pool, _pool_size
     lib = library()
     fn = getattr(lib, name)
-    threads = min(torch.get_num_threads(), max(1, numel // MIN_PER_THREAD), nblocks)
+    threads = _threads_for(numel, nblocks)
     if threads <= 1:
         codes = [fn(*args_before, 0, nblocks, *args_after)]
         _raise_on_failure(codes)
@@ -340,3 +347,91 @@ def adam8bit(p: Tensor, grad: Tensor, exp_avg, exp_avg_sq, *, step: int, lr: flo
                  int(decoupled), int(maximize), float(step_size), float(bc2_sqrt),
                  int(exp_avg_sq._book.zero_index)))
     _bump(p, exp_avg.codes, exp_avg.absmax, exp_avg_sq.codes, exp_avg_sq.absmax)
+
+
+# ----------------------------------------------------------------------------------------------
+# many tensors in one call: a parameter group's 8-bit tensors
+
+
+def _threads_for(numel: int, nblocks: int) -> int:
+    return min(torch.get_num_threads(), max(1, numel // MIN_PER_THREAD), nblocks)
+
+
+def _array(ctype, values):
+    return (ctype * max(1, len(values)))(*values)
+
+
+def _many_ok(items, names) -> bool:
+    """One call can serve ``items``: their states share one block size and one code book per
+    state (true for an optimizer's own states), and the blocks may be split over threads
+    (an OpenMP team, or one thread)."""
+    first = [items[0][2 + k] for k in range(len(names))]
+    for it in items:
+        for k, q in enumerate(first):
+            s = it[2 + k]
+            if s.block_size != q.block_size or s._book is not q._book:
+                return False
+    numel = sum(it[0].numel() for it in items)
+    nb = sum(it[2].absmax.numel() for it in items)
+    return _threads_for(numel, nb) <= 1 or threading_mode() == "openmp"
+
+
+def sgd8bit_many(items, *, lr: float, momentum: float, dampening: float, weight_decay: float,
+                 nesterov: bool, maximize: bool) -> None:
+    """Fused SGD8bit step for many tensors in one C call: ``items`` are (p, grad, buf, first)
+    with buf a QTensor; the same bits as :func:`sgd8bit` on each."""
+    if len(items) == 1 or not _many_ok([(p, g, b) for p, g, b, _ in items], ["buf"]):
+        for p, g, b, first in items:
+            sgd8bit(p, g, b, lr=lr, momentum=momentum, dampening=dampening,
+                    weight_decay=weight_decay, nesterov=nesterov, maximize=maximize,
+                    first=first)
+        return
+    lib = library()
+    ptrs, ns, firsts, numel, nb = [], [], [], 0, 0
+    for p, g, b, first in items:
+        _check_args(p, g, [("momentum_buffer", b)])
+        ptrs += [_ptr(p), _ptr(g), _ptr(b.codes), _ptr(b.absmax)]
+        ns.append(p.numel())
+        firsts.append(int(first))
+        numel, nb = numel + p.numel(), nb + b.absmax.numel()
+    buf = items[0][2]
+    rc = lib.memlab_sgd8bit_multi(
+        _threads_for(numel, nb), len(items), _array(ctypes.c_int64, ptrs),
+        _array(ctypes.c_int64, ns), _array(ctypes.c_int32, firsts), buf.block_size,
+        *_book_ptrs(buf), float(lr), float(momentum), float(1 - dampening), float(weight_decay),
+        int(nesterov), int(maximize))
+    _raise_on_failure([rc])
+    for p, _, b, _ in items:
+        _bump(p, b.codes, b.absmax)
+
+
+def adam8bit_many(items, *, lr: float, beta1: float, beta2: float, eps: float,
+                  weight_decay: float, decoupled: bool, maximize: bool) -> None:
+    """Fused Adam8bit / AdamW8bit step for many tensors in one C call: ``items`` are (p, grad,
+    exp_avg, exp_avg_sq, step), both moments QTensors; the same bits as :func:`adam8bit` on
+    each."""
+    if len(items) == 1 or not _many_ok(items, ["exp_avg", "exp_avg_sq"]) \
+            or any(it[3].block_size != it[2].block_size for it in items):
+        for p, g, m, v, step in items:
+            adam8bit(p, g, m, v, step=step, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
+                     weight_decay=weight_decay, decoupled=decoupled, maximize=maximize)
+        return
+    lib = library()
+    ptrs, ns, sizes, roots, numel, nb = [], [], [], [], 0, 0
+    for p, g, m, v, step in items:
+        _check_args(p, g, [("exp_avg", m), ("exp_avg_sq", v)])
+        ptrs += [_ptr(p), _ptr(g), _ptr(m.codes), _ptr(m.absmax), _ptr(v.codes), _ptr(v.absmax)]
+        ns.append(p.numel())
+        sizes.append(lr / (1 - beta1 ** step))
+        roots.append((1 - beta2 ** step) ** 0.5)
+        numel, nb = numel + p.numel(), nb + m.absmax.numel()
+    m, v = items[0][2], items[0][3]
+    rc = lib.memlab_adam8bit_multi(
+        _threads_for(numel, nb), len(items), _array(ctypes.c_int64, ptrs),
+        _array(ctypes.c_int64, ns), _array(ctypes.c_float, sizes),
+        _array(ctypes.c_float, roots), m.block_size, *_book_ptrs(m), *_book_ptrs(v),
+        float(1 - beta1), float(beta2), float(1 - beta2), float(eps), float(weight_decay),
+        float(1 - lr * weight_decay), int(decoupled), int(maximize), int(v._book.zero_index))
+    _raise_on_failure([rc])
+    for p, _, m, v, _ in items:
+        _bump(p, m.codes, m.absmax, v.codes, v.absmax)

@@ -355,6 +355,78 @@ int memlab_adam8bit_mt(int nt, float *p, const float *g, uint8_t *cm, float *am_
                               decoupled, maximize, step_size, bc2_sqrt, zero_v))
 }
 
+/* Many tensors in one call (a parameter group): tensor i has n[i] elements in blocks of
+   `block`; its pointers are ptr[K * i + j] (SGD, K = 4: p, g, codes, absmax; Adam, K = 6: p, g,
+   cm, am, cv, av). The blocks of all tensors, in order, are split into equal shares over `nt`
+   threads (whole blocks: the same bits for any split). Returns -1 if a scratch buffer could not
+   be allocated (nothing written by the thread that failed). */
+static int64_t *block_offsets(int64_t T, const int64_t *n, int64_t block) {
+    int64_t *off = (int64_t *)malloc(sizeof(int64_t) * (T + 1));
+    if (!off) return NULL;
+    off[0] = 0;
+    for (int64_t i = 0; i < T; i++) off[i + 1] = off[i] + (n[i] + block - 1) / block;
+    return off;
+}
+
+#define OVER_SHARE(T, off, B0, B1, BODY)                                                   \
+    for (int64_t i = 0; i < (T); i++) {                                                    \
+        if (off[i + 1] <= (B0) || off[i] >= (B1)) continue;                                \
+        int64_t lb0 = ((B0) > off[i] ? (B0) : off[i]) - off[i];                            \
+        int64_t lb1 = ((B1) < off[i + 1] ? (B1) : off[i + 1]) - off[i];                    \
+        BODY                                                                               \
+    }
+
+#ifdef _OPENMP
+#define SHARES(NB, nt, SHARE)               /* each thread's blocks [B0, B1); sets int rc */   \
+    _Pragma("omp parallel num_threads(nt) reduction(|: rc)")                               \
+    {                                                                                      \
+        int64_t t_ = omp_get_thread_num(), k_ = omp_get_num_threads();                     \
+        int64_t B0 = (NB) * t_ / k_, B1 = (NB) * (t_ + 1) / k_;                            \
+        SHARE                                                                              \
+    }
+#else
+#define SHARES(NB, nt, SHARE) { int64_t B0 = 0, B1 = (NB); (void)nt; SHARE }
+#endif
+
+int memlab_sgd8bit_multi(int nt, int64_t T, const int64_t *ptr, const int64_t *n,
+                         const int32_t *first, int64_t block, const float *code,
+                         const int32_t *lut, const float *lut_mid, const uint32_t *tab, float lr,
+                         float momentum, float keep, float wd, int nesterov, int maximize) {
+    int64_t *off = block_offsets(T, n, block);
+    if (!off) return -1;
+    int rc = 0;
+    SHARES(off[T], nt, OVER_SHARE(T, off, B0, B1, {
+        const int64_t *q = ptr + 4 * i;
+        rc |= memlab_sgd8bit((float *)q[0], (const float *)q[1], (uint8_t *)q[2], (float *)q[3],
+                             n[i], block, lb0, lb1, code, lut, lut_mid, tab, lr, momentum, keep,
+                             wd, nesterov, maximize, first[i]);
+    }))
+    free(off);
+    return rc;
+}
+
+int memlab_adam8bit_multi(int nt, int64_t T, const int64_t *ptr, const int64_t *n,
+                          const float *step_size, const float *bc2_sqrt, int64_t block,
+                          const float *code_m, const int32_t *lut_m, const float *mid_m,
+                          const uint32_t *tab_m, const float *code_v, const int32_t *lut_v,
+                          const float *mid_v, const uint32_t *tab_v, float w, float beta2,
+                          float w2, float eps, float wd, float decay, int decoupled,
+                          int maximize, int32_t zero_v) {
+    int64_t *off = block_offsets(T, n, block);
+    if (!off) return -1;
+    int rc = 0;
+    SHARES(off[T], nt, OVER_SHARE(T, off, B0, B1, {
+        const int64_t *q = ptr + 6 * i;
+        rc |= memlab_adam8bit((float *)q[0], (const float *)q[1], (uint8_t *)q[2], (float *)q[3],
+                              (uint8_t *)q[4], (float *)q[5], n[i], block, lb0, lb1, code_m,
+                              lut_m, mid_m, tab_m, code_v, lut_v, mid_v, tab_v, w, beta2, w2,
+                              eps, wd, decay, decoupled, maximize, step_size[i], bc2_sqrt[i],
+                              zero_v);
+    }))
+    free(off);
+    return rc;
+}
+
 /* testing: codes of normalised values through the fast encoder (len % 16 == 0), or -1 */
 int memlab_encode_fast(const float *xn, int64_t len, uint8_t *codes, const uint32_t *tab,
                        int32_t keep) {

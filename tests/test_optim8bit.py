@@ -412,6 +412,62 @@ def test_fused_kernel_matches_eager_step(make):
             assert torch.equal(v, ob.state[pb][k]), k
 
 
+@pytest.mark.parametrize("make", [
+    lambda p, **k: Adam8bit(p, lr=3e-3, weight_decay=1e-2, min_8bit_size=1024, **k),
+    lambda p, **k: AdamW8bit(p, lr=3e-3, weight_decay=0.1, min_8bit_size=1024, block_size=64, **k),
+    lambda p, **k: Adam8bit(p, lr=3e-3, betas=(0.3, 0.99), maximize=True, min_8bit_size=1024, **k),
+    lambda p, **k: SGD8bit(p, lr=0.05, weight_decay=1e-3, dampening=0.2, min_8bit_size=1024, **k),
+    lambda p, **k: SGD8bit(p, lr=0.05, nesterov=True, min_8bit_size=1024, **k),
+    lambda p, **k: SGD8bit(p, lr=1e-3, maximize=True, min_8bit_size=1024, **k),
+])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_one_call_per_group_gives_the_per_tensor_bits(make, threads, monkeypatch):
+    """The default CPU step runs a group's 8-bit tensors in one C call (the blocks of all of them
+    split over the threads) and its small fp32-state tensors in torch._foreach_* calls; the
+    per-tensor eager step (compile=False) gives the same bits: parameters, states, losses. Two
+    groups, a parameter without a gradient, and tensors that joined at different steps (other
+    step counts) included."""
+    from memlab import _cpu_kernels, _foreach_steps
+    _needs_kernel()
+    monkeypatch.setattr(_cpu_kernels, "MIN_PER_THREAD", 1000)
+    calls = {"many": 0, "foreach": 0}
+    for mod, name, key in ((_cpu_kernels, "adam8bit_many", "many"),
+                           (_cpu_kernels, "sgd8bit_many", "many"),
+                           (_foreach_steps, "adam", "foreach"), (_foreach_steps, "sgd", "foreach")):
+        real = getattr(mod, name)
+
+        def counted(*a, _real=real, _key=key, **k):
+            calls[_key] += 1
+            return _real(*a, **k)
+        monkeypatch.setattr(mod, name, counted)
+    torch.manual_seed(0)
+    shapes = [(64, 48), (64,), (40, 64), (40,), (3000,), (7,), (1, 2049)]
+    init = [torch.randn(s) for s in shapes]
+    grads = [[torch.randn(s) * (k + 1) for s in shapes] for k in range(4)]
+    finals = []
+    torch.set_num_threads(threads)
+    try:
+        for compile in (False, None):
+            ps = [torch.nn.Parameter(x.clone()) for x in init]
+            opt = make([{"params": ps[:4]}, {"params": ps[4:]}], compile=compile)
+            for k, gs in enumerate(grads):
+                for i, (p, g) in enumerate(zip(ps, gs)):
+                    p.grad = None if (k == 0 and i in (2, 5)) or i == 6 and k == 2 else g.clone()
+                opt.step()
+            finals.append((ps, opt))
+    finally:
+        torch.set_num_threads(1)
+    (pa, oa), (pb, ob) = finals
+    assert calls["many"] > 0 and calls["foreach"] > 0
+    for a, b in zip(pa, pb):
+        assert torch.equal(a, b)
+        sa, sb = oa.state[a], ob.state[b]
+        assert sa.keys() == sb.keys()
+        for k in sa:
+            va, vb = sa[k], sb[k]
+            assert torch.equal(va, vb) if isinstance(va, torch.Tensor) else va == vb, k
+
+
 def test_fused_kernel_threads_give_the_same_bits(monkeypatch):
     from memlab import _cpu_kernels
     _needs_kernel()
