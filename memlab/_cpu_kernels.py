@@ -169,7 +169,11 @@ def _bump(*tensors: Tensor) -> None:
     """Tell autograd the tensors changed in place (writes through pointers bypass torch), so
     e.g. a backward through a graph that saved the parameter before the step still errors."""
     inc = getattr(torch.autograd.graph, "increment_version", None)
-    if inc is not None:
+    if inc is None:
+        return
+    try:
+        inc(list(tensors))                     # one call for all (torch >= 2.5 takes a list)
+    except TypeError:
         for t in tensors:
             inc(t)
 
@@ -407,8 +411,7 @@ def sgd8bit_many(items, *, lr: float, momentum: float, dampening: float, weight_
         *_book_ptrs(buf), float(lr), float(momentum), float(1 - dampening), float(weight_decay),
         int(nesterov), int(maximize))
     _raise_on_failure([rc])
-    for p, _, b, _ in items:
-        _bump(p, b.codes, b.absmax)
+    _bump(*[t for p, _, b, _ in items for t in (p, b.codes, b.absmax)])
 
 
 def adam8bit_many(items, *, lr: float, beta1: float, beta2: float, eps: float,
@@ -439,5 +442,4 @@ def adam8bit_many(items, *, lr: float, beta1: float, beta2: float, eps: float,
         float(1 - beta1), float(beta2), float(1 - beta2), float(eps), float(weight_decay),
         float(1 - lr * weight_decay), int(decoupled), int(maximize), int(v._book.zero_index))
     _raise_on_failure([rc])
-    for p, _, m, v, _ in items:
-        _bump(p, m.codes, m.absmax, v.codes, v.absmax)
+    _bump(*[t for p, _, m, v, _ in items for t in (p, m.codes, m.absmax, v.codes, v.absmax)])

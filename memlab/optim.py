@@ -214,7 +214,13 @@ class _Optimizer8bit(Optimizer):
         ``staged`` when given (``state`` is then only read), else into ``state``. A DTensor
         ``p`` (FSDP2) gets states of its local shard; 8-bit or not is decided on its global
         numel, so every rank decides alike and a shard below ``min_8bit_size`` stays 8-bit."""
+        views = self.__dict__.setdefault("_views", {})   # id(param) -> the last step's views
+        hp, hit = p, views.get(id(p)) if state else None
         numel, p = p.numel(), local(p)                # global numel; the local shard
+        if hit is not None and hit[0] is group and hit[1] == group["block_size"] \
+                and hit[2] == p.shape and hit[5] == len(state) \
+                and all(state.get(k) is t for k, t in hit[3]):
+            return hit[4], False                      # the same stored tensors: the same views
         out = state if staged is None else staged
         states, fresh = [], False
         for name, signed in self._state_specs(group):
@@ -233,6 +239,9 @@ class _Optimizer8bit(Optimizer):
             else:
                 states.append(QTensor(have[name + "_codes"], have[name + "_absmax"], p.shape,
                                       signed, group["block_size"]))
+        if not fresh and states:
+            used = [(k, state[k]) for k in state if k != "step"]
+            views[id(hp)] = (group, group["block_size"], p.shape, used, states, len(state))
         return states, fresh
 
     def load_state_dict(self, state_dict: dict) -> None:

@@ -68,6 +68,17 @@ def _big_shapes() -> list:
     return shapes
 
 
+def _dfresnet233_shapes() -> list:
+    """The parameter shapes of the deep-speaker scenario's full-size twin (DF-ResNet233, width
+    32, 5,994 speakers: 708 tensors, 11.7 M parameters, 483 of them below the 8-bit minimum):
+    a real model's mix of a few large and many small tensors."""
+    from memlab import scenarios
+    from memlab.lab import Config, build_model
+    twin = scenarios.get("deep-speaker").twin
+    model = build_model(Config(task="speaker", **dict(twin.overrides)), num_classes=twin.num_classes)
+    return [tuple(p.shape) for p in model.parameters()]
+
+
 def _params(shapes, seed: int = 0) -> List[torch.nn.Parameter]:
     g = torch.Generator().manual_seed(seed)
     ps = [torch.nn.Parameter(torch.randn(s, generator=g) * 0.05) for s in shapes]
@@ -407,8 +418,10 @@ def step_times(fast: bool = False, repeats: Optional[int] = None,
                threads: Optional[int] = None) -> List[dict]:
     """The ``step_time`` rows only: each 8-bit optimizer against torch's fastest fp32 step
     (``fused``), with its ``foreach`` step beside it; in full mode also on ~33 M parameters
-    (:func:`_big_shapes`; the 8-bit defaults only, not the slow eager path) and on one
-    tensor of 4.18 M (``shapes="one tensor"``: the kernel without per-tensor overhead).
+    (:func:`_big_shapes`; the 8-bit defaults only, not the slow eager path), on one
+    tensor of 4.18 M (``shapes="one tensor"``: the kernel without per-tensor overhead) and on
+    the parameters of a DF-ResNet233 (``shapes="DF-ResNet233"``: 708 tensors, most of them
+    small, where the per-tensor overhead shows).
 
     ``threads``: torch intra-op threads for the timings (default: leave torch's setting);
     on a busy machine ``threads=1`` gives steadier ratios.
@@ -423,6 +436,8 @@ def step_times(fast: bool = False, repeats: Optional[int] = None,
             rows += _time_rows(_big_shapes(), max(5, repeats // 3), eager=False,
                                label="33M resnet-like")
             rows += _time_rows([(ONE_TENSOR,)], 2 * repeats, eager=False, label="one tensor")
+            rows += _time_rows(_dfresnet233_shapes(), max(5, repeats // 3), eager=False,
+                               label="DF-ResNet233")
         return rows
     finally:
         torch.set_num_threads(before)
