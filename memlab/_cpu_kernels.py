@@ -325,7 +325,6 @@ def _book_ptrs(q) -> tuple:
 def sgd8bit(p: Tensor, grad: Tensor, buf, *, lr: float, momentum: float, dampening: float,
             weight_decay: float, nesterov: bool, maximize: bool, first: bool) -> None:
     """Fused SGD8bit step for one tensor; ``buf`` a QTensor (momentum > 0)."""
-    lib = library()
     _check_args(p, grad, [("momentum_buffer", buf)])
     n, block = p.numel(), buf.block_size
     nb = buf.absmax.numel()
@@ -340,7 +339,6 @@ def adam8bit(p: Tensor, grad: Tensor, exp_avg, exp_avg_sq, *, step: int, lr: flo
              beta1: float, beta2: float, eps: float, weight_decay: float, decoupled: bool,
              maximize: bool) -> None:
     """Fused Adam8bit / AdamW8bit step for one tensor; both moments QTensors."""
-    lib = library()
     _check_args(p, grad, [("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)])
     if exp_avg_sq.block_size != exp_avg.block_size:
         raise ValueError(f"exp_avg and exp_avg_sq must share a block_size, got "

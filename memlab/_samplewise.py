@@ -71,6 +71,21 @@ def _may_overwrite(logits: torch.Tensor) -> bool:
     return True
 
 
+def keep_grads(gs, enc_grad, enc_at, pred_grad, pred_at, param_grads) -> None:
+    """Store one chunk's gradients: ``gs`` = (enc grad if enc_grad is not None, pred grad if
+    pred_grad is not None, *param grads) into enc_grad[enc_at], pred_grad[pred_at] and summed
+    into param_grads (a list, None where nothing yet)."""
+    gs = list(gs)
+    for full, at in ((enc_grad, enc_at), (pred_grad, pred_at)):
+        if full is not None:
+            g = gs.pop(0)
+            if g is not None:
+                full[at] = g.to(full.dtype)
+    for j, g in enumerate(gs):
+        if g is not None:
+            param_grads[j] = g if param_grads[j] is None else param_grads[j].add_(g)
+
+
 def _run_chunks(joiner, enc_out, pred_out, targets, enc_lengths, target_lengths, blank, chunks,
                 weights: Optional[torch.Tensor], want_enc: bool, want_pred: bool,
                 params: List[torch.Tensor], stats: Optional[Dict]):
@@ -123,18 +138,8 @@ def _run_chunks(joiner, enc_out, pred_out, targets, enc_lengths, target_lengths,
             costs = costs.to(lg.dtype)
             del logits, lg
             if grad:
-                k = 0
-                if want_enc:
-                    if gs[0] is not None:
-                        enc_grad[idx, :tg] = gs[0]
-                    k = 1
-                if want_pred:
-                    if gs[k] is not None:
-                        pred_grad[idx, :ug + 1] = gs[k]
-                    k += 1
-                for j, g in enumerate(gs[k:]):
-                    if g is not None:
-                        param_grads[j] = g if param_grads[j] is None else param_grads[j].add_(g)
+                keep_grads(gs, enc_grad, (idx, slice(0, tg)), pred_grad,
+                           (idx, slice(0, ug + 1)), param_grads)
         if losses is None:
             losses = costs.new_empty(B)                                        # (B,)
         losses[idx] = costs.detach()
@@ -191,10 +196,11 @@ class _EagerJoinerLoss(_StoredGradLoss):
 class _RecomputeLoss(torch.autograd.Function):
     """reduction="none": per-sample weights are known only in backward, so recompute there.
 
-    Inputs: (losses (B,), spec, enc_out, pred_out, *joiner params); ``spec`` holds the rest of
-    the arguments of _run_chunks and the RNG state before the forward's joiner calls, which the
-    recomputation replays (as the reversible blocks do), so a stochastic joiner (dropout) draws
-    the same masks and the gradient is that of the returned losses.
+    Inputs: (losses (B,), (rerun, rng), enc_out, pred_out, *params): ``rerun(enc_out, pred_out,
+    weights (B,), want_enc, want_pred, params)`` runs the chunks again and returns (enc_grad,
+    pred_grad, param_grads) of sum_b w_b loss_b; ``rng`` is the RNG state before the forward's joiner
+    calls, which the recomputation replays (as the reversible blocks do), so a stochastic
+    joiner (dropout) draws the same masks and the gradient is that of the returned losses.
     """
 
     @staticmethod
@@ -207,10 +213,10 @@ class _RecomputeLoss(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_output):
         enc_out, pred_out, *params = ctx.saved_tensors
-        joiner, targets, enc_lengths, target_lengths, blank, chunks, rng = ctx.spec
+        rerun, rng = ctx.spec
         with _replay_rng(rng, enc_out.device):
-            _, enc_grad, pred_grad, param_grads = _run_chunks(
-                joiner, enc_out, pred_out, targets, enc_lengths, target_lengths, blank, chunks,
-                grad_output, ctx.needs_input_grad[2], ctx.needs_input_grad[3], params, None)
+            enc_grad, pred_grad, param_grads = rerun(enc_out, pred_out, grad_output,
+                                                     ctx.needs_input_grad[2],
+                                                     ctx.needs_input_grad[3], params)
         return (None, None, enc_grad, pred_grad, *param_grads)
 

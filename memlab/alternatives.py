@@ -140,9 +140,13 @@ def _train(cfgs: Sequence[Config], batches: Sequence[tuple], steps: int):
 
 def _drift(run, base) -> Optional[float]:
     (s0, s1), (b0, b1) = run, base
-    if {k: v.shape for k, v in s0.items()} != {k: v.shape for k, v in b0.items()} or \
-            any(not torch.equal(s0[k], b0[k]) for k in b0):
+
+    def shapes(d):
+        return {k: v.shape for k, v in d.items()}
+    if shapes(s0) != shapes(b0) or any(not torch.equal(s0[k], b0[k]) for k in b0):
         return None                          # another network, or other initial weights
+    if shapes(s1) != shapes(b1):             # reparametrized while training (lowrank-adam)
+        return None
     moved = sum(float((b1[k] - b0[k]).double().pow(2).sum()) for k in b0) ** 0.5
     gap = sum(float((s1[k] - b1[k]).double().pow(2).sum()) for k in b0) ** 0.5
     return gap / moved if moved > 0 else None

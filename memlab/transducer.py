@@ -498,8 +498,10 @@ def samplewise_rnnt_loss(joiner: Callable[[torch.Tensor, torch.Tensor], torch.Te
                              "'none' the per-sample weights are known only in backward), got 'none'")
         rng = _capture_rng(enc_out.device)    # backward replays it: same dropout masks
         losses, _, _, _ = _run_chunks(*args, None, False, False, [], stats)
-        spec = (joiner, targets, enc_lengths, target_lengths, blank, chunks, rng)
-        return _RecomputeLoss.apply(losses, spec, enc_out, pred_out, *params)
+        def rerun(enc, pred, w, want_enc, want_pred, ps):
+            return _run_chunks(joiner, enc, pred, targets, enc_lengths, target_lengths, blank,
+                               chunks, w, want_enc, want_pred, ps, None)[1:]
+        return _RecomputeLoss.apply(losses, (rerun, rng), enc_out, pred_out, *params)
 
     scale = 1.0 / B if reduction == "mean" else 1.0
     weights = torch.full((B,), scale, dtype=torch.float64, device=enc_out.device)   # (B,)

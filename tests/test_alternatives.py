@@ -57,6 +57,20 @@ def test_drift_is_zero_for_the_same_update(deep):
     assert deep["precision=bf16"]["drift"] > 1e-4
 
 
+def test_drift_of_a_run_reparametrized_while_training_is_none():
+    """lowrank-adam registers a parametrization on its first step, so the run's parameters end
+    under other names ('head.parametrizations.weight.original'); the full-size optimizer-bound
+    comparison of tutorial 06 raised KeyError: 'head.weight' here."""
+    import torch
+    w, b = torch.ones(3, 2), torch.zeros(3)
+    base = ({"head.weight": w, "head.bias": b}, {"head.weight": w + 1, "head.bias": b + 1})
+    run = ({"head.weight": w, "head.bias": b},
+           {"head.parametrizations.weight.original": w + 2, "head.bias": b + 2})
+    assert A._drift(run, base) is None
+    same = ({"head.weight": w, "head.bias": b}, {"head.weight": w + 2, "head.bias": b + 1})
+    assert A._drift(same, base) == pytest.approx(1.0 * (6 ** 0.5) / (9 ** 0.5))
+
+
 def test_pruned_gap_is_zero_from_u_plus_one():
     rows = A.pruned_gap([2, 3, 5, 7, 9], U=6)
     gaps = {r["s_range"]: r["gap"] for r in rows}

@@ -381,14 +381,22 @@ def test_fused_kernel_is_the_cpu_default_when_a_compiler_exists():
     assert not Adam8bit([p], compile=False)._fused_ok(p, [])
 
 
-@pytest.mark.parametrize("make", [
-    lambda p, **k: Adam8bit(p, lr=3e-3, weight_decay=1e-2, min_8bit_size=0, **k),
-    lambda p, **k: AdamW8bit(p, lr=3e-3, weight_decay=0.1, min_8bit_size=0, block_size=64, **k),
-    lambda p, **k: Adam8bit(p, lr=3e-3, betas=(0.3, 0.99), maximize=True, min_8bit_size=0, **k),
-    lambda p, **k: SGD8bit(p, lr=0.05, weight_decay=1e-3, dampening=0.2, min_8bit_size=0, **k),
-    lambda p, **k: SGD8bit(p, lr=0.05, nesterov=True, min_8bit_size=0, **k),
-    lambda p, **k: SGD8bit(p, lr=1e-3, maximize=True, min_8bit_size=0, **k),
-])
+def _variants(min_size):
+    """Every update rule the fused kernel implements (L2 and decoupled decay, a small block,
+    low beta1 and maximize, dampening, nesterov)."""
+    return [
+        lambda p, **k: Adam8bit(p, lr=3e-3, weight_decay=1e-2, min_8bit_size=min_size, **k),
+        lambda p, **k: AdamW8bit(p, lr=3e-3, weight_decay=0.1, min_8bit_size=min_size,
+                                 block_size=64, **k),
+        lambda p, **k: Adam8bit(p, lr=3e-3, betas=(0.3, 0.99), maximize=True,
+                                min_8bit_size=min_size, **k),
+        lambda p, **k: SGD8bit(p, lr=0.05, weight_decay=1e-3, dampening=0.2,
+                               min_8bit_size=min_size, **k),
+        lambda p, **k: SGD8bit(p, lr=0.05, nesterov=True, min_8bit_size=min_size, **k),
+        lambda p, **k: SGD8bit(p, lr=1e-3, maximize=True, min_8bit_size=min_size, **k)]
+
+
+@pytest.mark.parametrize("make", _variants(0))
 def test_fused_kernel_matches_eager_step(make):
     """Same math as the eager functions, rounding for rounding (torch's fused multiply-adds
     reproduced with fmaf, a correctly rounded sqrt on both sides): the same bits."""
@@ -412,14 +420,7 @@ def test_fused_kernel_matches_eager_step(make):
             assert torch.equal(v, ob.state[pb][k]), k
 
 
-@pytest.mark.parametrize("make", [
-    lambda p, **k: Adam8bit(p, lr=3e-3, weight_decay=1e-2, min_8bit_size=1024, **k),
-    lambda p, **k: AdamW8bit(p, lr=3e-3, weight_decay=0.1, min_8bit_size=1024, block_size=64, **k),
-    lambda p, **k: Adam8bit(p, lr=3e-3, betas=(0.3, 0.99), maximize=True, min_8bit_size=1024, **k),
-    lambda p, **k: SGD8bit(p, lr=0.05, weight_decay=1e-3, dampening=0.2, min_8bit_size=1024, **k),
-    lambda p, **k: SGD8bit(p, lr=0.05, nesterov=True, min_8bit_size=1024, **k),
-    lambda p, **k: SGD8bit(p, lr=1e-3, maximize=True, min_8bit_size=1024, **k),
-])
+@pytest.mark.parametrize("make", _variants(1024))
 @pytest.mark.parametrize("threads", [1, 2])
 def test_one_call_per_group_gives_the_per_tensor_bits(make, threads, monkeypatch):
     """The default CPU step runs a group's 8-bit tensors in one C call (the blocks of all of them
