@@ -21,10 +21,11 @@ parameter, all plain tensors in ``optimizer.state[p]`` (so every storage counter
 Layout as :mod:`memlab.optim`: the math of one step is one pure function
 (:func:`_adam4bit_step`); the classes do validation, param groups, state creation and
 ``state_dict``. Pure torch ops, the same on CPU, CUDA and fake tensors (``memlab.memory
-.estimate``). The fp32 working copies exist only during one tensor's update, for the whole
-tensor (rank-1 scales need all of it): measured ~27 B per element of the largest tensor at the
-step's peak (a 512 x 1024 Linear: 13.4 MB of temporaries next to 0.83 MB of state), not per
-parameter of the model.
+.estimate``). The fp32 working copies exist only during one tensor's update: ~27 B per element
+of that tensor, and a tensor of more than 2 x 65,536 elements is updated a chunk of rows at a
+time (:mod:`memlab._q4_chunks`: two passes where a rank-1 second moment needs the new maxima
+first; the same bits), so the temporaries stay ~1.8 MB instead of growing with the largest
+tensor (a 512 x 1024 Linear took 13.4 MB of temporaries next to its 0.83 MB of state).
 
 Non-finite gradients: as torch, the parameter element becomes NaN/inf. In the 4-bit state a
 non-finite value spoils its first-moment block (128 elements) and, with rank-1, its second
@@ -42,6 +43,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from memlab import _q4_chunks
 from memlab._optim_state import check_grad, checked_states
 from memlab.quant4 import Q4Tensor, num_blocks, use_rank1
 
@@ -63,6 +65,11 @@ def _adam4bit_step(p: Tensor, grad: Tensor, exp_avg: State, exp_avg_sq: State, *
     Q4Tensor or fp32 tensor of p's shape, updated in place; step: the step number after this
     update (1, 2, ...).
     """
+    if _q4_chunks.usable(p, grad, exp_avg, exp_avg_sq):            # a large tensor: by chunks
+        return _q4_chunks.adam4bit_step(p, grad, exp_avg, exp_avg_sq, step=step, lr=lr,
+                                        beta1=beta1, beta2=beta2, eps=eps,
+                                        weight_decay=weight_decay, decoupled=decoupled,
+                                        maximize=maximize)
     g = grad if grad.dtype == torch.float32 else grad.float()      # (*S,)
     if maximize:
         g = -g
