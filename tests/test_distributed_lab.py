@@ -19,6 +19,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from memlab.alternatives import _no_dropout
 from memlab.distributed import launch
 from memlab.lab import Config, Experiment
 
@@ -30,14 +31,6 @@ pytestmark = [pytest.mark.distributed,
 
 STEPS = 3
 TIMEOUT = 300
-
-
-def _no_dropout(model):
-    for m in model.modules():
-        if isinstance(m, torch.nn.Dropout):
-            m.p = 0.0
-        elif isinstance(m, torch.nn.MultiheadAttention):
-            m.dropout = 0.0                   # a float, not a module
 
 
 def _double(batch):
