@@ -20,6 +20,11 @@ class Measured:
     spread: str = ""              # range seen over repeats
 
 
+_XEON = "2-core Intel Xeon with AVX-512, no GPU, 1 thread (OMP_NUM_THREADS=1)"
+_DEEP = "the deep-speaker scenario's live step (DF-ResNet 1-1-24-1, batch 8 x 1 s)"
+_COMPARE = ("OMP_NUM_THREADS=1: memlab.alternatives.compare('deep-speaker', [choice], repeats=6, "
+            "full_size=False), two runs")
+
 # (kind, name) -> {model or "*": Measured}; from README's results (the benches' own figures)
 MEASURED: Dict[Tuple[str, str], Dict[str, Measured]] = {
     ("memory", "checkpoint"): {
@@ -34,16 +39,22 @@ MEASURED: Dict[Tuple[str, str], Dict[str, Measured]] = {
                              "bench.reversible.run(model='dfresnet')", spread="1.62-1.80")},
     ("memory", "reversible-full"): {
         "resnet": Measured(1.47, "step", "ResNet, stage 3 of depth 32, width 32, batch 2 x 100",
-                           "OMP_NUM_THREADS=1 memlab bench reversible", spread="1.32-1.55")},
+                           "OMP_NUM_THREADS=1 memlab bench reversible", spread="1.32-1.55"),
+        "dfresnet": Measured(1.58, "step", _DEEP, _COMPARE, _XEON, spread="1.53-1.62")},
     ("optimizer", "adam8bit"): {
-        "*": Measured(1.45, "optimizer step", "4.18 M params vs torch foreach fp32 Adam",
-                      "OMP_NUM_THREADS=1 memlab bench optim", spread="1.2-1.7")},
+        "*": Measured(1.33, "optimizer step", "4.18 M params in 34 tensors vs torch fused fp32 "
+                      "Adam (a DF-ResNet233's 708 tensors: 1.85)",
+                      "memlab.bench.optim.step_times(repeats=9, threads=1)", _XEON,
+                      spread="1.21-1.85")},
     ("optimizer", "adamw8bit"): {
-        "*": Measured(1.45, "optimizer step", "as adam8bit (the same kernel)",
-                      "OMP_NUM_THREADS=1 memlab bench optim", spread="1.2-1.7")},
+        "*": Measured(1.33, "optimizer step", "as adam8bit (the same kernel)",
+                      "memlab.bench.optim.step_times(repeats=9, threads=1)", _XEON,
+                      spread="1.21-1.85")},
     ("optimizer", "sgd8bit"): {
-        "*": Measured(1.85, "optimizer step", "4.18 M params vs torch foreach fp32 SGD",
-                      "OMP_NUM_THREADS=1 memlab bench optim", spread="1.5-2.2")},
+        "*": Measured(1.25, "optimizer step", "4.18 M params in 34 tensors vs torch fused fp32 "
+                      "SGD (a DF-ResNet233's 708 tensors: 1.86)",
+                      "memlab.bench.optim.step_times(repeats=9, threads=1)", _XEON,
+                      spread="1.08-1.86")},
     ("loss", "samplewise"): {
         "*": Measured(0.77, "loss", "B=32, T=200, U=40, V=512 loss step vs batched",
                       "OMP_NUM_THREADS=1 memlab bench transducer", spread="0.77-0.93 "

@@ -152,6 +152,20 @@ def _predict(base: Mapping[str, int], ref: Mapping[str, int],
     return int(total)
 
 
+def add_shortfall(row: dict, delta: Mapping[str, int]) -> None:
+    """Add another row's full-size shortfall, category by category, to ``row``'s categories.
+    The total is what counts; a category that would go below zero (the peak moved to a moment
+    with fewer gradients, say) is set to 0 and the largest category gives up the difference, so
+    the categories still add up to the peak and none is negative."""
+    new = {cat: row.get(cat, 0) + v for cat, v in delta.items()}
+    deficit = -sum(v for v in new.values() if v < 0)
+    if deficit:
+        new = {cat: max(v, 0) for cat, v in new.items()}
+        top = max(new, key=new.get)
+        new[top] -= deficit
+    row.update(new)
+
+
 def plan(cfg, fit, *, batch_size: Optional[int] = None, frames: Optional[int] = None,
          num_classes: Optional[int] = None, kinds: Optional[Sequence[str]] = None,
          choices: Optional[Mapping[str, Sequence[str]]] = None, verify: int = 12,
@@ -341,8 +355,7 @@ def plan(cfg, fit, *, batch_size: Optional[int] = None, frames: Optional[int] = 
             continue
         if confirmed >= confirm and not time_left:       # flagged: add the shortfall
             c = max(flagged, key=lambda c: sum(short[c].values()))
-            for cat, v in short[c].items():
-                r[cat] = r.get(cat, 0) + v
+            add_shortfall(r, short[c])
             add = sum(short[c].values())
             r["peak"] += add
             r["headroom"] = budget - r["peak"]

@@ -34,6 +34,8 @@ def test_step_factor_uses_measured_ratios():
                                             "resnet")
     assert f == pytest.approx(1.44)             # the optimizer step's factor is shown only
     assert any("adam8bit" in n and "optimizer step" in n for n in notes) and not missing
+    f, notes, missing = planner.step_factor({"memory": "reversible-full"}, "dfresnet")
+    assert f == pytest.approx(1.58) and notes == ["reversible-full 1.58x step"] and not missing
     f, _, missing = planner.step_factor({"memory": "vanilla", "precision": "bf16"})
     assert f == 1.0 and missing == ["precision=bf16"]
     for table in planner.MEASURED.values():
@@ -259,3 +261,16 @@ def test_deep_speaker_full_size_best_answer_is_beyond_20x(one_thread):
     top = result.rows[0]
     assert top["source"] == "full", top                       # confirmed at full size
     assert top["peak"] * 20 <= result.base["peak"], (top["peak"], result.base["peak"])
+
+
+def test_a_carried_shortfall_leaves_no_category_negative():
+    """The shortfall found at full size for one row is added, category by category, to the rows
+    sharing its choice; where the peak had moved to a moment with fewer gradients, a row's
+    gradients went negative (-87.75 MiB in `memlab plan --scenario deep-speaker --full-size
+    --fit 11GiB` with bf16 and accumulation rows). The total is kept, nothing is below 0."""
+    row = {"gradients": 100, "activations": 1000, "optimizer": 50}
+    planner.add_shortfall(row, {"gradients": -387, "activations": 500, "optimizer": 0})
+    assert row == {"gradients": 0, "activations": 1213, "optimizer": 50}
+    row = {"gradients": 100, "activations": 1000}
+    planner.add_shortfall(row, {"gradients": 20, "activations": 30})
+    assert row == {"gradients": 120, "activations": 1030}
