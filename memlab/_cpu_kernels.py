@@ -369,11 +369,14 @@ def _array(ctype, values):
     return (ctype * max(1, len(values)))(*values)
 
 
-def _many_ok(items, names) -> bool:
-    """One call can serve ``items``: their states share one block size and one code book per
-    state (true for an optimizer's own states), and the blocks may be split over threads
-    (an OpenMP team, or one thread)."""
-    first = [items[0][2 + k] for k in range(len(names))]
+def _many_ok(items, nstates: int) -> bool:
+    """One call can serve ``items`` (p, grad, *states): every state shares one block size, each
+    state one code book (true for an optimizer's own states), and the blocks may be split over
+    threads (an OpenMP team, or one thread)."""
+    bs = items[0][2].block_size
+    first = items[0][2:2 + nstates]
+    if any(q.block_size != bs for q in first):
+        return False
     for it in items:
         for k, q in enumerate(first):
             s = it[2 + k]
@@ -388,7 +391,7 @@ def sgd8bit_many(items, *, lr: float, momentum: float, dampening: float, weight_
                  nesterov: bool, maximize: bool) -> None:
     """Fused SGD8bit step for many tensors in one C call: ``items`` are (p, grad, buf, first)
     with buf a QTensor; the same bits as :func:`sgd8bit` on each."""
-    if len(items) == 1 or not _many_ok([(p, g, b) for p, g, b, _ in items], ["buf"]):
+    if len(items) == 1 or not _many_ok(items, 1):
         for p, g, b, first in items:
             sgd8bit(p, g, b, lr=lr, momentum=momentum, dampening=dampening,
                     weight_decay=weight_decay, nesterov=nesterov, maximize=maximize,
@@ -417,8 +420,7 @@ def adam8bit_many(items, *, lr: float, beta1: float, beta2: float, eps: float,
     """Fused Adam8bit / AdamW8bit step for many tensors in one C call: ``items`` are (p, grad,
     exp_avg, exp_avg_sq, step), both moments QTensors; the same bits as :func:`adam8bit` on
     each."""
-    if len(items) == 1 or not _many_ok(items, ["exp_avg", "exp_avg_sq"]) \
-            or any(it[3].block_size != it[2].block_size for it in items):
+    if len(items) == 1 or not _many_ok(items, 2):
         for p, g, m, v, step in items:
             adam8bit(p, g, m, v, step=step, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
                      weight_decay=weight_decay, decoupled=decoupled, maximize=maximize)

@@ -346,7 +346,7 @@ class _Optimizer8bit(Optimizer):
             with torch.enable_grad():
                 loss = closure()
         plan = self._plan()                          # phase 1: may raise, changes nothing
-        fused: dict = {}                             # id(group) -> (group, [fused tensors])
+        fused: dict = {}                   # (id(group), how) -> (group, how, [tensors]) for below
         for p, lp, lg, group, staged, step, states, fresh, how, work in plan:   # phase 2
             state = self.state[p]
             state.update(staged)
@@ -368,17 +368,14 @@ class _Optimizer8bit(Optimizer):
         return loss
 
     def _fused_many(self, group: dict, items: list) -> None:
-        """The fused C step of a group's tensors, items (p, grad, states, step, fresh); one C
-        call where the subclass offers one (per-call overhead was ~90 us a tensor)."""
-        for p, g, states, step, fresh in items:
-            self._fused(p, g, states, group, step, fresh)
+        """The fused C step of a group's 8-bit tensors, items (p, grad, states, step, fresh), in
+        one C call (memlab._cpu_kernels; one call per tensor cost ~90 us of Python)."""
+        raise NotImplementedError
 
     def _foreach_many(self, group: dict, items: list) -> None:
         """The fp32-state step of a group's small CPU tensors in torch._foreach_* calls (the
         eager step's operations, the same bits: memlab._foreach_steps)."""
-        fn = type(self)._math
-        for p, g, states, step, fresh in items:
-            fn(p, g, *states, **self._kwargs(group, step, fresh, p.device, compiled=False))
+        raise NotImplementedError
 
     def _plan(self) -> list:
         """Phase 1 of ``step``: (param, local param, local grad, group, staged states, new step,
@@ -409,8 +406,7 @@ class _Optimizer8bit(Optimizer):
                     plan.append((*head, "fake-fused", None))
                     continue
                 if (self._compile is None and meter is None and states
-                        and not any(isinstance(x, QTensor) for x in states)
-                        and _foreach_steps.usable(lp, lg, states)):
+                        and _foreach_steps.usable(lp, lg, states)):     # no QTensor in states
                     plan.append((*head, "foreach", None))      # small fp32-state tensors
                     continue
                 fn = self._step_fn(lp.device)
@@ -503,11 +499,6 @@ class SGD8bit(_Optimizer8bit):
             raise ValueError(f"nesterov=True requires momentum > 0 and dampening == 0, got "
                              f"momentum={mom!r}, dampening={damp!r}")
 
-    def _fused(self, p, grad, states, group, step, first):
-        _cpu_kernels.sgd8bit(p, grad, states[0], lr=group["lr"], momentum=group["momentum"],
-                             dampening=group["dampening"], weight_decay=group["weight_decay"],
-                             nesterov=group["nesterov"], maximize=group["maximize"], first=first)
-
     def _fused_many(self, group, items):
         _cpu_kernels.sgd8bit_many([(p, g, st[0], fresh) for p, g, st, _, fresh in items],
                                   lr=group["lr"], momentum=group["momentum"],
@@ -558,13 +549,6 @@ class Adam8bit(_Optimizer8bit):
 
     def _state_specs(self, group):
         return (("exp_avg", True), ("exp_avg_sq", False))
-
-    def _fused(self, p, grad, states, group, step, first):
-        beta1, beta2 = group["betas"]
-        _cpu_kernels.adam8bit(p, grad, states[0], states[1], step=step, lr=group["lr"],
-                              beta1=beta1, beta2=beta2, eps=group["eps"],
-                              weight_decay=group["weight_decay"], decoupled=self._decoupled,
-                              maximize=group["maximize"])
 
     def _fused_many(self, group, items):
         beta1, beta2 = group["betas"]
