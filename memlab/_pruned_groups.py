@@ -38,6 +38,7 @@ def _run_groups(group_fn, enc_out, pred_out, enc_lengths, groups, weights, want_
                 gs = torch.autograd.grad(costs, inputs, weights[idx].to(costs.dtype),
                                          allow_unused=True)
                 keep_grads(gs, enc_grad, (idx, slice(0, tg)), pred_grad, idx, param_grads)
+                del gs                       # the group's enc/pred gradients: stored now
         if losses is None:
             losses = costs.new_empty(B)                                           # (B,)
         losses[idx] = costs.detach()
@@ -55,8 +56,8 @@ def _params_of(*modules) -> list:
 def _samplewise(group_fn, enc_out, pred_out, enc_lengths, groups, params, reduction, stats,
                 record=None):
     """(the groups' losses reduced and attached to the graph, per-sample losses (B,) detached).
-    ``record``: a hook called after the forward pass over the groups (it reads what group_fn
-    kept), before a "none" reduction's backward recomputes them."""
+    ``record``: a hook called after the forward pass over the groups, before a "none"
+    reduction's backward runs them again (group_fn can stop recording what it keeps)."""
     want_enc, want_pred = enc_out.requires_grad, pred_out.requires_grad
     need = torch.is_grad_enabled() and (want_enc or want_pred or bool(params))
     args = (group_fn, enc_out, pred_out, enc_lengths, groups)

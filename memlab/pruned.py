@@ -357,6 +357,7 @@ def _samplewise_all(joiner, am_fn, lm_fn, enc_out, pred_out, targets, enc_length
     groups = plan_groups(enc_lengths.tolist(), S, vocab_size, max_chunk_bytes,
                          enc_out.element_size(), simple=True)
     kept = {"starts": torch.zeros(B, T, dtype=torch.long, device=enc_out.device)}   # (B, T')
+    recording = [True]        # off after the forward pass ("none": backward runs the groups again)
 
     def whole(e, p, idx, tg):
         el, tl, tgt = enc_lengths[idx], target_lengths[idx], targets[idx]
@@ -367,24 +368,20 @@ def _samplewise_all(joiner, am_fn, lm_fn, enc_out, pred_out, targets, enc_length
         del px, py
         starts = prune_ranges(gx, gy, el, tl, S)                                  # (n, Tg)
         pruned = _band_losses(joiner, e, p, starts, S, tgt, el, tl, blank)        # (n,)
-        kept["starts"][idx, :tg] = starts
-        kept["starts"][idx, tg:] = starts[:, -1:]
-        for k, v in (("simple", simple), ("pruned", pruned)):
-            if k not in kept:
-                kept[k] = v.new_zeros(B)
-            kept[k][idx] = v.detach()
-        kept["dtype"] = am.dtype
+        if recording[0]:
+            kept["starts"][idx, :tg] = starts
+            kept["starts"][idx, tg:] = starts[:, -1:]
+            for k, v in (("simple", simple), ("pruned", pruned)):
+                if k not in kept:
+                    kept[k] = v.new_zeros(B)
+                kept[k][idx] = v.detach()
+            kept["dtype"] = am.dtype
         return simple_scale * simple + pruned_scale * pruned                      # (n,)
 
-    frozen = {}
-
-    def record():                       # before a "none" backward recomputes into ``kept``
-        frozen.update({k: v.clone() if isinstance(v, torch.Tensor) else v
-                       for k, v in kept.items()})
-
     loss, _ = _samplewise(whole, enc_out, pred_out, enc_lengths, groups,
-                          _params_of(joiner, am_fn, lm_fn), reduction, stats, record)
-    return loss, frozen["simple"], frozen["pruned"], frozen["starts"], frozen["dtype"]
+                          _params_of(joiner, am_fn, lm_fn), reduction, stats,
+                          lambda: recording.__setitem__(0, False))
+    return loss, kept["simple"], kept["pruned"], kept["starts"], kept["dtype"]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -117,10 +117,9 @@ def loss_step(method: str, joiner, enc, pred, targets, enc_len, tgt_len,
         from memlab.pruned import pruned_rnnt_loss
         if simple is None:
             raise ValueError(f"method {method!r} needs simple=simple_projections(problem)")
-        sw = method == "samplewise-pruned"       # projections run group by group there
-        loss = pruned_rnnt_loss(joiner, enc, pred, simple[0] if sw else simple[0](enc),
-                                simple[1] if sw else simple[1](pred), targets,
-                                enc_len, tgt_len, s_range=s_range, samplewise=sw,
+        loss = pruned_rnnt_loss(joiner, enc, pred, simple[0], simple[1], targets,  # the projections
+                                enc_len, tgt_len, s_range=s_range,
+                                samplewise=method == "samplewise-pruned",
                                 max_chunk_bytes=max_chunk_bytes)
     else:
         raise ValueError(f"method must be one of {ALL_METHODS}, got {method!r}")

@@ -229,10 +229,8 @@ def pruned_loss(model, enc_out, pred_out, targets, enc_lengths, target_lengths,
     """Pruned RNN-T (Kuang et al. 2022): a simple additive joint gives per-frame bounds, the
     joiner runs on ``model.prune_range`` symbols per frame only (memlab.pruned)."""
     from memlab.pruned import pruned_rnnt_loss
-    am, lm = model.simple_am_proj, model.simple_lm_proj        # sample-wise: run per group
-    if not samplewise:
-        am, lm = am(enc_out), lm(pred_out)                    # (B, T, V), (B, U+1, V)
-    return pruned_rnnt_loss(model.joiner, enc_out, pred_out, am, lm, targets, enc_lengths,
+    return pruned_rnnt_loss(model.joiner, enc_out, pred_out, model.simple_am_proj,  # sample-wise:
+                            model.simple_lm_proj, targets, enc_lengths,              # per group
                             target_lengths, s_range=model.prune_range, blank=model.blank,
                             samplewise=samplewise,
                             max_chunk_bytes=model.max_chunk_bytes if samplewise else None)
