@@ -3,18 +3,18 @@ loaded ``state_dict``, and the checkpoint form of states of DTensor (FSDP2) para
 
 Sharded parameters (DTensor, ``torch.distributed.fsdp.fully_shard``): ``optimizer.state`` holds
 plain tensors of the *local* shard only (codes: one uint8 per local element, absmax: one float32
-per ``block_size`` block of the local shard, blocks counted from the shard's first element).
-``state_dict()`` gives them in a form that does not depend on the sharding -- the form a single
-process holds -- so that ``torch.distributed.checkpoint`` can save on N ranks and load on M:
+per block of the *global* tensor that the local shard touches, so a shard starting inside a block
+has ``phase = start % block_size`` and shares that block's value with its neighbour, see
+:mod:`memlab._shard_edges`). ``state_dict()`` gives them in a form that does not depend on the
+sharding -- the form a single process holds -- so that ``torch.distributed.checkpoint`` can save
+on N ranks and load on M:
 
 * ``<name>_codes``: a uint8 DTensor laid out like the parameter (global shape, same placements);
   DCP saves and reshards it element-wise like the parameter itself.
 * ``<name>_absmax``: the parameter's global absmax, (ceil(numel / block_size),) float32, the same
   on every rank (a plain tensor, saved once), all-gathered from the shards at ``state_dict()``
-  (a collective: call it on every rank, as DCP does). This is exact only when every shard starts
-  on a block boundary of the flattened global tensor ("block-aligned" shards; then local blocks
-  are global blocks and the run equals a single-process run); otherwise ``state_dict()`` raises
-  a ValueError naming the parameter. Loading needs this rank's shard to start on a block boundary.
+  (a collective: call it on every rank, as DCP does); on loading each rank takes the blocks its
+  shard touches. Any shard sizes: the blocks are the global tensor's, as in one process.
 * fp32 states (parameters under ``min_8bit_size``, decided on the global numel): DTensors laid
   out like the parameter, as torch.optim's.
 """
@@ -29,7 +29,7 @@ from torch import Tensor
 
 from memlab.distributed import (as_dtensor_like, flat_shard, gather_rows, is_dtensor, local,
                                 shard_group)
-from memlab.quant import QTensor
+from memlab.quant import QTensor, _blocks, num_blocks
 
 def check_grad(opt, p: Tensor) -> None:
     """A parameter's gradient an optimizer can use: dense, of the parameter's shape and device
@@ -114,7 +114,8 @@ def _budget_meter():
 
 def _copy_state(s: State) -> State:
     if isinstance(s, QTensor):
-        return QTensor(s.codes.clone(), s.absmax.clone(), s.shape, s.signed, s.block_size)
+        return QTensor(s.codes.clone(), s.absmax.clone(), s.shape, s.signed, s.block_size,
+                       s.phase)
     return s.clone()
 
 
@@ -248,13 +249,11 @@ def _to_local(v: Tensor, p: Tensor, bs: int, is_absmax: bool, where: str) -> Ten
     full = v.full_tensor() if is_dtensor(v) else v
     seg = flat_shard(p)
     if is_absmax:
-        if seg is None or seg[0] % bs:
-            raise ValueError(f"{where}: this rank's shard of the parameter ({seg and seg[1]} "
-                             f"elements from flat offset {seg and seg[0]}, placements "
-                             f"{p.placements}) does not start on a block boundary "
-                             f"(block_size={bs}): its blocks are not blocks of the checkpoint")
-        first = seg[0] // bs
-        return full.reshape(-1)[first:first + -(-seg[1] // bs)]
+        if seg is None:
+            raise ValueError(f"{where}: 8-bit states of a parameter with placements "
+                             f"{p.placements} have no checkpoint form (only Shard(0) / Replicate)")
+        first = seg[0] // bs                   # the global blocks this rank's shard touches
+        return full.reshape(-1)[first:first + _blocks(seg[1], bs, seg[0] % bs)]
     from memlab.distributed import _local_offset
     shape, offset = _local_offset(p)
     index = tuple(slice(o, o + s) for o, s in zip(offset, shape))
@@ -263,7 +262,8 @@ def _to_local(v: Tensor, p: Tensor, bs: int, is_absmax: bool, where: str) -> Ten
 
 def global_absmax(absmax: Tensor, p: Tensor, bs: int, where: str) -> Tensor:
     """The parameter's global absmax from every shard's local one (all-gather over the ranks
-    that split ``p``); ValueError (on every rank alike) unless the shards are block-aligned."""
+    that split ``p``): each rank holds the values of the global blocks its shard touches (a
+    block shared by two ranks holds the same value on both, ``memlab._shard_edges``)."""
     group = shard_group(p)
     seg = flat_shard(p)
     if group is None:
@@ -272,14 +272,11 @@ def global_absmax(absmax: Tensor, p: Tensor, bs: int, where: str) -> Tensor:
         raise ValueError(f"{where}: 8-bit states of a parameter with placements {p.placements} "
                          f"have no checkpoint form (only Shard(0) / Replicate)")
     parts = gather_rows(absmax, seg, group)            # [([start, numel], absmax)] per rank
-    bad = [(s, n) for (s, n), _ in parts if n and s % bs]
-    if bad:
-        s, n = bad[0]
-        raise ValueError(f"{where}: shards are not block-aligned (a shard of {n} elements starts "
-                         f"at flat offset {s}, not a multiple of block_size={bs}); choose sizes "
-                         f"whose shards are multiples of block_size to checkpoint 8-bit states")
-    parts = sorted((s, t) for (s, n), t in parts if n)
-    return torch.cat([t for _, t in parts]) if parts else absmax
+    out = torch.zeros(num_blocks(p.numel(), bs), dtype=absmax.dtype, device=absmax.device)
+    for (start, n), t in parts:
+        if n:
+            out[start // bs:start // bs + t.numel()] = t
+    return out
 
 
 def to_checkpoint(opt, st: dict, p: Tensor, group: dict, where: str) -> dict:

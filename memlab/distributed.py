@@ -145,11 +145,12 @@ def launch(fn: Callable, nprocs: int = 2, args: tuple = (), *, timeout: float = 
     procs = [ctx.Process(target=_worker, daemon=True,
                          args=(fn, r, nprocs, port, backend, threads, timeout, args, q))
              for r in range(nprocs)]
-    results, error = {}, None
+    results, error, started = {}, None, []
     deadline = time.monotonic() + timeout
     try:
         for p in procs:
-            p.start()
+            p.start()              # pickles fn and args: may raise (then only started ones end)
+            started.append(p)
         while len(results) < nprocs and error is None:
             left = deadline - time.monotonic()
             if left <= 0:
@@ -168,9 +169,9 @@ def launch(fn: Callable, nprocs: int = 2, args: tuple = (), *, timeout: float = 
             else:
                 error = f"rank {rank} failed:\n{payload}"
     finally:
-        for p in procs:
+        for p in started:
             p.join(timeout=5 if error is None else 0.5)
-        for p in procs:
+        for p in started:
             if p.is_alive():
                 p.terminate()
                 p.join(timeout=5)

@@ -41,13 +41,12 @@ inductor's code for this gather-heavy step measured no faster than eager).
 Data parallel: under DDP parameters and states are ordinary tensors; nothing changes. Under
 FSDP2 (``torch.distributed.fsdp.fully_shard``, DTensor parameters) each rank steps its local
 shard (``p.to_local()`` / ``grad.to_local()``, the fused kernel included) and holds states for
-that shard only: ~1/world of the unsharded state bytes per rank. Blocks are counted from each
-shard's first element, so a run equals a single-process run (same bits of state for the same
-gradients) exactly when every shard starts on a multiple of ``block_size`` in the flattened
-parameter (Shard(0) of an (R, C) weight: ceil(R / world) * C a multiple of ``block_size``);
-otherwise the blocks that straddle two shards are quantized as two. 8-bit or fp32 is decided on
-the global numel. ``state_dict()`` gives a sharding-independent form that
-``torch.distributed.checkpoint`` saves on N ranks and loads on M (see :mod:`memlab._optim_state`).
+that shard only: ~1/world of the unsharded state bytes per rank. Blocks are the global
+tensor's: a shard that starts or ends inside a block shares it with the next rank, and the step
+all-reduces (MAX) the absmax of such blocks before encoding them (``memlab._shard_edges``), so a
+run equals a single-process run (same bits of state for the same gradients) for any shard sizes.
+8-bit or fp32 is decided on the global numel. ``state_dict()`` gives a sharding-independent form
+that ``torch.distributed.checkpoint`` saves on N ranks and loads on M (:mod:`memlab._optim_state`).
 
 Non-finite gradients: the update is computed in fp32 exactly as torch does, so a NaN/inf
 gradient element makes that parameter element NaN/inf just as with ``torch.optim``. In the 8-bit
@@ -65,7 +64,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from memlab import _cpu_kernels, _foreach_steps
+from memlab import _cpu_kernels, _foreach_steps, _shard_edges
 from memlab._optim_state import (  # noqa: F401  (the helpers stay importable from here)
     _budget_meter, _check, _check_common, _checked_step, _compile_errors, _copy_state,
     _describe, _is_fake, _is_number, _own, _tensors, check_grad, checked_states, to_checkpoint)
@@ -228,7 +227,8 @@ class _Optimizer8bit(Optimizer):
             if name not in have and name + "_codes" not in have:
                 fresh = True
                 if numel >= group["min_8bit_size"]:
-                    q = QTensor.zeros(p.shape, signed, group["block_size"], p.device)
+                    q = QTensor.zeros(p.shape, signed, group["block_size"], p.device,
+                                      _shard_edges.phase(hp, group["block_size"]))
                     out[name + "_codes"], out[name + "_absmax"] = q.codes, q.absmax
                 else:
                     out[name] = torch.zeros_like(p, dtype=torch.float32,
@@ -238,7 +238,8 @@ class _Optimizer8bit(Optimizer):
                 states.append(have[name])
             else:
                 states.append(QTensor(have[name + "_codes"], have[name + "_absmax"], p.shape,
-                                      signed, group["block_size"]))
+                                      signed, group["block_size"],
+                                      _shard_edges.phase(hp, group["block_size"])))
         if not fresh and states:
             used = [(k, state[k]) for k in state if k != "step"]
             views[id(hp)] = (group, group["block_size"], p.shape, used, states, len(state))
@@ -345,7 +346,7 @@ class _Optimizer8bit(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        plan = self._plan()                          # phase 1: may raise, changes nothing
+        plan, slots = self._plan()                   # phase 1: may raise, changes nothing
         fused: dict = {}                   # (id(group), how) -> (group, how, [tensors]) for below
         for p, lp, lg, group, staged, step, states, fresh, how, work in plan:   # phase 2
             state = self.state[p]
@@ -365,6 +366,7 @@ class _Optimizer8bit(Optimizer):
                 self._fused_many(group, items)
             else:
                 self._foreach_many(group, items)
+        slots.finish()        # FSDP2 blocks shared by two ranks: all-reduce absmax, then encode
         return loss
 
     def _fused_many(self, group: dict, items: list) -> None:
@@ -379,9 +381,11 @@ class _Optimizer8bit(Optimizer):
 
     def _plan(self) -> list:
         """Phase 1 of ``step``: (param, local param, local grad, group, staged states, new step,
-        states, fresh, how, work) per parameter with a gradient; raises before anything is
-        modified. A DTensor (FSDP2) param is stepped on ``p.to_local()`` / ``grad.to_local()``."""
-        plan = []
+        states, fresh, how, work) per parameter with a gradient, and the step's
+        ``_shard_edges.Slots``; raises before anything is modified. A DTensor (FSDP2) param is
+        stepped on ``p.to_local()`` / ``grad.to_local()``; when its shards share blocks, its
+        block-aligned interior as any tensor and each shared piece eagerly (``_shard_edges``)."""
+        plan, slots = [], _shard_edges.Slots()
         meter = _budget_meter()
         for group in self.param_groups:
             for p in group["params"]:
@@ -398,6 +402,8 @@ class _Optimizer8bit(Optimizer):
                 step = (int(step.item()) if isinstance(step, Tensor) else step) + 1
                 staged: dict = {}
                 states, fresh = self._prepare(p, old, group, staged)
+                lp, lg, states = self._cut_edges(plan, slots, p, lp, lg, group, staged, step,
+                                                 states, fresh)
                 head = (p, lp, lg, group, staged, step, states, fresh)
                 if self._fused_ok(lp, states, lg):
                     plan.append((*head, "fused", None))
@@ -416,7 +422,29 @@ class _Optimizer8bit(Optimizer):
                 plan.append((*head, "eager", (fn, kw, pieces)))
         if meter is not None:
             self._reserve(plan, meter)
-        return plan
+        return plan, slots
+
+    def _cut_edges(self, plan, slots, p, lp, lg, group, staged, step, states, fresh):
+        """For a DTensor ``p`` whose shards share 8-bit blocks (``_shard_edges``): plan each
+        shared piece of this rank's shard (eager, deferred encode) and return the block-aligned
+        interior (local param, grad, states) for the usual paths; else the arguments as given."""
+        bs = group["block_size"]
+        if not (is_dtensor(p) and states and all(isinstance(s, QTensor) for s in states)
+                and lp.is_contiguous() and lg.is_contiguous()):
+            return lp, lg, states
+        cut = _shard_edges.split(p, bs)
+        if cut is None:
+            return lp, lg, states
+        slots.add(p, len(states), bs)
+        (i, j), edges = cut
+        fp, fg = lp.view(-1), lg.view(-1)                                 # (n,) local, flat
+        kw = self._kwargs(group, step, fresh, lp.device, compiled=False)
+        for a, b, block in edges:
+            ds = [_shard_edges.deferred(q, a, b) for q in states]
+            slots.piece(p, block, ds)
+            plan.append((p, fp[a:b], fg[a:b], group, staged, step, ds, fresh, "eager",
+                         (type(self)._math, kw, [(fp[a:b], fg[a:b], ds)])))
+        return fp[i:j], fg[i:j], [q.narrow(i, j) for q in states]
 
     def _reserve(self, plan: list, meter) -> None:
         """Under a budgeted MemoryMeter: allocate (and free) as many bytes as the largest eager

@@ -45,6 +45,7 @@ from torch.optim import Optimizer
 
 from memlab import _q4_chunks
 from memlab._optim_state import check_grad, checked_states
+from memlab.distributed import is_dtensor
 from memlab.quant4 import Q4Tensor, num_blocks, use_rank1
 
 __all__ = ["Adam4bit", "AdamW4bit", "stored_moments"]
@@ -101,6 +102,16 @@ _SPECS = (("exp_avg", True), ("exp_avg_sq", False))      # (name, signed map)
 
 # small checks (the same messages as memlab.optim's; kept here, that module's private helpers
 # are not an interface)
+
+
+def _refuse_dtensor(who: str, p: Tensor) -> None:
+    """TypeError for a DTensor (FSDP2-sharded) parameter: the 4-bit states are not sharded."""
+    if is_dtensor(p):
+        raise TypeError(f"{who}: params holds a DTensor (FSDP2-sharded) parameter of shape "
+                        f"{tuple(p.shape)}, and 4-bit states of sharded parameters are not "
+                        f"supported (a rank-1 second moment needs column maxima over every "
+                        f"shard, two codes share a byte across a shard boundary); use Adam8bit "
+                        f"or AdamW8bit, whose states shard exactly, or DDP")
 
 
 def _check(name: str, value, ok: bool, expected: str) -> None:
@@ -228,6 +239,7 @@ class Adam4bit(Optimizer):
             for p in group["params"]:
                 if not p.is_floating_point():
                     raise TypeError(f"params must be floating-point tensors, got {p.dtype}")
+                _refuse_dtensor(type(self).__name__, p)
         except (ValueError, TypeError):
             self.param_groups.pop()
             raise
@@ -251,6 +263,7 @@ class Adam4bit(Optimizer):
                 if p.grad is None:
                     continue
                 check_grad(self, p)
+                _refuse_dtensor(type(self).__name__, p)
                 st = self.state.get(p, {})
                 staged = {} if "step" in st else _new_state(p, group)
                 plan.append((p, group, staged, int(st.get("step", 0)) + 1))

@@ -50,6 +50,11 @@ except ImportError:  # pragma: no cover
     dist = None
 
 MODES = ("none", "ddp", "fsdp2")
+_NOT_UNDER_FSDP2 = {          # optimizer -> why it cannot step FSDP2's sharded parameters
+    "lowrank-adam": "it rewires the modules FSDP2 shards",
+    "adam4bit": "its 4-bit states are not sharded; adam8bit's are",
+    "adamw4bit": "its 4-bit states are not sharded; adamw8bit's are",
+}
 # where a rank's memory summary comes from in a metered Record
 _RANK_FIELDS = ("peak", "breakdown", "category_peaks", "device_peak", "host_peak")
 
@@ -76,9 +81,9 @@ def validate(cfg) -> None:
     if cfg.choice("optimizer-step") == "in-backward":
         raise ValueError(f"optimizer-step='in-backward' cannot run with parallel={mode!r}: it "
                          f"steps each parameter before its gradient is reduced across ranks")
-    if mode == "fsdp2" and cfg.optimizer == "lowrank-adam":
-        raise ValueError("optimizer='lowrank-adam' cannot run with parallel='fsdp2' (it rewires "
-                         "the modules FSDP2 shards); use parallel='ddp'")
+    if mode == "fsdp2" and cfg.optimizer in _NOT_UNDER_FSDP2:
+        raise ValueError(f"optimizer={cfg.optimizer!r} cannot run with parallel='fsdp2' "
+                         f"({_NOT_UNDER_FSDP2[cfg.optimizer]}); use parallel='ddp'")
     if mode == "fsdp2":
         try:
             from torch.distributed.fsdp import fully_shard  # noqa: F401

@@ -225,7 +225,8 @@ def _parts(n: int, block_size: int):
 
 def _quantize_into(x: Tensor, book: _Codebook, block_size: int, codes: Tensor, absmax: Tensor,
                    scratch: Optional[Tensor] = None, nonneg: bool = False,
-                   keep_nonzero: bool = False, reciprocal: bool = False) -> None:
+                   keep_nonzero: bool = False, reciprocal: bool = False,
+                   given: bool = False) -> None:
     """Quantize flat float32 ``x`` (N,) into ``codes`` (N,) uint8 and ``absmax`` (num_blocks,).
 
     ``nonneg``: the caller guarantees x >= 0 (Adam's second moment): |x| is x, one pass less.
@@ -235,7 +236,8 @@ def _quantize_into(x: Tensor, book: _Codebook, block_size: int, codes: Tensor, a
     of dividing (the optimizer states, as the fused C kernel: a division per element costs
     more than the rest of the encoder; the result differs from the division in the last bit,
     so a code only for a value within one ulp of a midpoint). A block whose reciprocal
-    overflows (absmax below ~2.9e-39) or is NaN is divided."""
+    overflows (absmax below ~2.9e-39) or is NaN is divided. ``given``: ``absmax`` already
+    holds each block's value (computed elsewhere, e.g. all-reduced over ranks): only encode."""
     if nonneg:
         ax, xn = x, (scratch if scratch is not None else torch.empty_like(x))  # (N,) x / absmax
     else:
@@ -244,7 +246,8 @@ def _quantize_into(x: Tensor, book: _Codebook, block_size: int, codes: Tensor, a
     row = 0
     for start, end, rows in _parts(x.numel(), block_size):
         a = absmax[row:row + rows]                                        # (rows,)
-        torch.amax(ax[start:end].view(rows, -1), dim=1, out=a)
+        if not given:
+            torch.amax(ax[start:end].view(rows, -1), dim=1, out=a)
         scale = a.masked_fill(a == 0, 1.0)                                # all-zero block: x / 1
         xr, out = x[start:end].view(rows, -1), xn[start:end].view(rows, -1)
         if not reciprocal:
@@ -300,6 +303,12 @@ def _check_code(code) -> Tensor:
 
 def num_blocks(numel: int, block_size: int) -> int:
     return -(-numel // block_size)
+
+
+def _blocks(numel: int, block_size: int, phase: int = 0) -> int:
+    """Blocks that ``numel`` elements touch when the first starts ``phase`` elements into a
+    block (a shard of a tensor that does not start on a block boundary)."""
+    return num_blocks(numel + phase, block_size) if numel else 0
 
 
 def quantize_blockwise(x: Tensor, code: Tensor, block_size: int = 256) -> Tuple[Tensor, Tensor]:
@@ -368,29 +377,36 @@ class QTensor:
     shape: Tuple[int, ...]
     signed: bool = True
     block_size: int = 256
+    phase: int = 0
 
     def __post_init__(self):
         self.shape = tuple(self.shape)
         _check_block_size(self.block_size)
         n = math.prod(self.shape)
+        if isinstance(self.phase, bool) or not isinstance(self.phase, int) \
+                or not 0 <= self.phase < self.block_size:
+            raise ValueError(f"phase must be an int in [0, block_size={self.block_size}), got "
+                             f"{self.phase!r}")
         if self.codes.dtype != torch.uint8 or self.codes.numel() != n:
             raise ValueError(f"codes must be uint8 with {n} elements for shape {self.shape}, got "
                              f"{self.codes.dtype} with {self.codes.numel()}")
-        rows = num_blocks(n, self.block_size)
+        rows = _blocks(n, self.block_size, self.phase)
         if self.absmax.dtype != torch.float32 or self.absmax.numel() != rows:
             raise ValueError(f"absmax must be float32 with {rows} values "
-                             f"(block_size={self.block_size}), got {self.absmax.dtype} with "
-                             f"{self.absmax.numel()}")
+                             f"(block_size={self.block_size}, phase={self.phase}), got "
+                             f"{self.absmax.dtype} with {self.absmax.numel()}")
         self._book = _state_book(self.signed, self.codes.device)
 
     @classmethod
-    def zeros(cls, shape, signed: bool = True, block_size: int = 256, device=None) -> "QTensor":
+    def zeros(cls, shape, signed: bool = True, block_size: int = 256, device=None,
+              phase: int = 0) -> "QTensor":
         shape, block_size = tuple(shape), _check_block_size(block_size)
         n = math.prod(shape)
         book = _state_book(signed, torch.device(device or "cpu"))
         codes = torch.full((n,), book.zero_index, dtype=torch.uint8, device=device)  # (N,)
-        absmax = torch.zeros(num_blocks(n, block_size), dtype=torch.float32, device=device)
-        return cls(codes, absmax, shape, signed, block_size)
+        absmax = torch.zeros(_blocks(n, block_size, phase if isinstance(phase, int) else 0),
+                             dtype=torch.float32, device=device)
+        return cls(codes, absmax, shape, signed, block_size, phase)
 
     @classmethod
     def from_float(cls, x: Tensor, signed: bool = True, block_size: int = 256) -> "QTensor":
@@ -409,17 +425,33 @@ class QTensor:
         return self.codes.numel() * self.codes.element_size() + \
             self.absmax.numel() * self.absmax.element_size()
 
-    def narrow(self, start: int, end: int) -> "QTensor":
-        """Flat view of elements ``start:end`` (``start`` on a block boundary) sharing storage."""
-        if start % self.block_size:
-            raise ValueError(f"start must be a multiple of block_size={self.block_size}, "
-                             f"got {start}")
-        q = object.__new__(QTensor)            # a view of a valid QTensor: skip the checks
-        q.codes, q.absmax = self.codes[start:end], self.absmax[start // self.block_size:
-                                                              num_blocks(end, self.block_size)]
-        q.shape, q.signed, q.block_size, q._book = (end - start,), self.signed, \
-            self.block_size, self._book
+    def narrow(self, start: int, end: int, any_start: bool = False) -> "QTensor":
+        """Flat view of elements ``start:end`` sharing storage: ``start`` on a block boundary,
+        or anywhere with ``any_start=True`` (the view then has a ``phase``: it starts inside a
+        block whose absmax it shares with this tensor)."""
+        bs, at = self.block_size, start + self.phase
+        if at % bs and not any_start:
+            raise ValueError(f"start must be on a block boundary (block_size={bs}, phase="
+                             f"{self.phase}), got {start}")
+        q = object.__new__(type(self))         # a view of a valid QTensor: skip the checks
+        q.codes = self.codes[start:end]
+        q.absmax = self.absmax[at // bs:at // bs + _blocks(end - start, bs, at % bs)]
+        q.shape, q.signed, q.block_size, q._book = (end - start,), self.signed, bs, self._book
+        q.phase = at % bs if end > start else 0
         return q
+
+    def _split_phase(self):
+        """(head, rest): the elements before the first block boundary as a phase-0 QTensor of
+        one short block, and the rest (phase 0); head is None when ``phase`` is 0."""
+        n = self.codes.numel()
+        if not self.phase or not n:
+            return None, self
+        h = min(self.block_size - self.phase, n)
+        head = object.__new__(QTensor)
+        head.codes, head.absmax, head.shape = self.codes[:h], self.absmax[:1], (h,)
+        head.signed, head.block_size, head._book, head.phase = \
+            self.signed, self.block_size, self._book, 0
+        return head, self.narrow(h, n)
 
     def dequantize(self, dtype: torch.dtype = torch.float32, out: Optional[Tensor] = None) -> Tensor:
         """A float tensor of ``shape``: new, or ``out`` (float32, ``numel`` elements) filled."""
@@ -428,6 +460,13 @@ class QTensor:
                 raise ValueError(f"out must be float32 with {self.codes.numel()} elements, got "
                                  f"{out.dtype} with {out.numel()}")
             out = out.view(-1)
+        head, rest = self._split_phase()
+        if head is not None:
+            out = out if out is not None else torch.empty(self.codes.numel(), dtype=torch.float32,
+                                                          device=self.codes.device)
+            head.dequantize(out=out[:head.numel()])
+            rest.dequantize(out=out[head.numel():])
+            return out.view(self.shape).to(dtype)
         out = _dequantize_into(self.codes, self.absmax, self._book, self.block_size, out)
         return out.view(self.shape).to(dtype)
 
@@ -444,8 +483,29 @@ class QTensor:
             raise ValueError(f"x must have {self.codes.numel()} elements, got {flat.numel()}")
         if scratch is not None:
             scratch = scratch.view(-1)
+        head, rest = self._split_phase()
+        if head is not None:                  # the first (partial) block, then the rest
+            h = head.numel()
+            head.copy_(flat[:h], None if scratch is None else scratch[:h], nonneg=nonneg)
+            rest.copy_(flat[h:], None if scratch is None else scratch[h:], nonneg=nonneg)
+            return self
         _quantize_into(flat, self._book, self.block_size, self.codes, self.absmax, scratch,
                        nonneg=nonneg, keep_nonzero=not self.signed, reciprocal=True)
+        return self
+
+    def encode_with_absmax_(self, x: Tensor) -> "QTensor":
+        """Quantize ``x`` with the absmax already in ``absmax`` (not recomputed): the last part
+        of a step whose blocks are shared with other ranks (their absmax is all-reduced first).
+        Same codes as ``copy_`` gives when ``absmax`` holds the blocks' max |x|."""
+        flat = x.detach().reshape(-1).to(torch.float32)                   # (N,)
+        head, rest = self._split_phase()
+        if head is not None:
+            h = head.numel()
+            head.encode_with_absmax_(flat[:h])
+            rest.encode_with_absmax_(flat[h:])
+            return self
+        _quantize_into(flat, self._book, self.block_size, self.codes, self.absmax,
+                       keep_nonzero=not self.signed, reciprocal=True, given=True)
         return self
 
     quantize_ = copy_

@@ -190,6 +190,8 @@ def test_impossible_combinations_are_refused():
         Config.for_task("speaker", batch_size=5, **base).validate()
     with pytest.raises(ValueError, match="lowrank-adam.*fsdp2"):
         Config.for_task("speaker", optimizer="lowrank-adam", parallel="fsdp2", nproc=2).validate()
+    with pytest.raises(ValueError, match="adam4bit.*fsdp2.*not sharded"):
+        Config.for_task("speaker", optimizer="adam4bit", parallel="fsdp2", nproc=2).validate()
     with pytest.raises(ValueError, match="in-backward"):
         Config.for_task("speaker", techniques={"optimizer-step": "in-backward"}, **base).validate()
     with pytest.raises(ValueError, match="nproc=2 needs parallel"):

@@ -30,6 +30,15 @@ OPTS = {
     "adam": lambda ps: torch.optim.Adam(ps, lr=1e-2),
 }
 GLOBAL_BATCH = 16
+# off the block grid: weight (7, 100) in shards of 400 (rows 0-3) and 300 elements, so the
+# 256-block [256, 512) is split 144 / 112 between the ranks; weight (64, 7) (448 elements, two
+# blocks) in shards of 224 and 224: block [0, 256) is split 224 / 32
+OFF_GRID = (100, 7, 64)
+OPTS_OFF_GRID = {
+    "adam8bit": lambda ps: Adam8bit(ps, lr=1e-2, min_8bit_size=400),
+    "adamw8bit": lambda ps: AdamW8bit(ps, lr=1e-2, min_8bit_size=400),
+    "sgd8bit": lambda ps: SGD8bit(ps, lr=1e-2, momentum=0.9, min_8bit_size=400),
+}
 
 
 def _model(shape=(64, 256, 64)):
@@ -59,7 +68,7 @@ def _full(model):
             for k, v in model.named_parameters()}
 
 
-def _single(name, steps=3, shape=(64, 256, 64), halves=1):
+def _single(name, steps=3, shape=(64, 256, 64), halves=1, opts=OPTS):
     """Single-process reference at the global batch: params after ``steps``, state bytes.
 
     ``halves=2``: the gradient of the global batch computed as the ranks compute it, the mean of
@@ -69,7 +78,7 @@ def _single(name, steps=3, shape=(64, 256, 64), halves=1):
     Adam's 1/sqrt(v) amplifies and an 8-bit code at a quantization boundary turns into one code
     step (~1e-4 here on some CPUs, exactly 0 on others)."""
     model = _model(shape)
-    opt = OPTS[name](model.parameters())
+    opt = opts[name](model.parameters())
     t0 = time.perf_counter()
     for s in range(steps):
         x, y = _batch(s, d=shape[0])
@@ -79,6 +88,8 @@ def _single(name, steps=3, shape=(64, 256, 64), halves=1):
             (_loss(model, x[h * n:(h + 1) * n], y[h * n:(h + 1) * n]) / halves).backward()
         opt.step()
     nbytes = opt.state_nbytes() if hasattr(opt, "state_nbytes") else None
+    if opts is not OPTS:
+        return _full(model), _full_state(opt)
     return _full(model), nbytes, time.perf_counter() - t0
 
 
@@ -105,29 +116,55 @@ def _fsdp_steps(rank, world, names, steps):
                          codes=[v.numel() for k, v in st.items() if k.endswith("_codes")],
                          plain=all(type(v) is torch.Tensor for v in st.values()
                                    if isinstance(v, torch.Tensor)))
-    # not block-aligned: weight (5, 1000), shards of 3000 and 2000 elements (3000 % 256 != 0)
-    model = _shard(_model((1000, 5, 64)))
-    opt = Adam8bit(model.parameters(), lr=1e-2, min_8bit_size=4096)   # 5000 elements: 8-bit
-    x, y = _batch(0, d=1000)
-    _loss(model, x, y).backward()
-    opt.step()
-    try:
-        opt.state_dict()
-        out["unaligned"] = "no error"
-    except ValueError as e:
-        out["unaligned"] = str(e)
     return out
 
 
-def _dcp_run(rank, world, plan):
+def _full_state(opt):
+    """The optimizer's state_dict states with every DTensor gathered: {param id: {key: tensor}}."""
+    return {k: {n: (v.full_tensor() if hasattr(v, "full_tensor") else v) for n, v in st.items()}
+            for k, st in opt.state_dict()["state"].items()}
+
+
+def _fsdp_off_grid(rank, world, names, steps):
+    """FSDP2 on shards that start and end inside 256-blocks (see OFF_GRID)."""
+    out = {}
+    for name in names:
+        model = _shard(_model(OFF_GRID))
+        opt = OPTS_OFF_GRID[name](model.parameters())
+        for s in range(steps):
+            x, y = _batch(s, d=OFF_GRID[0])
+            part = slice(rank * GLOBAL_BATCH // world, (rank + 1) * GLOBAL_BATCH // world)
+            opt.zero_grad()
+            _loss(model, x[part], y[part]).backward()
+            opt.step()
+        st = opt.state[model[0].weight]
+        q = [k for k in st if k.endswith("_codes")][0][:-6]
+        out[name] = dict(params=_full(model), state=_full_state(opt),
+                         absmax_local=st[q + "_absmax"].numel(),
+                         codes_local=st[q + "_codes"].numel())
+    # a NaN gradient element at flat index 300 of the first weight (rank 0's part of the block
+    # [256, 512) that both ranks share): that block's absmax is NaN on both ranks
+    model = _shard(_model(OFF_GRID))
+    opt = OPTS_OFF_GRID["adam8bit"](model.parameters())
+    x, y = _batch(0, d=OFF_GRID[0])
+    _loss(model, x, y).backward()
+    if rank == 0:
+        model[0].weight.grad.to_local().view(-1)[300] = float("nan")
+    opt.step()
+    out["nan_absmax"] = opt.state[model[0].weight]["exp_avg_absmax"].clone()
+    return out
+
+
+def _dcp_run(rank, world, plan, off_grid=False):
     """Train on the same batch on every rank (the gradient is then the single-process one, bit
     for bit); ``plan``: list of (load checkpoint or None, first step, last step, {step: save})."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
     out = []
     for load, first, last, saves in plan:
-        model = _shard(_model())
-        opt = OPTS["adam8bit"](model.parameters())
+        shape = OFF_GRID if off_grid else (64, 256, 64)
+        model = _shard(_model(shape))
+        opt = (OPTS_OFF_GRID if off_grid else OPTS)["adam8bit"](model.parameters())
         if load is not None and load.endswith(".pt"):          # a single-process torch.save
             from torch.distributed.checkpoint.state_dict import (StateDictOptions,
                                                                  set_model_state_dict)
@@ -141,7 +178,7 @@ def _dcp_run(rank, world, plan):
             dcp.load(sd, checkpoint_id=load)
             set_state_dict(model, opt, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
         for s in range(first, last + 1):
-            x, y = _batch(s)
+            x, y = _batch(s, d=shape[0])
             opt.zero_grad()
             _loss(model, x, y).backward()
             opt.step()
@@ -199,7 +236,44 @@ def test_fsdp2_8bit_states_are_sharded_and_match_a_single_process(one_thread):
         assert all(0.45 <= b / ref_bytes <= 0.55 for b in per_rank), (per_rank, ref_bytes)
         print(f"{name}: state bytes per rank {per_rank} vs single process {ref_bytes}; 3 steps "
               f"{[round(r[name]['seconds'], 4) for r in ranks]} s per rank vs {ref_s:.4f} s")
-    assert "block-aligned" in ranks[0]["unaligned"] and "block_size=256" in ranks[0]["unaligned"]
+
+
+@pytest.mark.distributed
+def test_fsdp2_8bit_shards_off_the_block_grid_equal_a_single_process_bit_for_bit(one_thread):
+    """A block split between two ranks gets the absmax of the whole block (all-reduced): the
+    states and parameters are the single process's to the last bit, and state_dict() works
+    (the shards used to quantize such a block as two, and state_dict() refused them)."""
+    names = list(OPTS_OFF_GRID)
+    ranks = launch(_fsdp_off_grid, 2, (names, 3), timeout=240)
+    for name in names:
+        params, state = _single(name, shape=OFF_GRID, halves=2, opts=OPTS_OFF_GRID)
+        assert any(k.endswith("_codes") for st in state.values() for k in st)
+        for r, got in enumerate(ranks):
+            g = got[name]
+            assert (g["codes_local"], g["absmax_local"]) == ((400, 2), (300, 2))[r], g
+            assert g["params"].keys() == params.keys()
+            for k in params:
+                assert torch.equal(g["params"][k], params[k]), f"{name} rank {r}: {k} differs"
+            assert g["state"].keys() == state.keys()
+            for pid, st in state.items():
+                assert g["state"][pid].keys() == st.keys(), (name, pid)
+                for key, want in st.items():
+                    have = g["state"][pid][key]
+                    same = torch.equal(have.reshape(-1), want.reshape(-1)) \
+                        if isinstance(want, torch.Tensor) else have == want   # codes: flat
+                    assert same, f"{name} rank {r}: state {pid} {key} differs"
+    model = _model(OFF_GRID)                           # the NaN gradient in one process
+    opt = OPTS_OFF_GRID["adam8bit"](model.parameters())
+    x, y = _batch(0, d=OFF_GRID[0])
+    _loss(model, x, y).backward()
+    model[0].weight.grad.view(-1)[300] = float("nan")
+    opt.step()
+    want = opt.state[model[0].weight]["exp_avg_absmax"]             # (3,) blocks
+    assert want[1].isnan() and want[[0, 2]].isfinite().all(), want
+    for r, blocks in ((0, [0, 1]), (1, [1, 2])):
+        got = ranks[r]["nan_absmax"]
+        assert torch.equal(got.isnan(), want[blocks].isnan()), (r, got, want)
+        assert torch.equal(got.nan_to_num(), want[blocks].nan_to_num()), (r, got, want)
 
 
 @pytest.mark.distributed
@@ -227,6 +301,26 @@ def test_fsdp2_dcp_checkpoint_resumes_bit_for_bit_on_2_and_1_ranks(tmp_path, one
             assert torch.equal(got["params"][k], want[k]), f"{what}: {k} differs"
     ref, _, _ = _single("adam8bit", steps=4)       # the same batch on every rank: one process
     _assert_close(want, ref, 1e-6, "FSDP2 (same batch on each rank) vs single process")
+
+
+@pytest.mark.distributed
+def test_fsdp2_dcp_checkpoint_off_the_block_grid_resumes_bit_for_bit(tmp_path, one_thread):
+    """OFF_GRID shards (blocks split between the ranks): DCP saves the global absmax, and a
+    resume on 2 ranks or on 1 continues bit for bit (state_dict() used to refuse them)."""
+    a, c = str(tmp_path / "step2_2ranks"), str(tmp_path / "step3_1rank")
+    kw = (True,)                                  # off_grid
+    (uninterrupted,), _ = launch(_dcp_run, 2, ([(None, 0, 3, {1: a})], *kw), timeout=240)
+    (on_one,) = launch(_dcp_run, 1, ([(a, 2, 3, {2: c})], *kw), timeout=240)[0]
+    r0, r1 = launch(_dcp_run, 2, ([(a, 2, 3, {}), (c, 3, 3, {})], *kw), timeout=240)
+    want = uninterrupted["params"]
+    for got, what in ((on_one, "2 ranks -> 1"), (r0[0], "2 -> 2"), (r1[0], "2 -> 2 (rank 1)"),
+                      (r0[1], "1 rank -> 2"), (r1[1], "1 -> 2 (rank 1)")):
+        assert got["step"] == 4, what
+        for k in want:
+            assert torch.equal(got["params"][k], want[k]), f"{what}: {k} differs"
+    ref, _ = _single("adam8bit", steps=4, shape=OFF_GRID, opts=OPTS_OFF_GRID)
+    for k in want:
+        assert torch.equal(want[k], ref[k]), f"FSDP2 (same batch on each rank) vs one process: {k}"
 
 
 @pytest.mark.distributed
@@ -262,3 +356,27 @@ def test_launch_ends_every_process_when_a_rank_fails():
     assert not mp.active_children()
     with pytest.raises(ValueError, match="nprocs"):
         launch(_fail_or_hang, 0)
+
+
+def test_launch_reports_an_argument_that_cannot_be_pickled():
+    """The pickling error itself, not an AssertionError from joining unstarted processes."""
+    import pickle
+    with pytest.raises((pickle.PicklingError, AttributeError, TypeError), match="pickle"):
+        launch(_ddp_steps, 2, (lambda: 0, 1), timeout=30)
+
+
+def _adam4bit_on_fsdp2(rank, world):
+    from memlab.optim4bit import Adam4bit
+    model = _shard(_model())
+    try:
+        Adam4bit(model.parameters(), lr=1e-2)
+    except TypeError as e:
+        return str(e)
+    return "no error"
+
+
+@pytest.mark.distributed
+def test_adam4bit_refuses_fsdp2_parameters_with_a_clear_error():
+    """It used to fail in its first step with torch's 'mixed torch.Tensor and DTensor'."""
+    for msg in launch(_adam4bit_on_fsdp2, 2, (), timeout=120):
+        assert "Adam4bit" in msg and "DTensor" in msg and "Adam8bit" in msg, msg

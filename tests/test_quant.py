@@ -224,6 +224,31 @@ def test_qtensor():
         QTensor.zeros((5,), block_size=0)
 
 
+def test_qtensor_with_a_phase_is_a_slice_of_the_global_blocks():
+    """A shard that starts inside a block (FSDP2, memlab._shard_edges): phase = start % bs,
+    absmax holds the global blocks it touches; narrow anywhere, encode with a given absmax."""
+    x = torch.randn(700)
+    whole = QTensor.from_float(x, signed=True, block_size=256)          # blocks 0, 1, 2
+    part = whole.narrow(400, 700, any_start=True)                       # inside block 1
+    assert part.phase == 144 and part.absmax.numel() == 2
+    assert torch.equal(part.dequantize(), whole.dequantize()[400:])
+    q = QTensor(part.codes.clone(), part.absmax.clone(), (300,), True, 256, phase=144)
+    assert torch.equal(q.dequantize(), whole.dequantize()[400:])
+    q.copy_(x[400:])                               # alone: block 1 from its own 112 elements
+    assert q.absmax[0] == x[400:512].abs().max() and q.absmax[1] == whole.absmax[2]
+    q.absmax[0] = whole.absmax[1]                  # the whole block's absmax, then encode
+    q.encode_with_absmax_(x[400:])
+    assert torch.equal(q.codes, whole.codes[400:]) and torch.equal(q.absmax, whole.absmax[1:])
+    assert QTensor.zeros((3, 100), block_size=256, phase=200).absmax.numel() == 2
+    assert QTensor.zeros((0,), block_size=256, phase=0).absmax.numel() == 0
+    with pytest.raises(ValueError, match="block boundary"):
+        whole.narrow(400, 700)
+    with pytest.raises(ValueError, match="phase"):
+        QTensor(part.codes, part.absmax, (300,), True, 256, phase=256)
+    with pytest.raises(ValueError, match="absmax must be float32 with 2 values"):
+        QTensor(part.codes, whole.absmax, (300,), True, 256, phase=144)
+
+
 def test_bitsandbytes_agrees():
     bnb_f = pytest.importorskip("bitsandbytes.functional")
     for signed, differ_count, max_ulp in ((True, 72, 1), (False, 100, 2)):
