@@ -75,8 +75,9 @@ def phase(p: Tensor, bs: int) -> int:
 
 
 def split(p: Tensor, bs: int):
-    """(interior (start, end), [(start, end, global block)] edge pieces) of this rank's shard
-    of ``p`` in local flat elements, or None when no rank shares a block of ``p``."""
+    """(interior (start, end), [(start, end, global block)] edge pieces, shared blocks) of this
+    rank's shard of ``p`` in local flat elements, or None when no rank shares a block of ``p``
+    (the shared blocks: every rank's, sorted)."""
     segs = segments(p)
     if segs is None:
         return None
@@ -86,9 +87,20 @@ def split(p: Tensor, bs: int):
     e = a + n
     tail = e % bs if (n > head and e % bs and e < total) else 0
     edges = ([(0, head, a // bs)] if head else []) + ([(n - tail, n, e // bs)] if tail else [])
-    if not shared_blocks(segs, bs):
+    blocks = shared_blocks(segs, bs)
+    if not blocks:
         return None
-    return (head, n - tail), edges           # edges may be empty: this rank's ends align
+    return (head, n - tail), edges, blocks   # edges may be empty: this rank's ends align
+
+
+def cached_split(cache: dict, p: Tensor, bs: int):
+    """``split(p, bs)``, computed once per parameter, layout and block size (``cache``: a dict
+    the optimizer keeps, id(param) -> (key, result))."""
+    key = (tuple(p.shape), tuple(p.placements), id(p.device_mesh), bs)
+    hit = cache.get(id(p))
+    if hit is None or hit[0] != key:
+        hit = cache[id(p)] = (key, split(p, bs))
+    return hit[1]
 
 
 class _Deferred(QTensor):
@@ -119,10 +131,9 @@ class Slots:
     def __init__(self):
         self.groups: dict = {}          # id(group) -> (group, [slot count], [(offset, piece)])
 
-    def add(self, p: Tensor, nstates: int, bs: int) -> int:
-        """Reserve the slots of parameter ``p`` (nstates x its shared blocks); their offset."""
+    def add(self, p: Tensor, nstates: int, blocks: List[int]) -> int:
+        """Reserve the slots of parameter ``p`` (nstates x its shared ``blocks``); their offset."""
         group = shard_group(p)
-        blocks = shared_blocks(segments(p), bs)
         g = self.groups.setdefault(id(group), (group, [0], [], {}))
         offset = g[1][0]
         g[1][0] += nstates * len(blocks)

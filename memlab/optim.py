@@ -432,11 +432,11 @@ class _Optimizer8bit(Optimizer):
         if not (is_dtensor(p) and states and all(isinstance(s, QTensor) for s in states)
                 and lp.is_contiguous() and lg.is_contiguous()):
             return lp, lg, states
-        cut = _shard_edges.split(p, bs)
+        cut = _shard_edges.cached_split(self.__dict__.setdefault("_cuts", {}), p, bs)
         if cut is None:
             return lp, lg, states
-        slots.add(p, len(states), bs)
-        (i, j), edges = cut
+        (i, j), edges, blocks = cut
+        slots.add(p, len(states), blocks)
         fp, fg = lp.view(-1), lg.view(-1)                                 # (n,) local, flat
         kw = self._kwargs(group, step, fresh, lp.device, compiled=False)
         for a, b, block in edges:
