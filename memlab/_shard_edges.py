@@ -156,7 +156,7 @@ class Slots:
             vals = torch.zeros(2 * size, dtype=torch.float32, device=device)   # max, NaN flag
             for k, s in pieces:
                 nan = torch.isnan(s.partial)
-                vals[k] = torch.maximum(vals[k], s.partial.nan_to_num(0.0))
+                vals[k] = torch.maximum(vals[k], s.partial.masked_fill(nan, 0.0))  # inf stays
                 vals[size + k] = torch.maximum(vals[size + k], nan.float())
             dist.all_reduce(vals, op=dist.ReduceOp.MAX, group=group)
             for k, s in pieces:

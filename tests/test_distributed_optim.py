@@ -142,16 +142,18 @@ def _fsdp_off_grid(rank, world, names, steps):
         out[name] = dict(params=_full(model), state=_full_state(opt),
                          absmax_local=st[q + "_absmax"].numel(),
                          codes_local=st[q + "_codes"].numel())
-    # a NaN gradient element at flat index 300 of the first weight (rank 0's part of the block
-    # [256, 512) that both ranks share): that block's absmax is NaN on both ranks
-    model = _shard(_model(OFF_GRID))
-    opt = OPTS_OFF_GRID["adam8bit"](model.parameters())
-    x, y = _batch(0, d=OFF_GRID[0])
-    _loss(model, x, y).backward()
-    if rank == 0:
-        model[0].weight.grad.to_local().view(-1)[300] = float("nan")
-    opt.step()
-    out["nan_absmax"] = opt.state[model[0].weight]["exp_avg_absmax"].clone()
+    # a NaN / inf gradient element at flat index 300 of the first weight (rank 0's part of the
+    # block [256, 512) that both ranks share): that block's absmax is NaN / inf on both ranks
+    for bad in ("nan", "inf"):
+        model = _shard(_model(OFF_GRID))
+        opt = OPTS_OFF_GRID["adam8bit"](model.parameters())
+        x, y = _batch(0, d=OFF_GRID[0])
+        _loss(model, x, y).backward()
+        if rank == 0:
+            model[0].weight.grad.to_local().view(-1)[300] = float(bad)
+        opt.step()
+        out[bad + "_absmax"] = {k: opt.state[model[0].weight][k + "_absmax"].clone()
+                                for k in ("exp_avg", "exp_avg_sq")}
     return out
 
 
@@ -262,18 +264,21 @@ def test_fsdp2_8bit_shards_off_the_block_grid_equal_a_single_process_bit_for_bit
                     same = torch.equal(have.reshape(-1), want.reshape(-1)) \
                         if isinstance(want, torch.Tensor) else have == want   # codes: flat
                     assert same, f"{name} rank {r}: state {pid} {key} differs"
-    model = _model(OFF_GRID)                           # the NaN gradient in one process
-    opt = OPTS_OFF_GRID["adam8bit"](model.parameters())
-    x, y = _batch(0, d=OFF_GRID[0])
-    _loss(model, x, y).backward()
-    model[0].weight.grad.view(-1)[300] = float("nan")
-    opt.step()
-    want = opt.state[model[0].weight]["exp_avg_absmax"]             # (3,) blocks
-    assert want[1].isnan() and want[[0, 2]].isfinite().all(), want
-    for r, blocks in ((0, [0, 1]), (1, [1, 2])):
-        got = ranks[r]["nan_absmax"]
-        assert torch.equal(got.isnan(), want[blocks].isnan()), (r, got, want)
-        assert torch.equal(got.nan_to_num(), want[blocks].nan_to_num()), (r, got, want)
+    for bad in ("nan", "inf"):                          # the same gradient in one process
+        model = _model(OFF_GRID)
+        opt = OPTS_OFF_GRID["adam8bit"](model.parameters())
+        x, y = _batch(0, d=OFF_GRID[0])
+        _loss(model, x, y).backward()
+        model[0].weight.grad.view(-1)[300] = float(bad)
+        opt.step()
+        for k in ("exp_avg", "exp_avg_sq"):
+            want = opt.state[model[0].weight][k + "_absmax"]              # (3,) blocks
+            assert not want[1].isfinite() and want[[0, 2]].isfinite().all(), (bad, k, want)
+            for r, blocks in ((0, [0, 1]), (1, [1, 2])):
+                got = ranks[r][bad + "_absmax"][k]
+                assert torch.equal(got.isnan(), want[blocks].isnan()), (bad, k, r, got, want)
+                assert torch.equal(got.nan_to_num(0.0, 1.0, -1.0),
+                                   want[blocks].nan_to_num(0.0, 1.0, -1.0)), (bad, k, r, got)
 
 
 @pytest.mark.distributed
