@@ -9,7 +9,7 @@ absmax is the max |x| over all of it, which no rank can compute alone. Each step
 
 1. steps the block-aligned interior of the segment as usual (the fused C kernel on CPU);
 2. steps each shared ("edge") piece with the eager math, keeping its new fp32 states instead of
-   encoding them (:class:`_Deferred`), and records the piece's max |x|;
+   encoding them (:class:`Deferred`), and records the piece's max |x|;
 3. all-reduces (MAX) the partial maxima over the ranks that split the parameter: one call per
    process group per step, over every shared block of every such parameter (a NaN anywhere in a
    block makes its absmax NaN, as in one process);
@@ -103,7 +103,7 @@ def cached_split(cache: dict, p: Tensor, bs: int):
     return hit[1]
 
 
-class _Deferred(QTensor):
+class Deferred(QTensor):
     """A one-block QTensor view whose ``copy_`` keeps the new fp32 values (and their max |x|)
     instead of encoding them: the block's absmax is known only after the all-reduce."""
 
@@ -115,13 +115,14 @@ class _Deferred(QTensor):
     quantize_ = copy_
 
 
-def deferred(q: QTensor, start: int, end: int) -> _Deferred:
-    """Elements ``start:end`` of ``q`` (inside one block) as a :class:`_Deferred` view."""
-    v = q.narrow(start, end, any_start=True)
-    d = object.__new__(_Deferred)
-    d.__dict__.update(v.__dict__)
-    d.phase = 0                     # one short block: decoded and encoded as a block of its own
-    return d
+class _Group:
+    """One process group's share of a step's all-reduce."""
+
+    def __init__(self, group):
+        self.group = group
+        self.size = 0            # slots: the shared blocks x states of its parameters
+        self.first: dict = {}    # id(param) -> (first slot, {global block: index}, blocks)
+        self.pieces: list = []   # (slot, Deferred) of this rank's edge pieces
 
 
 class Slots:
@@ -129,39 +130,36 @@ class Slots:
     (in plan order, the same on every rank), and this rank's edge pieces that fill them."""
 
     def __init__(self):
-        self.groups: dict = {}          # id(group) -> (group, [slot count], [(offset, piece)])
+        self.groups: dict = {}          # id(process group) -> _Group
 
-    def add(self, p: Tensor, nstates: int, blocks: List[int]) -> int:
-        """Reserve the slots of parameter ``p`` (nstates x its shared ``blocks``); their offset."""
+    def add(self, p: Tensor, nstates: int, blocks: List[int]) -> None:
+        """Reserve the slots of parameter ``p``: ``nstates`` x its shared ``blocks``."""
         group = shard_group(p)
-        g = self.groups.setdefault(id(group), (group, [0], [], {}))
-        offset = g[1][0]
-        g[1][0] += nstates * len(blocks)
-        g[3][id(p)] = (offset, {b: i for i, b in enumerate(blocks)}, len(blocks))
-        return offset
+        g = self.groups.setdefault(id(group), _Group(group))
+        g.first[id(p)] = (g.size, {b: i for i, b in enumerate(blocks)}, len(blocks))
+        g.size += nstates * len(blocks)
 
     def piece(self, p: Tensor, block: int, states: list) -> None:
         """Register an edge piece of ``p`` in global ``block`` with its deferred states."""
         g = self.groups[id(shard_group(p))]
-        offset, index, count = g[3][id(p)]
-        for i, s in enumerate(states):
-            g[2].append((offset + i * count + index[block], s))
+        first, index, count = g.first[id(p)]
+        g.pieces += [(first + i * count + index[block], s) for i, s in enumerate(states)]
 
     def finish(self) -> None:
         """All-reduce the partial maxima and encode every edge piece with its block's absmax."""
-        for group, (size,), pieces, _ in self.groups.values():
-            if not size:
+        for g in self.groups.values():
+            if not g.size:
                 continue
-            device = pieces[0][1].absmax.device if pieces else _device(group)
-            vals = torch.zeros(2 * size, dtype=torch.float32, device=device)   # max, NaN flag
-            for k, s in pieces:
+            device = g.pieces[0][1].absmax.device if g.pieces else _device(g.group)
+            vals = torch.zeros(2 * g.size, dtype=torch.float32, device=device)  # max, NaN flag
+            for k, s in g.pieces:         # one piece per slot on a rank: head, tail blocks differ
                 nan = torch.isnan(s.partial)
-                vals[k] = torch.maximum(vals[k], s.partial.masked_fill(nan, 0.0))  # inf stays
-                vals[size + k] = torch.maximum(vals[size + k], nan.float())
-            dist.all_reduce(vals, op=dist.ReduceOp.MAX, group=group)
-            for k, s in pieces:
-                s.absmax.copy_(torch.where(vals[size + k] > 0, float("nan"), vals[k]))
-                QTensor.encode_with_absmax_(s, s.pending)
+                vals[k] = s.partial.masked_fill(nan, 0.0)                       # inf stays
+                vals[g.size + k] = nan.float()
+            dist.all_reduce(vals, op=dist.ReduceOp.MAX, group=g.group)
+            for k, s in g.pieces:
+                s.absmax.copy_(torch.where(vals[g.size + k] > 0, float("nan"), vals[k]))
+                s.encode_with_absmax_(s.pending)
                 del s.pending, s.partial
 
 

@@ -222,13 +222,13 @@ class _Optimizer8bit(Optimizer):
             return hit[4], False                      # the same stored tensors: the same views
         out = state if staged is None else staged
         states, fresh = [], False
+        ph = _shard_edges.phase(hp, group["block_size"])    # FSDP2: where the shard starts
         for name, signed in self._state_specs(group):
             have = {**state, **out} if staged is not None else state
             if name not in have and name + "_codes" not in have:
                 fresh = True
                 if numel >= group["min_8bit_size"]:
-                    q = QTensor.zeros(p.shape, signed, group["block_size"], p.device,
-                                      _shard_edges.phase(hp, group["block_size"]))
+                    q = QTensor.zeros(p.shape, signed, group["block_size"], p.device, ph)
                     out[name + "_codes"], out[name + "_absmax"] = q.codes, q.absmax
                 else:
                     out[name] = torch.zeros_like(p, dtype=torch.float32,
@@ -238,8 +238,7 @@ class _Optimizer8bit(Optimizer):
                 states.append(have[name])
             else:
                 states.append(QTensor(have[name + "_codes"], have[name + "_absmax"], p.shape,
-                                      signed, group["block_size"],
-                                      _shard_edges.phase(hp, group["block_size"])))
+                                      signed, group["block_size"], ph))
         if not fresh and states:
             used = [(k, state[k]) for k in state if k != "step"]
             views[id(hp)] = (group, group["block_size"], p.shape, used, states, len(state))
@@ -440,7 +439,7 @@ class _Optimizer8bit(Optimizer):
         fp, fg = lp.view(-1), lg.view(-1)                                 # (n,) local, flat
         kw = self._kwargs(group, step, fresh, lp.device, compiled=False)
         for a, b, block in edges:
-            ds = [_shard_edges.deferred(q, a, b) for q in states]
+            ds = [q.one_block(a, b, _shard_edges.Deferred) for q in states]
             slots.piece(p, block, ds)
             plan.append((p, fp[a:b], fg[a:b], group, staged, step, ds, fresh, "eager",
                          (type(self)._math, kw, [(fp[a:b], fg[a:b], ds)])))

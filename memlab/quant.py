@@ -367,7 +367,9 @@ class QTensor:
     """An 8-bit block-wise quantized float tensor: the state type of the 8-bit optimizers.
 
     ``codes`` (N,) uint8 and ``absmax`` (num_blocks,) float32 are the only storages; ``shape``
-    is the logical shape, ``signed`` picks the signed or unsigned dynamic map. The object is a
+    is the logical shape, ``signed`` picks the signed or unsigned dynamic map. ``phase``: the
+    first element sits that far into its block (a shard of a larger tensor, as under FSDP2), so
+    the first block holds ``block_size - phase`` elements. The object is a
     thin view: building one around existing tensors (e.g. ``optimizer.state`` entries) costs
     nothing, and ``copy_`` writes into those tensors.
     """
@@ -440,6 +442,16 @@ class QTensor:
         q.phase = at % bs if end > start else 0
         return q
 
+    def one_block(self, start: int, end: int, cls: Optional[type] = None) -> "QTensor":
+        """Elements ``start:end``, all inside one block, as a phase-0 view (of type ``cls``,
+        default this one's) of one short block: decoded and encoded with that block's absmax,
+        which it shares with this tensor."""
+        q = self.narrow(start, end, any_start=True)
+        if cls is not None and cls is not type(q):
+            q.__class__ = cls
+        q.phase = 0
+        return q
+
     def _split_phase(self):
         """(head, rest): the elements before the first block boundary as a phase-0 QTensor of
         one short block, and the rest (phase 0); head is None when ``phase`` is 0."""
@@ -447,11 +459,7 @@ class QTensor:
         if not self.phase or not n:
             return None, self
         h = min(self.block_size - self.phase, n)
-        head = object.__new__(QTensor)
-        head.codes, head.absmax, head.shape = self.codes[:h], self.absmax[:1], (h,)
-        head.signed, head.block_size, head._book, head.phase = \
-            self.signed, self.block_size, self._book, 0
-        return head, self.narrow(h, n)
+        return self.one_block(0, h), self.narrow(h, n)
 
     def dequantize(self, dtype: torch.dtype = torch.float32, out: Optional[Tensor] = None) -> Tensor:
         """A float tensor of ``shape``: new, or ``out`` (float32, ``numel`` elements) filled."""
@@ -478,6 +486,16 @@ class QTensor:
         (saves one allocation in the optimizer step). ``nonneg=True``: the caller guarantees
         ``x >= 0`` everywhere (Adam's second moment), which skips the |x| pass; a negative
         element then gives a wrong block."""
+        return self._encode(x, scratch, nonneg, given=False)
+
+    def encode_with_absmax_(self, x: Tensor) -> "QTensor":
+        """Quantize ``x`` with the absmax already in ``absmax`` (not recomputed): the last part
+        of a step whose blocks are shared with other ranks (their absmax is all-reduced first).
+        Same codes as ``copy_`` gives when ``absmax`` holds the blocks' max |x|."""
+        return self._encode(x, None, False, given=True)
+
+    def _encode(self, x: Tensor, scratch: Optional[Tensor], nonneg: bool,
+                given: bool) -> "QTensor":
         flat = x.detach().reshape(-1).to(torch.float32)                   # (N,)
         if flat.numel() != self.codes.numel():
             raise ValueError(f"x must have {self.codes.numel()} elements, got {flat.numel()}")
@@ -486,26 +504,14 @@ class QTensor:
         head, rest = self._split_phase()
         if head is not None:                  # the first (partial) block, then the rest
             h = head.numel()
-            head.copy_(flat[:h], None if scratch is None else scratch[:h], nonneg=nonneg)
-            rest.copy_(flat[h:], None if scratch is None else scratch[h:], nonneg=nonneg)
+            QTensor._encode(head, flat[:h], None if scratch is None else scratch[:h], nonneg,
+                            given)
+            QTensor._encode(rest, flat[h:], None if scratch is None else scratch[h:], nonneg,
+                            given)
             return self
         _quantize_into(flat, self._book, self.block_size, self.codes, self.absmax, scratch,
-                       nonneg=nonneg, keep_nonzero=not self.signed, reciprocal=True)
-        return self
-
-    def encode_with_absmax_(self, x: Tensor) -> "QTensor":
-        """Quantize ``x`` with the absmax already in ``absmax`` (not recomputed): the last part
-        of a step whose blocks are shared with other ranks (their absmax is all-reduced first).
-        Same codes as ``copy_`` gives when ``absmax`` holds the blocks' max |x|."""
-        flat = x.detach().reshape(-1).to(torch.float32)                   # (N,)
-        head, rest = self._split_phase()
-        if head is not None:
-            h = head.numel()
-            head.encode_with_absmax_(flat[:h])
-            rest.encode_with_absmax_(flat[h:])
-            return self
-        _quantize_into(flat, self._book, self.block_size, self.codes, self.absmax,
-                       keep_nonzero=not self.signed, reciprocal=True, given=True)
+                       nonneg=nonneg, keep_nonzero=not self.signed, reciprocal=True,
+                       given=given)
         return self
 
     quantize_ = copy_
