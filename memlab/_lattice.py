@@ -177,12 +177,12 @@ def _plain(t: torch.Tensor) -> bool:
     return is_fake(t)
 
 
-def _kernel_ok(logits, out) -> bool:
+def _kernel_ok(logits, out, need_contiguous: bool = True) -> bool:
     if os.environ.get("MEMLAB_CPU_KERNEL", "1") == "0":
         return False
     if logits.device.type != "cpu" or logits.dtype not in (torch.float32, torch.float64):
         return False
-    if not (_plain(logits) and logits.is_contiguous()):
+    if not (_plain(logits) and (logits.is_contiguous() or not need_contiguous)):
         return False
     if out is not None and (not _plain(out) or not out.is_contiguous()
                             or out.dtype != logits.dtype or out.shape != logits.shape):

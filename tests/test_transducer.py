@@ -35,6 +35,10 @@ def problem(B=6, T=12, U=5, V=9, H=8, seed=0):
     return joiner, enc, pred, targets, enc_len, tgt_len
 
 
+# method -> rnnt_loss_batched(kernel=...); "batched" is the default kernel ("auto")
+BATCHED_KERNELS = {"torchaudio": "torchaudio", "memlab-batched": "memlab"}
+
+
 def run(method, joiner, enc, pred, targets, enc_len, tgt_len, reduction="mean", weights=None,
         **kw):
     """Loss and gradients (enc, pred, joiner params) of one method."""
@@ -45,11 +49,13 @@ def run(method, joiner, enc, pred, targets, enc_len, tgt_len, reduction="mean", 
                                     reduction=reduction, **kw)
     else:
         fn = rnnt_loss_reference if method == "reference" else rnnt_loss_batched
+        if method in BATCHED_KERNELS:
+            kw = dict(kw, kernel=BATCHED_KERNELS[method])
         logits = joiner(enc, pred)
         if method == "reference64":
             fn = rnnt_loss_reference
             logits = logits.double()
-        loss = fn(logits, targets, enc_len, tgt_len, reduction=reduction)
+        loss = fn(logits, targets, enc_len, tgt_len, reduction=reduction, **kw)
     (loss if weights is None else (loss * weights).sum()).backward()
     grads = [enc.grad.clone(), pred.grad.clone()] + [p.grad.clone() for p in joiner.parameters()]
     return loss.detach(), grads
@@ -142,7 +148,11 @@ def test_three_losses_agree(reduction):
     budget = chunk_bytes(1, T, U, V)               # the largest samples alone, small ones grouped
     stats = {}
     ref_loss, ref_g = run("reference64", *prob, reduction=reduction)
-    bat_loss, bat_g = run("batched", *prob, reduction=reduction)
+    bat_loss, bat_g = run("torchaudio", *prob, reduction=reduction)
+    for method in ("batched", "memlab-batched"):      # memlab's kernel on the whole batch
+        loss, g = run(method, *prob, reduction=reduction)
+        assert loss.dtype == torch.float32 and rel(loss, bat_loss) <= 1e-5
+        assert all(rel(a, b) <= 1e-5 for a, b in zip(g, bat_g))
     sw_loss, sw_g = run("samplewise", *prob, reduction=reduction, max_chunk_bytes=budget,
                         stats=stats)
     sizes = [len(c) for c in stats["chunks"]]
@@ -160,7 +170,9 @@ def test_reduction_none_and_mean_convention():
     prob = problem(seed=3)
     B = prob[1].shape[0]
     w = torch.linspace(0.5, 2.0, B)
-    bat_loss, bat_g = run("batched", *prob, reduction="none", weights=w)
+    bat_loss, bat_g = run("torchaudio", *prob, reduction="none", weights=w)
+    mb_loss, mb_g = run("memlab-batched", *prob, reduction="none", weights=w)
+    assert rel(mb_loss, bat_loss) <= 1e-5 and all(rel(a, b) <= 1e-5 for a, b in zip(mb_g, bat_g))
     sw_loss, sw_g = run("samplewise", *prob, reduction="none", weights=w, max_chunk_bytes=1)
     ref_loss, ref_g = run("reference", *prob, reduction="none", weights=w)
     assert sw_loss.shape == (B,)
@@ -171,10 +183,80 @@ def test_reduction_none_and_mean_convention():
     joiner, enc, pred, targets, el, tl = prob
     with torch.no_grad():
         logits = joiner(enc, pred)
-        for fn in (rnnt_loss_reference, rnnt_loss_batched):
+        for fn in (rnnt_loss_reference, rnnt_loss_batched,
+                   lambda *a: rnnt_loss_batched(*a, kernel="torchaudio")):
             assert torch.allclose(fn(logits, targets, el, tl), bat_loss.mean(), rtol=1e-6)
         assert torch.allclose(samplewise_rnnt_loss(joiner, enc, pred, targets, el, tl),
                               bat_loss.mean(), rtol=1e-6)
+
+
+# ------------------------------------------------------------------------- batched kernels
+def test_batched_memlab_kernel_float64_and_padding_match_the_reference():
+    """memlab's kernel keeps float64 (torchaudio computes it in float32); logits padded past the
+    longest sample are cropped; the padding gets no gradient."""
+    joiner, enc, pred, targets, el, tl = problem(seed=7)
+    logits = joiner(enc, pred).double().detach()
+    padded = torch.nn.functional.pad(logits, (0, 0, 0, 2, 0, 3)).requires_grad_(True)
+    w = torch.linspace(0.5, 2.0, logits.shape[0], dtype=torch.float64)
+    padded_targets = torch.nn.functional.pad(targets, (0, 2), value=0)
+    got = rnnt_loss_batched(padded, padded_targets, el, tl, reduction="none", kernel="memlab")
+    (gx,) = torch.autograd.grad((got * w).sum(), padded)
+    x = logits.clone().requires_grad_(True)
+    want = rnnt_loss_reference(x, targets, el, tl, reduction="none")
+    (wx,) = torch.autograd.grad((want * w).sum(), x)
+    assert got.dtype == torch.float64 and rel(got.detach(), want.detach()) <= 1e-12
+    T, U1 = logits.shape[1:3]
+    assert rel(gx[:, :T, :U1], wx) <= 1e-10
+    assert gx[:, T:].abs().max() == 0 and gx[:, :, U1:].abs().max() == 0
+
+
+def test_batched_auto_kernel_choice(monkeypatch):
+    """auto: memlab's C kernel for CPU float32/float64 without clamp; torchaudio for clamp,
+    other dtypes, or with the C kernel switched off."""
+    import memlab.transducer as mt
+    calls = []
+    real = mt._torchaudio_costs
+    monkeypatch.setattr(mt, "_torchaudio_costs", lambda *a, **k: calls.append(1) or real(*a, **k))
+    joiner, enc, pred, targets, el, tl = problem(seed=8)
+    logits = joiner(enc, pred).detach()
+    want = rnnt_loss_batched(logits, targets, el, tl, kernel="torchaudio")
+    assert len(calls) == 1
+    assert torch.allclose(rnnt_loss_batched(logits, targets, el, tl), want, rtol=1e-5)
+    assert torch.allclose(rnnt_loss_batched(logits.double(), targets, el, tl).float(), want,
+                          rtol=1e-5)
+    assert len(calls) == 1                                   # memlab's kernel both times
+    rnnt_loss_batched(logits, targets, el, tl, clamp=0.5)
+    rnnt_loss_batched(logits.bfloat16(), targets, el, tl)
+    assert len(calls) == 3
+    monkeypatch.setenv("MEMLAB_CPU_KERNEL", "0")
+    rnnt_loss_batched(logits, targets, el, tl)
+    assert len(calls) == 4
+    with pytest.raises(ValueError, match="clamp.*kernel='torchaudio'"):
+        rnnt_loss_batched(logits, targets, el, tl, clamp=0.5, kernel="memlab")
+    for bad in ("fast", None, 1):
+        with pytest.raises(ValueError, match="kernel must be one of"):
+            rnnt_loss_batched(logits, targets, el, tl, kernel=bad)
+
+
+def test_batched_kernels_keep_one_gradient_as_large_as_the_logits():
+    """Both kernels: the costs' forward allocates d costs / d logits (as many bytes as the logits)
+    and keeps it for backward; memlab's scratch (5 float64 per lattice cell) is freed."""
+    from memlab.memory import MemoryMeter
+    B, T, U, V = 4, 30, 8, 64
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(B, T, U + 1, V, generator=g, requires_grad=True)
+    targets = torch.randint(1, V, (B, U), generator=g)
+    el, tl = torch.full((B,), T), torch.full((B,), U)
+    cells = B * T * (U + 1)
+    for kernel, scratch in (("memlab", 5 * 8 * cells), ("torchaudio", None)):
+        with MemoryMeter(inputs=[logits, targets, el, tl], timeline=False) as meter:
+            loss = rnnt_loss_batched(logits, targets, el, tl, kernel=kernel)
+            held = meter.current - meter.baseline
+        assert logits.nbytes <= held <= logits.nbytes + 4096, (kernel, held)
+        if scratch is not None:
+            assert meter.peak - meter.baseline <= logits.nbytes + scratch + 4096
+        loss.backward()
+        logits.grad = None
 
 
 def test_only_pred_requires_grad_and_frozen_joiner():

@@ -266,7 +266,7 @@ def rnnt_rows(B: int = 32, T: int = 200, U: int = 40, V: int = 512, H: int = 128
     joiner = join.out
 
     impls = {"torchaudio-batched": lambda j, e, p, y, n, m: rnnt_loss_batched(
-                 j(e, p), y, n, m, reduction="sum"),
+                 j(e, p), y, n, m, reduction="sum", kernel="torchaudio"),
              "memlab-samplewise": lambda j, e, p, y, n, m: samplewise_rnnt_loss(
                  j, e, p, y, n, m, reduction="sum")}
     if _have("optimized_transducer"):

@@ -109,7 +109,8 @@ def loss_step(method: str, joiner, enc, pred, targets, enc_len, tgt_len,
     The pruned methods need ``simple`` (:func:`simple_projections`); the others ignore it and
     ``s_range``."""
     if method == "batched":
-        loss = rnnt_loss_batched(joiner(enc, pred), targets, enc_len, tgt_len)
+        loss = rnnt_loss_batched(joiner(enc, pred), targets, enc_len, tgt_len,
+                                 kernel="torchaudio")
     elif method == "samplewise":
         loss = samplewise_rnnt_loss(joiner, enc, pred, targets, enc_len, tgt_len,
                                     max_chunk_bytes=max_chunk_bytes, stats=stats)

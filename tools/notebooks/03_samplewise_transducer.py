@@ -31,7 +31,7 @@
 # | function | what it is |
 # |---|---|
 # | `rnnt_loss_reference` | the forward recursion in plain PyTorch, for reading and for tests |
-# | `rnnt_loss_batched` | torchaudio's fused kernel on the whole 4-D tensor |
+# | `rnnt_loss_batched` | the whole 4-D tensor at once (torchaudio's fused kernel, or memlab's on CPU) |
 # | `samplewise_rnnt_loss` | joiner + loss + gradient one sample (or a small group) at a time |
 #
 # This notebook walks through the lattice the loss is defined on, computes what the 4-D tensor
@@ -149,14 +149,15 @@ fig
 
 # %% [markdown]
 # The loss read off the top-right corner of the lattice agrees with the reference
-# implementation (float64) and with torchaudio's fused kernel (`rnnt_loss_batched`, float32).
+# implementation (float64) and with torchaudio's fused kernel (`rnnt_loss_batched(...,
+# kernel="torchaudio")`, float32).
 # **Look for:** three equal numbers.
 
 # %%
 log_probs = logits.double().log_softmax(-1)                            # (1, T, U+1, V)
 from_alpha = -(alpha[T - 1, U] + log_probs[0, T - 1, U, 0])
 ref = rnnt_loss_reference(logits.double(), targets, lengths, target_lengths)
-batched = rnnt_loss_batched(logits, targets, lengths, target_lengths)
+batched = rnnt_loss_batched(logits, targets, lengths, target_lengths, kernel="torchaudio")
 print(f"loss from alpha {float(from_alpha):.6f}   reference {float(ref):.6f}   "
       f"torchaudio {float(batched):.6f}")
 print(f"cells in the lattice: T x (U+1) = {T * (U + 1)}; logits for them: "
