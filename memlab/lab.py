@@ -567,7 +567,9 @@ def estimate_config(cfg: Config, batch_size: Optional[int] = None, frames: Optio
                     target_len: Optional[int] = None) -> Estimate:
     """What one training step of ``cfg`` needs, measured on fake tensors.
 
-    ``frames`` defaults to ``seconds * 100`` (10 ms fbank frames); for the paper-scale what-if,
+    ``frames`` defaults to ``seconds * 100`` (10 ms fbank frames; ASR: with ``target_len``, the
+    lengths a real batch of the config's corpus pads to, ``Task.padded_batch``); for the
+    paper-scale what-if,
     e.g. wespeaker ResNet34 at batch 128 x 200 frames::
 
         estimate_config(Config(blocks=(3, 4, 6, 3), width=32, embed_dim=256, batch_size=128),
@@ -592,6 +594,12 @@ def estimate_config(cfg: Config, batch_size: Optional[int] = None, frames: Optio
     T = int(round(cfg.seconds * 100)) if frames is None else int(frames)
     num_classes = None if num_classes is None else int(num_classes)
     target_len = None if target_len is None else int(target_len)
+    if frames is None and target_len is None:     # ASR: what a real batch pads to
+        from memlab._per_rank import local_batch
+        padded = tasks.get(cfg.task).padded_batch(
+            cfg, local_batch(B, cfg.nproc) if cfg.parallel != "none" else B)
+        if padded is not None:
+            T, target_len = padded
 
     if cfg.parallel != "none":               # what each of nproc ranks needs (B / nproc each)
         from memlab._per_rank import estimate_per_rank

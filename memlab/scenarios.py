@@ -357,12 +357,12 @@ def _builtin() -> None:
     # the factored output layer (onset row + nucleus row + the token's own, so each of the 36
     # sub-units learns from every token that has it); with either one missing the model stayed
     # on the blank plateau for 600 steps, and on 800 utterances it memorised them instead.
-    # Measured (memlab compare --scenario long-utterances, 2 threads): peaks 144.15 / 29.77 MiB
-    # (4.84x), steps 0.67 / 0.10 s, TER 0.692 / 0.690 after 400 steps (untrained: 34.9, it
-    # emits 5 tokens a frame; seed 1: 0.532 sample-wise; Adam's ASR default 6e-3: 0.902 /
-    # 0.901); the run ~6 min, 4.5 of them the batched loss (torchaudio's CPU kernel). At batch
-    # 12 109.66 / 26.06 MiB, but the estimate's ratio was 3.7x there (fake batches are not
-    # padded to the longest utterance).
+    # Measured (memlab compare --scenario long-utterances, 2 threads, 2 min 53 s for both runs
+    # and the corpus): peaks 145.83 / 29.77 MiB (4.90x), steps 0.155 / 0.132 s, TER 0.692 /
+    # 0.692 after 400 steps (untrained: 34.9, it emits 5 tokens a frame; seed 1: 0.532
+    # sample-wise; Adam's ASR default 6e-3: 0.902 / 0.901). The batched loss runs memlab's
+    # lattice kernel on the whole 4-D tensor (torchaudio's CPU kernel: 0.67 s a step, ~6 min a
+    # run). At batch 12 109.66 / 26.06 MiB.
     asr = dict(vocab_size=MAX_SYLLABLE_VOCAB, seconds=4.0, batch_size=16, width=96, depth=1,
                frontend="context", output="factored", dropout=0.0,
                max_chunk_bytes=LONG_UTTERANCE_GROUP_BYTES,
@@ -379,7 +379,7 @@ def _builtin() -> None:
         name="long-utterances",
         title="long utterances, large vocabulary: the 4-D joiner tensor dominates",
         description="A Transducer on the syllable corpus (320 compositional tokens + blank, "
-                    "4-s utterances, ~14 tokens each, batch 12): the joiner's B x T x (U+1) x V "
+                    "4-s utterances, ~14 tokens each, batch 16): the joiner's B x T x (U+1) x V "
                     "logits and their gradient grow with T x U, the encoder's activations only "
                     "with T, so they are most of the batched step. The encoder is lean (one "
                     "layer of width 96 behind a 240-ms context front end, no dropout) and the "

@@ -121,6 +121,26 @@ def asr_data(num_utts, eval_utts, vocab_size, seed, speaker=None, corpus="tokens
     return materialise(train), materialise(test)
 
 
+@functools.lru_cache(maxsize=32)
+def _padded_batch(corpus, num_utts, vocab_size, seed, speaker, seconds, batch_size,
+                  samples=64, max_utts=512):
+    from memlab.data import SyllableCorpus, TokenCorpus
+    who = {} if speaker is None else {"speaker_offset": speaker, "num_speakers": 1}
+    if corpus == "syllables":
+        data = SyllableCorpus(num_utts, vocab_size=vocab_size, seconds=seconds, seed=seed,
+                              cache=False, **who)
+    else:
+        data = TokenCorpus(num_utts, vocab_size=vocab_size, seed=seed, cache=False, **who)
+    g = torch.Generator().manual_seed(0)
+    pool = torch.randperm(num_utts, generator=g)[:max_utts].tolist()
+    lengths = torch.tensor([data.lengths(i) for i in pool])                 # (n, 2)
+    picks = torch.randint(len(pool), (samples, batch_size), generator=g)
+    padded = lengths[picks].amax(dim=1)                                       # (samples, 2)
+    cells = padded[:, 0] * (padded[:, 1] + 1)
+    frames, tokens = padded[cells.argsort()[samples // 2]].tolist()
+    return int(frames), int(tokens)
+
+
 DEV_FOLDS = 4
 
 
@@ -179,6 +199,11 @@ class Task:
     def random_batch(self, cfg, batch_size: int, frames: int, num_classes: Optional[int] = None,
                      target_len: Optional[int] = None, device=None) -> tuple:
         raise NotImplementedError
+
+    def padded_batch(self, cfg, batch_size: int) -> Optional[Tuple[int, int]]:
+        """(frames, target length) a training batch of ``cfg``'s data pads to, for estimates of
+        a real step; None: the task's batches are ``seconds`` long (fixed-length crops)."""
+        return None
 
     def corpus(self, num_speakers: int, utts: int, seconds: float, vocab_size: int, seed: int):
         """The synthetic corpus ``memlab data`` writes."""
@@ -389,6 +414,17 @@ class AsrTask(Task):
             target_lengths = torch.full((batch_size,), U, dtype=torch.long)
         return (feats, host_tensor(feat_lengths, device=device), host_tensor(targets, device=device),
                 host_tensor(target_lengths, device=device))
+
+    def padded_batch(self, cfg, batch_size):
+        """A batch pads to its longest utterance and longest transcript: the median (by lattice
+        cells, frames x (tokens + 1)) over 64 random batches of the training corpus's lengths
+        (read off the utterance plans, nothing synthesised). None where the corpus cannot be
+        built (a vocabulary larger than the corpora's: a what-if model)."""
+        from memlab.data.syllables import MAX_SYLLABLE_VOCAB
+        if cfg.vocab_size > MAX_SYLLABLE_VOCAB:
+            return None
+        return _padded_batch(asr_corpus(cfg), cfg.num_utts, cfg.vocab_size, cfg.seed,
+                             cfg.adapt_speaker, float(cfg.seconds), int(batch_size))
 
     @staticmethod
     def _check_corpus(cfg):

@@ -142,6 +142,22 @@ def test_token_corpus_items():
     assert len(TokenCorpus(3, tokens_per_utt=5)[0]["tokens"]) == 5
 
 
+def test_lengths_without_synthesis_match_the_items():
+    """lengths(i) reads an utterance's fbank frames and token count off its plan: the shapes of
+    the synthesised item, for both token corpora; negative indices as items; speakers have none."""
+    from memlab.data import SyllableCorpus
+    for c in (TokenCorpus(5, vocab_size=10, seed=3, cache=False),
+              SyllableCorpus(5, vocab_size=100, seconds=2.0, seed=4, cache=False)):
+        for i in range(len(c)):
+            item = c[i]
+            assert c.lengths(i) == (item["feats"].shape[0], len(item["tokens"]))
+        assert c.lengths(-1) == c.lengths(len(c) - 1)
+        with pytest.raises(IndexError, match="index must be in"):
+            c.lengths(len(c))
+    with pytest.raises(NotImplementedError, match="SpeakerCorpus has no token lengths"):
+        SpeakerCorpus(2, 2, seconds=0.5).lengths(0)
+
+
 def test_collate_real_corpus_items():
     c = TokenCorpus(4, seed=0)
     feats, feat_lengths, targets, target_lengths = collate_asr([c[i] for i in range(4)])

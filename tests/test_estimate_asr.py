@@ -108,3 +108,26 @@ def test_paper_headline_full_batch_on_the_meter():
     # the analytic model agrees with the meter within 25%
     for r in rows.values():
         assert 0.75 <= r["estimated_bytes"] / r["peak_bytes"] <= 1.25, r
+
+
+@pytest.mark.parametrize("loss", ["batched", "samplewise"])
+def test_default_estimate_pads_like_the_real_batches(loss):
+    """With no frames given, an ASR estimate measures a batch padded as the config's corpus pads
+    one (its longest utterance and transcript; Task.padded_batch): it lies within the live
+    per-step peaks of a real run. Sized at exactly ``seconds`` it fell below all of them
+    (batched 10.3 MiB against 11.1-13.6 live)."""
+    from memlab.lab import Experiment
+    cfg = Config(task="asr", loss=loss, vocab_size=200, seconds=2.0, batch_size=4, num_utts=24,
+                 eval_utts=4, width=32, depth=1, steps=8, measure_every=1, eval_every=8,
+                 max_chunk_bytes=1 << 20).validate()
+    live = [r.peak for r in Experiment(cfg).run() if r.metered]
+    est = estimate_config(cfg, steps=2).peak
+    assert len(live) == 8 and min(live) <= est <= 1.05 * max(live), (est, sorted(live))
+    frames, tokens = tasks.get("asr").padded_batch(cfg, 4)
+    assert frames > 200 and tokens > 200 // 25                   # longer than `seconds`
+
+
+def test_padded_batch_none_for_a_what_if_vocabulary():
+    cfg = Config(task="asr", vocab_size=1024).validate()
+    assert tasks.get("asr").padded_batch(cfg, 8) is None
+    assert tasks.get("speaker").padded_batch(Config().validate(), 8) is None

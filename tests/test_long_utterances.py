@@ -118,7 +118,7 @@ FULL_SIZE = pytest.mark.xdist_group("long_utterances_full_size")
 @FULL_SIZE
 def test_full_size_runs_agree_at_a_quarter_of_the_memory():
     """The same gradients, so the same TER curve; the sample-wise peak a quarter of the
-    batched one (measured: 144.2 MiB vs 29.8 MiB, TER 0.692 / 0.690)."""
+    batched one (measured: 145.8 MiB vs 29.8 MiB, TER 0.692 / 0.692)."""
     runs = _full_size_runs()
     (ter_b, peak_b), (ter_s, peak_s) = runs["batched"], runs["samplewise"]
     assert 4 * peak_s <= peak_b, runs
@@ -128,7 +128,7 @@ def test_full_size_runs_agree_at_a_quarter_of_the_memory():
 @pytest.mark.slow
 @FULL_SIZE
 def test_full_size_runs_learn():
-    """Both runs learn: TER well below an empty transcript's 1.0 (0.692 / 0.690 measured; before
+    """Both runs learn: TER well below an empty transcript's 1.0 (0.692 / 0.692 measured; before
     the context front end and the factored output layer it stayed at 0.997). The bound leaves
     room for where the plateau ends (0.68-0.76 at learning rates 0.008-0.015)."""
     runs = _full_size_runs()

@@ -145,7 +145,7 @@ class SyllableCorpus(_SynthCorpus):
     def __len__(self):
         return self.num_utts
 
-    def _make(self, index):
+    def _plan(self, index):
         voice = self.voices[index % self.num_speakers]
         r = self._rng(index)
         mean = self.seconds * SYLLABLES_PER_SECOND / voice.rate
@@ -154,6 +154,10 @@ class SyllableCorpus(_SynthCorpus):
         session = Session(snr_db=r.uniform(15.0, 35.0), channel_db=r.uniform(0.5, 3.0),
                           gain=r.uniform(0.05, 0.9))
         plan, spans = _syllable_plan(voice, tokens.tolist(), r)
+        return voice, r, tokens, session, plan, spans
+
+    def _make(self, index):
+        voice, r, tokens, session, plan, spans = self._plan(index)
         wave = render(voice, plan, session, r)
         frames = _frames(len(wave))
         spans = np.array(spans)                                      # (U, 2) samples

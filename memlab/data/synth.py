@@ -196,6 +196,15 @@ class _SynthCorpus(Dataset):
     def __getitem__(self, index):
         return dict(self._get(index)[0])  # a fresh dict; the tensors are the cached ones
 
+    def _plan(self, index):  # -> (voice, rng, tokens, session, plan, spans): corpora of tokens
+        raise NotImplementedError(f"{type(self).__name__} has no token lengths")
+
+    def lengths(self, index):
+        """(fbank frames, tokens) of item `index` without synthesising it (its plan only): the
+        shapes a batch of these items pads to."""
+        _voice, _r, tokens, _session, plan, _spans = self._plan(self._index(index))
+        return _frames(int(sum(seg.n for seg in plan))), len(tokens)
+
     def precompute(self):
         """Generate (and cache) every item now; returns self."""
         for i in range(len(self)):
@@ -267,13 +276,17 @@ class TokenCorpus(_SynthCorpus):
     def __len__(self):
         return self.num_utts
 
-    def _make(self, index):
+    def _plan(self, index):
         voice = self.voices[index % self.num_speakers]
         r = self._rng(index)
         u = r.integers(self.tokens_per_utt[0], self.tokens_per_utt[1] + 1)
         tokens = r.integers(1, self.vocab_size, size=u)  # (U,) never 0, the blank
         session = Session(snr_db=r.uniform(10.0, 35.0), channel_db=r.uniform(0.5, 3.0), gain=r.uniform(0.05, 0.9))
         plan, spans = _token_plan(voice, tokens.tolist(), r)
+        return voice, r, tokens, session, plan, spans
+
+    def _make(self, index):
+        voice, r, tokens, session, plan, spans = self._plan(index)
         wave = render(voice, plan, session, r)
         frames = _frames(len(wave))
         # token frames: those whose centre (160 k + 200) falls inside the token's samples
