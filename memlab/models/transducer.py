@@ -212,7 +212,7 @@ def _check_int_1d(name: str, x, batch: int, device) -> None:
 # ----------------------------------------------------------------------------- losses
 # loss(model, enc_out (B, T, D), pred_out (B, U+1, P), targets (B, U), enc_lengths, target_lengths)
 def batched_loss(model, enc_out, pred_out, targets, enc_lengths, target_lengths):
-    """torchaudio's loss on the whole joiner output."""
+    """The standard loss on the whole joiner output (rnnt_loss_batched: the 4-D tensor at once)."""
     logits = model.joiner(enc_out, pred_out)                                 # (B, T, U+1, V)
     return rnnt_loss_batched(logits, targets, enc_lengths, target_lengths, blank=model.blank)
 
@@ -256,7 +256,7 @@ class Transducer(nn.Module):
         vocab_size: output classes including blank. feat_dim: fbank bins.
         enc_dim / enc_layers: encoder width and number of Transformer layers (0 allowed).
         pred_dim: predictor width. joint_dim: joiner hidden width.
-        loss: "batched" (torchaudio on the whole 4-D tensor) or "samplewise" (the names of
+        loss: "batched" (the whole 4-D tensor at once) or "samplewise" (the names of
             ``LOSSES``), or a callable ``loss(model, enc_out, pred_out, targets, enc_lengths,
             target_lengths) -> scalar``.
         blank: blank index (also the predictor's start symbol). subsample: 1, 2 or 4.

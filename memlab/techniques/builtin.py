@@ -28,7 +28,8 @@ _memory("reversible-full", "fully reversible: reversible blocks and invertible d
 
 # --- transducer loss (memlab.models.Transducer takes loss=<name>) ------------------------------
 for _name, _description in (
-        ("batched", "torchaudio rnnt_loss on the whole B x T x (U+1) x V tensor"),
+        ("batched", "the RNN-T loss on the whole B x T x (U+1) x V tensor at once "
+                    "(memlab.transducer.rnnt_loss_batched)"),
         ("samplewise", "loss and joiner gradient one sample (or small group) at a time "
                        "(Braun et al. 2022)"),
         ("pruned", "pruned RNN-T: a simple additive joint bounds the lattice, the joiner runs "
