@@ -20,8 +20,11 @@ single-process run bit for bit (same gradients in, same parameters and states ou
 shard sizes. Which blocks are shared follows from the global shape and the mesh alone
 (``Shard(0)``'s chunking, checked against this rank's own offset), so every rank takes part in
 the same all-reduces, also a rank whose segment is empty. Fake tensors (``memlab.memory.
-estimate``, whose fake process group has no offsets to read) keep each shard's blocks to itself:
-the estimate then counts at most one absmax value (4 bytes) per shard and state too few or many.
+estimate``, whose fake process group has no offsets to read) keep each shard's blocks to itself
+(phase 0): that is rank 0's layout (its segment starts at 0), the rank the per-rank estimate
+measures, so its state bytes are exact; another rank, whose segment starts inside a block, can
+hold one absmax value (4 bytes) per state more, and the few-KiB temporaries of the edge pieces
+are not modelled.
 """
 
 from __future__ import annotations

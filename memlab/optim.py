@@ -58,6 +58,7 @@ are untouched. Skip such steps (``torch.amp.GradScaler`` does) if that matters.
 from __future__ import annotations
 
 import warnings
+import weakref
 from typing import Callable, Optional, Union
 
 import torch
@@ -213,13 +214,18 @@ class _Optimizer8bit(Optimizer):
         ``staged`` when given (``state`` is then only read), else into ``state``. A DTensor
         ``p`` (FSDP2) gets states of its local shard; 8-bit or not is decided on its global
         numel, so every rank decides alike and a shard below ``min_8bit_size`` stays 8-bit."""
-        views = self.__dict__.setdefault("_views", {})   # id(param) -> the last step's views
+        # id(param) -> how the last step's views were built, with weak references to the stored
+        # tensors (the cache never keeps a state alive: opt.state.clear() frees it at once)
+        views = self.__dict__.setdefault("_views", {})
         hp, hit = p, views.get(id(p)) if state else None
         numel, p = p.numel(), local(p)                # global numel; the local shard
         if hit is not None and hit[0] is group and hit[1] == group["block_size"] \
                 and hit[2] == p.shape and hit[5] == len(state) \
-                and all(state.get(k) is t for k, t in hit[3]):
-            return hit[4], False                      # the same stored tensors: the same views
+                and all(state.get(k) is r() for k, r in hit[3]):
+            return [state[name] if signed is None else
+                    QTensor.trusted(state[name + "_codes"], state[name + "_absmax"], p.shape,
+                                    signed, group["block_size"], ph)
+                    for name, signed, ph in hit[4]], False    # the same stored tensors
         out = state if staged is None else staged
         states, fresh = [], False
         ph = _shard_edges.phase(hp, group["block_size"])    # FSDP2: where the shard starts
@@ -240,8 +246,10 @@ class _Optimizer8bit(Optimizer):
                 states.append(QTensor(have[name + "_codes"], have[name + "_absmax"], p.shape,
                                       signed, group["block_size"], ph))
         if not fresh and states:
-            used = [(k, state[k]) for k in state if k != "step"]
-            views[id(hp)] = (group, group["block_size"], p.shape, used, states, len(state))
+            used = [(k, weakref.ref(state[k])) for k in state if k != "step"]
+            how = [(name, None, 0) if name in state else (name, signed, ph)
+                   for name, signed in self._state_specs(group)]
+            views[id(hp)] = (group, group["block_size"], p.shape, used, how, len(state))
         return states, fresh
 
     def load_state_dict(self, state_dict: dict) -> None:

@@ -394,3 +394,32 @@ def test_estimate_of_an_8bit_step_equals_the_metered_step(name, make):
     assert abs(est.peak - meter.peak) <= 0.03 * meter.peak, (est.peak, meter.peak)
     assert est.peak_phase == meter.peak_phase
     assert abs(est.breakdown()["optimizer"] - meter.breakdown()["optimizer"]) <= 0.03 * meter.peak
+
+
+@pytest.mark.parametrize("make", [lambda p: Adam8bit(p, min_8bit_size=0),
+                                  lambda p: SGD8bit(p, lr=0.1, min_8bit_size=0)])
+def test_cleared_state_is_freed_at_once(make):
+    """The per-step view cache holds weak references only: after opt.state.clear() (or a
+    parameter's state replaced) the old states are freed before the next step, and the next
+    step starts from fresh zeros as torch's optimizers do. (The cache used to keep them alive
+    until the step after the next.)"""
+    import gc
+    import weakref
+    w = nn.Parameter(torch.randn(64, 64))
+    opt = make([w])
+    for _ in range(2):                     # the second step is served from the view cache
+        w.grad = torch.randn_like(w)
+        opt.step()
+    stored = [weakref.ref(t) for t in opt.state[w].values() if isinstance(t, torch.Tensor)]
+    assert len(stored) >= 2
+    opt.state.clear()
+    gc.collect()
+    assert all(r() is None for r in stored), "a cleared state is still alive"
+    w.grad = torch.ones_like(w)
+    before = w.detach().clone()
+    opt.step()
+    p2 = nn.Parameter(before.clone())
+    fresh = make([p2])
+    p2.grad = torch.ones_like(p2)
+    fresh.step()
+    assert torch.equal(w.detach(), p2.detach())          # as a new optimizer's first step
