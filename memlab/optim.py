@@ -224,8 +224,8 @@ class _Optimizer8bit(Optimizer):
                 and all(state.get(k) is r() for k, r in hit[3]):
             return [state[name] if signed is None else
                     QTensor.trusted(state[name + "_codes"], state[name + "_absmax"], p.shape,
-                                    signed, group["block_size"], ph)
-                    for name, signed, ph in hit[4]], False    # the same stored tensors
+                                    signed, group["block_size"], hit[6])
+                    for name, signed in hit[4]], False        # the same stored tensors
         out = state if staged is None else staged
         states, fresh = [], False
         ph = _shard_edges.phase(hp, group["block_size"])    # FSDP2: where the shard starts
@@ -247,9 +247,9 @@ class _Optimizer8bit(Optimizer):
                                       signed, group["block_size"], ph))
         if not fresh and states:
             used = [(k, weakref.ref(state[k])) for k in state if k != "step"]
-            how = [(name, None, 0) if name in state else (name, signed, ph)
-                   for name, signed in self._state_specs(group)]
-            views[id(hp)] = (group, group["block_size"], p.shape, used, how, len(state))
+            how = [(name, None if name in state else signed)
+                   for name, signed in self._state_specs(group)]    # None: an fp32 state
+            views[id(hp)] = (group, group["block_size"], p.shape, used, how, len(state), ph)
         return states, fresh
 
     def load_state_dict(self, state_dict: dict) -> None:

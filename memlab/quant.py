@@ -401,12 +401,14 @@ class QTensor:
 
     @classmethod
     def trusted(cls, codes: Tensor, absmax: Tensor, shape, signed: bool, block_size: int,
-                phase: int) -> "QTensor":
-        """A view over tensors that formed a valid QTensor with these arguments before (the
-        8-bit optimizers' per-step views of unchanged states): no checks."""
+                phase: int, book: Optional[_Codebook] = None) -> "QTensor":
+        """A QTensor without the checks, over tensors known to form a valid one with these
+        arguments (a view of a valid QTensor; the 8-bit optimizers' per-step views of unchanged
+        states). ``book``: the codebook when the caller has it."""
         q = object.__new__(cls)
         q.codes, q.absmax, q.shape, q.signed = codes, absmax, shape, signed
-        q.block_size, q.phase, q._book = block_size, phase, _state_book(signed, codes.device)
+        q.block_size, q.phase = block_size, phase
+        q._book = book if book is not None else _state_book(signed, codes.device)
         return q
 
     @classmethod
@@ -445,12 +447,10 @@ class QTensor:
         if at % bs and not any_start:
             raise ValueError(f"start must be on a block boundary (block_size={bs}, phase="
                              f"{self.phase}), got {start}")
-        q = object.__new__(type(self))         # a view of a valid QTensor: skip the checks
-        q.codes = self.codes[start:end]
-        q.absmax = self.absmax[at // bs:at // bs + _blocks(end - start, bs, at % bs)]
-        q.shape, q.signed, q.block_size, q._book = (end - start,), self.signed, bs, self._book
-        q.phase = at % bs if end > start else 0
-        return q
+        first = at // bs
+        absmax = self.absmax[first:first + _blocks(end - start, bs, at % bs)]
+        return type(self).trusted(self.codes[start:end], absmax, (end - start,), self.signed, bs,
+                                  at % bs if end > start else 0, self._book)
 
     def one_block(self, start: int, end: int, cls: Optional[type] = None) -> "QTensor":
         """Elements ``start:end``, all inside one block, as a phase-0 view (of type ``cls``,
