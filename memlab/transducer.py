@@ -352,10 +352,8 @@ def rnnt_loss_batched(logits: torch.Tensor, targets: torch.Tensor, logit_lengths
     t_max, u_max = int(logit_lengths.max()), int(target_lengths.max())
     x = logits[:, :t_max, :u_max + 1]                                          # (B, T', U'+1, V)
     if _use_memlab_kernel(kernel, x, clamp):
-        t_len, u_len = logit_lengths.long(), target_lengths.long()
-        valid = torch.arange(u_max, device=x.device)[None, :] < u_len[:, None]
-        tgt = torch.where(valid, targets[:, :u_max].long(), blank)            # pad -> blank
-        costs = _StoredLogitsGrad.apply(x.contiguous(), tgt, t_len, u_len, blank)
+        costs = _StoredLogitsGrad.apply(x.contiguous(), targets[:, :u_max], logit_lengths,
+                                        target_lengths, blank)    # chunk_loss pads with blank
     else:
         costs = _torchaudio_costs(x, targets[:, :u_max], logit_lengths, target_lengths, blank,
                                   clamp)
