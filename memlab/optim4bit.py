@@ -27,6 +27,12 @@ time (:mod:`memlab._q4_chunks`: two passes where a rank-1 second moment needs th
 first; the same bits), so the temporaries stay ~1.8 MB instead of growing with the largest
 tensor (a 512 x 1024 Linear took 13.4 MB of temporaries next to its 0.83 MB of state).
 
+FSDP2 (DTensor parameters, ``Shard(0)``): each rank keeps 4-bit states of its shard only, laid
+out so that a run equals one process bit for bit for any shard sizes, and ``state_dict()`` gives
+a sharding-independent form that ``torch.distributed.checkpoint`` reshards
+(:mod:`memlab._q4_shards`); 4-bit or fp32 and rank-1 or block-wise are decided on the global
+shape.
+
 Non-finite gradients: as torch, the parameter element becomes NaN/inf. In the 4-bit state a
 non-finite value spoils its first-moment block (128 elements) and, with rank-1, its second
 moment's row and column (block-wise: its block) from the next step on. Skip such steps
@@ -43,9 +49,9 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from memlab import _q4_chunks
-from memlab._optim_state import check_grad, checked_states
-from memlab.distributed import is_dtensor
+from memlab import _q4_chunks, _q4_shards
+from memlab._optim_state import _to_local, check_grad, checked_states
+from memlab.distributed import is_dtensor, local
 from memlab.quant4 import Q4Tensor, num_blocks, use_rank1
 
 __all__ = ["Adam4bit", "AdamW4bit", "stored_moments"]
@@ -105,13 +111,12 @@ _SPECS = (("exp_avg", True), ("exp_avg_sq", False))      # (name, signed map)
 
 
 def _refuse_dtensor(who: str, p: Tensor) -> None:
-    """TypeError for a DTensor (FSDP2-sharded) parameter: the 4-bit states are not sharded."""
-    if is_dtensor(p):
-        raise TypeError(f"{who}: params holds a DTensor (FSDP2-sharded) parameter of shape "
-                        f"{tuple(p.shape)}, and 4-bit states of sharded parameters are not "
-                        f"supported (a rank-1 second moment needs column maxima over every "
-                        f"shard, two codes share a byte across a shard boundary); use Adam8bit "
-                        f"or AdamW8bit, whose states shard exactly, or DDP")
+    """TypeError for a DTensor parameter whose shard is not one segment of the flattened tensor
+    (a placement sharding a dim other than 0): the sharded 4-bit states follow Shard(0)."""
+    if is_dtensor(p) and not _q4_shards.supported(p):
+        raise TypeError(f"{who}: params holds a DTensor parameter of shape {tuple(p.shape)} "
+                        f"with placements {p.placements}; 4-bit states of sharded parameters "
+                        f"follow FSDP2's Shard(0) (and Replicate) only")
 
 
 def _check(name: str, value, ok: bool, expected: str) -> None:
@@ -168,9 +173,14 @@ def _states(p: Tensor, st: Mapping, group: dict) -> list:
 
 
 def _new_state(p: Tensor, group: dict) -> dict:
+    """Zero states of ``p``; a DTensor (FSDP2) gets states of its local shard, 4-bit or fp32
+    decided on its global numel (:mod:`memlab._q4_shards`)."""
     if p.numel() < group["min_4bit_size"]:
-        return {name: torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
+        return {name: torch.zeros_like(local(p), dtype=torch.float32,
+                                       memory_format=torch.preserve_format)
                 for name, _ in _SPECS}
+    if is_dtensor(p):
+        return _q4_shards.new_state(p, group)
     out = {}
     for name, signed in _SPECS:
         rank1 = not signed and use_rank1(p.shape, group["block_size"], group["rank1"])
@@ -187,6 +197,8 @@ def stored_moments(opt: Optimizer, p: Tensor) -> Optional[tuple]:
     if not st or "step" not in st:
         return None
     group = next(g for g in opt.param_groups if any(q is p for q in g["params"]))
+    if is_dtensor(p) and "exp_avg_q4" in st:                 # FSDP2: this rank's shard
+        return _q4_shards.local_moments(p, st, group["block_size"])
     return tuple(s.dequantize() if isinstance(s, Q4Tensor) else s.clone()
                  for s in _states(p, st, group))
 
@@ -272,13 +284,32 @@ class Adam4bit(Optimizer):
             st.update(staged)
             st["step"] = step
             beta1, beta2 = group["betas"]
-            _adam4bit_step(p.detach(), p.grad, *_states(p, st, group), step=step,
-                           lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
-                           weight_decay=group["weight_decay"], decoupled=self._decoupled,
-                           maximize=group["maximize"])
+            kw = dict(step=step, lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
+                      weight_decay=group["weight_decay"], decoupled=self._decoupled,
+                      maximize=group["maximize"])
+            if is_dtensor(p) and "exp_avg_q4" in st:       # FSDP2 shard: a collective
+                _q4_shards.adam4bit_step(p, p.grad, st, block_size=group["block_size"], **kw)
+            elif is_dtensor(p):                            # fp32 states of the local shard
+                _adam4bit_step(local(p).detach(), local(p.grad), st["exp_avg"],
+                               st["exp_avg_sq"], **kw)
+            else:
+                _adam4bit_step(p.detach(), p.grad, *_states(p, st, group), **kw)
         return loss
 
     # -- state -------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        """As torch's; the states of DTensor (FSDP2) parameters in their checkpoint form, which
+        does not depend on the sharding (:mod:`memlab._q4_shards`: codes one per element as a
+        DTensor laid out like the parameter, block absmaxes all-gathered; a collective: call on
+        every rank) -- what ``torch.distributed.checkpoint`` saves on N ranks and loads on M."""
+        sd = super().state_dict()
+        owners = [(p, g) for g in self.param_groups for p in g["params"]]   # torch's ids
+        sd["state"] = {k: (_q4_shards.to_checkpoint(st, owners[k][0], owners[k][1]["block_size"],
+                                                    f"param {k}")
+                           if st and is_dtensor(owners[k][0]) else st)
+                       for k, st in sd["state"].items()}
+        return sd
 
     def state_nbytes(self) -> int:
         """Bytes held in ``self.state`` (each storage once; memlab.memory.storage_bytes)."""
@@ -322,7 +353,10 @@ class Adam4bit(Optimizer):
                     raise ValueError(f"{where}: state '{name}' must be a float32 tensor of shape "
                                      f"{tuple(p.shape)}, got {_describe(t)}")
             elif name + "_q4" in st:
-                need(name + "_q4", torch.uint8, num_blocks(n, 2), " (two 4-bit codes a byte)")
+                bad = _q4_shards.checked_codes(st[name + "_q4"], n)
+                if bad:
+                    raise ValueError(f"{where}: state '{name}_q4' must be {bad}, got "
+                                     f"{_describe(st[name + '_q4'])}")
                 if name + "_rank1" in st and not signed:
                     dims = [d for d in p.shape if d != 1]
                     if len(dims) < 2:
@@ -335,12 +369,28 @@ class Adam4bit(Optimizer):
             else:
                 raise ValueError(f"{where}: state lacks '{name}' (fp32) or '{name}_q4' + its "
                                  f"scales (4-bit); it has {sorted(map(str, st))}")
-        new = {k: (_own(v, p.device) if isinstance(v, Tensor) else v) for k, v in st.items()}
+        new = {k: (_own(_loaded(k, v, p, bs, where), local(p).device)
+                   if isinstance(v, Tensor) else v) for k, v in st.items()}
         new["step"] = _checked_step(st["step"], where)
         for k in list(new):
             if k.endswith(("_q4", "_absmax", "_rank1")):
                 new[k] = new[k].view(-1)
         return new
+
+
+def _loaded(key: str, v: Tensor, p: Tensor, bs: int, where: str) -> Tensor:
+    """A checked saved state tensor as this optimizer holds it for ``p``: codes packed two a
+    byte (of the local shard for a DTensor ``p``), block absmaxes of the blocks the shard
+    touches, rank-1 maxima global (:mod:`memlab._q4_shards`)."""
+    if key.endswith("_q4"):
+        if is_dtensor(p) or is_dtensor(v) or v.numel() != num_blocks(p.numel(), 2):
+            return _q4_shards.codes_to_local(v, p)
+        return v
+    if key.endswith("_rank1"):
+        return v.full_tensor() if is_dtensor(v) else v
+    if key.endswith("_absmax") or key in ("exp_avg", "exp_avg_sq"):
+        return _to_local(v, p, bs, key.endswith("_absmax"), where)
+    return v
 
 
 class AdamW4bit(Adam4bit):

@@ -52,8 +52,6 @@ except ImportError:  # pragma: no cover
 MODES = ("none", "ddp", "fsdp2")
 _NOT_UNDER_FSDP2 = {          # optimizer -> why it cannot step FSDP2's sharded parameters
     "lowrank-adam": "it rewires the modules FSDP2 shards",
-    "adam4bit": "its 4-bit states are not sharded; adam8bit's are",
-    "adamw4bit": "its 4-bit states are not sharded; adamw8bit's are",
 }
 # where a rank's memory summary comes from in a metered Record
 _RANK_FIELDS = ("peak", "breakdown", "category_peaks", "device_peak", "host_peak")

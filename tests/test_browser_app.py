@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_browser import BARS_JS, CHROMIUM, CHROMIUM_ARGS, _free_port
+from test_browser import BARS_JS, CHROMIUM, CHROMIUM_ARGS, _free_port
 
 # pytest-xdist (-n 2 --dist loadgroup): one JupyterLab/Voila and Chromium at a time
 pytestmark = [pytest.mark.browser,

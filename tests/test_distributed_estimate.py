@@ -24,9 +24,10 @@ CFG = dict(task="speaker", optimizer="adam8bit", nproc=2, batch_size=4, width=32
            sync_bn=True, num_speakers=6, utts_per_speaker=4, eval_speakers=4)
 
 
-@pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
-def test_per_rank_estimate_matches_two_ranks(mode):
-    cfg = Config(**CFG, parallel=mode)
+@pytest.mark.parametrize("mode,optimizer", [("ddp", "adam8bit"), ("fsdp2", "adam8bit"),
+                                            ("fsdp2", "adam4bit")])
+def test_per_rank_estimate_matches_two_ranks(mode, optimizer):
+    cfg = Config(**dict(CFG, optimizer=optimizer), parallel=mode)
     ranks = measure_ranks(cfg, steps=2, timeout=300)
     est = estimate_config(cfg, steps=2)
     assert [r["rank"] for r in ranks] == [0, 1]
@@ -37,4 +38,9 @@ def test_per_rank_estimate_matches_two_ranks(mode):
             assert est.breakdown()[c] == r["breakdown"][c], (mode, c, est.breakdown(), r)
     if mode == "fsdp2":                 # parameters and optimizer state: half of DDP's
         ddp = estimate_config(cfg.replace(parallel="ddp"), steps=2).breakdown()
-        assert est.breakdown()["optimizer"] == ddp["optimizer"] // 2
+        print(f"{optimizer}: optimizer state per rank {est.breakdown()['optimizer']} B, "
+              f"unsharded {ddp['optimizer']} B")
+        if optimizer == "adam8bit":
+            assert est.breakdown()["optimizer"] == ddp["optimizer"] // 2
+        else:                           # the rank-1 maxima are whole on every rank
+            assert 0.5 * ddp["optimizer"] <= est.breakdown()["optimizer"] <= 0.56 * ddp["optimizer"]

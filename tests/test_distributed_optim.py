@@ -370,18 +370,23 @@ def test_launch_reports_an_argument_that_cannot_be_pickled():
         launch(_ddp_steps, 2, (lambda: 0, 1), timeout=30)
 
 
-def _adam4bit_on_fsdp2(rank, world):
+def _adam4bit_on_shard1(rank, world):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
     from memlab.optim4bit import Adam4bit
-    model = _shard(_model())
+    mesh = init_device_mesh("cpu", (world,))
+    w = nn.Parameter(distribute_tensor(torch.randn(8, 8), mesh, [Shard(1)]))
     try:
-        Adam4bit(model.parameters(), lr=1e-2)
+        Adam4bit([w], lr=1e-2)
     except TypeError as e:
         return str(e)
     return "no error"
 
 
 @pytest.mark.distributed
-def test_adam4bit_refuses_fsdp2_parameters_with_a_clear_error():
-    """It used to fail in its first step with torch's 'mixed torch.Tensor and DTensor'."""
-    for msg in launch(_adam4bit_on_fsdp2, 2, (), timeout=120):
-        assert "Adam4bit" in msg and "DTensor" in msg and "Adam8bit" in msg, msg
+def test_adam4bit_refuses_dtensors_sharded_along_another_dim_with_a_clear_error():
+    """Sharded 4-bit states follow FSDP2's Shard(0) (tests/test_distributed_optim4bit.py); a
+    parameter sharded along dim 1 is refused at construction, not in its first step."""
+    for msg in launch(_adam4bit_on_shard1, 2, (), timeout=120):
+        assert "Adam4bit" in msg and "DTensor" in msg and "Shard(0)" in msg, msg

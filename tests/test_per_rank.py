@@ -180,6 +180,6 @@ def test_cli_plan_nproc(capsys, one_thread):
     (["--nproc", "2", "--batch-size", "0"], ("batch_size must be >= 1",)),
 ])
 def test_cli_plan_nproc_mistakes_are_one_line(argv, needles, capsys):
-    from tests.test_cli_errors import one_line_error
+    from test_cli_errors import one_line_error
     assert main(["plan", "--fit", "1GB", *argv]) == 2
     one_line_error(capsys.readouterr().err, *needles)
