@@ -19,7 +19,12 @@ One all-reduce per parameter and step carries both moments' shared values, with 
 value (a NaN anywhere makes the global maximum NaN, as ``amax`` in one process; inf stays inf).
 The element-wise math is that of :func:`memlab.optim4bit._adam4bit_step` in the same order, and
 maxima are exact in any order, so a sharded run equals a single-process run bit for bit (same
-gradients in, same parameters and states out), whatever the shard sizes.
+gradients in, same parameters and states out), whatever the shard sizes. A shard of more than
+2 x ``memlab._q4_chunks.CHUNK`` elements is stepped in parts of whole rows (cut where one
+process cuts its chunks), so the step's temporaries are those of one part (measured 2.2 MB for a
+shard of 1 M elements, against ~27 B per element of the shard in one go); a first pass computes
+the maxima the ranks must agree on, a second updates and encodes (parts whose codes share a
+byte keep each other's nibble).
 
 Checkpoint form (``state_dict()``, what ``torch.distributed.checkpoint`` saves on N ranks and
 loads on M): codes as a uint8 DTensor laid out like the parameter, *one code per element*
@@ -42,6 +47,7 @@ from torch import Tensor
 from memlab._optim_state import _is_fake, global_absmax
 from memlab._shard_edges import _device, segments, shared_blocks
 from memlab.distributed import as_dtensor_like, flat_shard, is_dtensor, local, shard_group
+from memlab._q4_chunks import CHUNK, _grad
 from memlab.quant import _blocks
 from memlab.quant4 import _dims, _encode, _table, pack4, unpack4, use_rank1
 
@@ -99,21 +105,11 @@ def _block_apply(x: Tensor, scale: Tensor, phase: int, bs: int, divide: bool) ->
 
 
 # ----------------------------------------------------------------------------------------------
-# rank-1 scales of a segment of whole rows
-
-
-def _rows(p: Tensor, a: int, n: int):
-    """(dims, r0, r1, sharded): the rank-1 axes, this rank's rows [r0, r1) of dims[0], and
-    whether dims[0] is the sharded dim 0 (else the segment is all of the tensor or nothing)."""
-    dims = _dims(p.shape)
-    if p.shape[0] != 1:
-        row = math.prod(p.shape[1:])
-        return dims, a // row, (a + n) // row, True
-    return dims, 0, (dims[0] if n else 0), False
+# rank-1 scales of whole rows; codes of a part of the segment
 
 
 def _rank1_scale(maxes: Tensor, dims, r0: int, r1: int) -> Tensor:
-    """min_k s_k[i_k] over this rank's rows: float32 (r1 - r0, *dims[1:])."""
+    """min_k s_k[i_k] over rows [r0, r1) of dims[0]: float32 (r1 - r0, *dims[1:])."""
     d, start, scale = len(dims), 0, None
     for k, size in enumerate(dims):
         s = maxes[start:start + size]
@@ -125,8 +121,8 @@ def _rank1_scale(maxes: Tensor, dims, r0: int, r1: int) -> Tensor:
 
 
 def _rank1_partial(v: Tensor, dims, r0: int, r1: int) -> Tensor:
-    """This rank's contribution to the global per-axis maxima of v >= 0: its rows' axis-0
-    maxima in their places, its maxima over its rows of every other axis, 0 elsewhere."""
+    """The contribution of rows [r0, r1) of v >= 0 to the global per-axis maxima: their axis-0
+    maxima in their places, their maxima of every other axis, 0 elsewhere."""
     out = torch.zeros(sum(dims), dtype=torch.float32, device=v.device)
     if r1 == r0:
         return out
@@ -134,9 +130,33 @@ def _rank1_partial(v: Tensor, dims, r0: int, r1: int) -> Tensor:
     start = 0
     for k, size in enumerate(dims):
         m = a.amax(dim=tuple(j for j in range(d) if j != k))
-        out[start + (r0 if k == 0 else 0):start + (r0 if k == 0 else 0) + m.numel()] = m
+        at = start + (r0 if k == 0 else 0)
+        out[at:at + m.numel()] = m
         start += size
     return out
+
+
+def _get(packed: Tensor, s: int, e: int, signed: bool) -> Tensor:
+    """fp32 map values of local elements [s, e) (codes packed from local element 0)."""
+    code, _ = _table(signed, packed.device)
+    c = unpack4(packed[s // 2:(e + 1) // 2], e - s + s % 2)[s % 2:]
+    return code.index_select(0, c.int())
+
+
+def _put(packed: Tensor, s: int, c: Tensor) -> None:
+    """Write codes ``c`` (0..15) of local elements [s, s + len(c)), keeping the other nibble of a
+    byte shared with elements outside (a part that starts or ends at an odd element)."""
+    c = c.to(torch.uint8)
+    if s % 2 and c.numel():
+        b = packed[s // 2:s // 2 + 1]
+        b.copy_((b & 15) | (c[:1] << 4))
+        c, s = c[1:], s + 1
+    full = c.numel() - c.numel() % 2
+    if full:
+        pack4(c[:full], out=packed[s // 2:(s + full) // 2])
+    if c.numel() > full:
+        b = packed[(s + full) // 2:(s + full) // 2 + 1]
+        b.copy_((b & 0xF0) | c[full:])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -162,18 +182,13 @@ def new_state(p: Tensor, group: dict) -> dict:
     return out
 
 
-def _decode(codes: Tensor, n: int, signed: bool) -> Tensor:
-    code, _ = _table(signed, codes.device)
-    return code.index_select(0, unpack4(codes, n).int())                # (n,) map values
-
-
 def _slots(p: Tensor, a: int, n: int, bs: int):
     """(number of shared blocks of ``p`` (every rank's, the same on all), [(slot, local block)]
-    of those this rank's segment touches), or None when no collective runs (fake tensors, a
+    of those this rank's segment touches); (0, []) when no collective runs (fake tensors, a
     parameter not split along dim 0)."""
     segs = None if _is_fake(local(p)) else segments(p)
     if segs is None:
-        return None
+        return 0, []
     blocks, first = shared_blocks(segs, bs), a // bs
     count = _blocks(n, bs, a % bs)
     return len(blocks), [(j, b - first) for j, b in enumerate(blocks) if first <= b < first + count]
@@ -192,77 +207,137 @@ def _all_reduce_max(p: Tensor, vals: Tensor) -> Tensor:
     return torch.where(buf[k:] > 0, float("nan"), buf[:k])
 
 
-def _moments(p: Tensor, st: dict, bs: int):
-    """(exp_avg, exp_avg_sq) of this rank's segment, fp32 (n,) each, and (dims, r0, r1) of a
-    rank-1 second moment (Nones if block-wise)."""
-    a, n = segment(p)
-    m = _block_apply(_decode(st["exp_avg_q4"], n, True), st["exp_avg_absmax"], a % bs, bs, False)
-    v = _decode(st["exp_avg_sq_q4"], n, False)
-    if "exp_avg_sq_rank1" not in st:
-        return m, _block_apply(v, st["exp_avg_sq_absmax"], a % bs, bs, False), (None, 0, 0)
-    dims, r0, r1, _ = _rows(p, a, n)
-    scale = _rank1_scale(st["exp_avg_sq_rank1"], dims, r0, r1)
-    return m, v.view(r1 - r0, *dims[1:]).mul_(scale).view(-1), (dims, r0, r1)
+class _Part:
+    """Local elements [s, e) of a segment that starts at global element a: whole rows of the
+    rank-1 axes, the blocks it touches (local indices [i0, i0 + count)), its phase."""
+
+    def __init__(self, a: int, s: int, e: int, bs: int, row: int):
+        self.s, self.e, self.phase = s, e, (a + s) % bs
+        self.i0, self.count = (a + s) // bs - a // bs, _blocks(e - s, bs, (a + s) % bs)
+        self.r0, self.r1 = (a + s) // row, (a + e) // row
+
+
+def _parts(a: int, n: int, bs: int, row: int) -> List[_Part]:
+    """The segment in parts of about ``_q4_chunks.CHUNK`` elements (one part up to twice that):
+    cut at global multiples of whole rows that fill whole blocks, as one process's chunks."""
+    if n <= 2 * CHUNK:
+        return [_Part(a, 0, n, bs, row)] if n else []
+    step = bs // math.gcd(row, bs)
+    size = max(step, CHUNK // row // step * step) * row
+    cuts = [a] + list(range((a // size + 1) * size, a + n, size)) + [a + n]
+    return [_Part(a, x - a, y - a, bs, row) for x, y in zip(cuts, cuts[1:])]
+
+
+def _moments(st: dict, part: _Part, bs: int, rk) -> Tuple[Tensor, Tensor]:
+    """The stored (exp_avg, exp_avg_sq) of ``part``, fp32 (e - s,) each; ``rk``: the rank-1
+    axes (or None: block-wise)."""
+    s, e, ph, i0 = part.s, part.e, part.phase, part.i0
+    m = _block_apply(_get(st["exp_avg_q4"], s, e, True), st["exp_avg_absmax"][i0:], ph, bs,
+                     False)
+    v = _get(st["exp_avg_sq_q4"], s, e, False)
+    if rk is None:
+        return m, _block_apply(v, st["exp_avg_sq_absmax"][i0:], ph, bs, False)
+    scale = _rank1_scale(st["exp_avg_sq_rank1"], rk, part.r0, part.r1)
+    return m, v.view(part.r1 - part.r0, *rk[1:]).mul_(scale).view(-1)
+
+
+def _axes(p: Tensor) -> Tuple[tuple, int]:
+    dims = _dims(p.shape) or (1,)
+    return dims, math.prod(dims[1:])
 
 
 def local_moments(p: Tensor, st: dict, bs: int) -> Tuple[Tensor, Tensor]:
     """The stored moments of this rank's shard of ``p``, fp32 of the local shard's shape."""
-    m, v, _ = _moments(p, st, bs)
-    return m.view(local(p).shape), v.view(local(p).shape)
+    a, n = segment(p)
+    dims, row = _axes(p)
+    rk = dims if "exp_avg_sq_rank1" in st else None
+    parts = [_moments(st, part, bs, rk) for part in _parts(a, n, bs, row)]
+    shape = local(p).shape
+    if not parts:
+        return tuple(torch.zeros(shape, dtype=torch.float32, device=local(p).device)
+                     for _ in range(2))
+    return tuple(torch.cat(x).view(shape) for x in zip(*parts))
 
 
 def adam4bit_step(p: Tensor, grad: Tensor, st: dict, *, block_size: int, step: int, lr: float,
                   beta1: float, beta2: float, eps: float, weight_decay: float, decoupled: bool,
                   maximize: bool) -> None:
     """One Adam/AdamW step of DTensor ``p``'s shard with 4-bit states ``st`` (this module's
-    layout); a collective over the ranks that split ``p``: call on every rank, in one order."""
-    lp, bs = local(p).detach().view(-1), block_size                   # (n,) this rank's segment
+    layout); a collective over the ranks that split ``p``: call on every rank, in one order.
+
+    A large shard is stepped a part at a time (temporaries of one part, as one process's
+    :mod:`memlab._q4_chunks`); when new maxima are needed before encoding (rank-1, or blocks
+    split between ranks) a first pass computes them, the all-reduce runs, and a second pass
+    updates and encodes (a single part is computed once)."""
+    lp, gl, bs = local(p).detach().view(-1), local(grad).reshape(-1), block_size
     a, n = segment(p)
-    ph = a % bs
-    g = local(grad).reshape(-1)
-    g = g if g.dtype == torch.float32 else g.float()
-    if maximize:
-        g = -g
-    if weight_decay != 0:
-        if decoupled:
-            lp.mul_(1 - lr * weight_decay)
-        else:
-            g = g.add(lp, alpha=weight_decay).float()
-    m, v, (dims, r0, r1) = _moments(p, st, bs)
-    rank1 = dims is not None
-    m.lerp_(g, 1 - beta1)
-    v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-    denom = (v.sqrt() / (1 - beta2 ** step) ** 0.5).add_(eps)
-    lp.addcdiv_(m, denom, value=-lr / (1 - beta1 ** step))
-    # new scales: local maxima, then the shared ones all-reduced in one call
-    am = _block_maxes(m, ph, bs, torch.empty_like(st["exp_avg_absmax"]))
-    sv = (_rank1_partial(v, dims, r0, r1) if rank1 else
-          _block_maxes(v, ph, bs, torch.empty_like(st["exp_avg_sq_absmax"])))
-    slots = _slots(p, a, n, bs)
-    if slots is not None and (slots[0] or rank1):
-        k, mine = slots
-        at = torch.tensor([j for j, _ in mine], dtype=torch.long, device=am.device)   # slots
-        of = torch.tensor([i for _, i in mine], dtype=torch.long, device=am.device)   # blocks
-        mk = am.new_zeros(k).index_copy_(0, at, am[of])
-        vk = sv if rank1 else sv.new_zeros(k).index_copy_(0, at, sv[of])
-        red = _all_reduce_max(p, torch.cat([mk, vk]))
-        am[of] = red[:k][at]
-        if rank1:
-            sv = red[k:]
-        else:
-            sv[of] = red[k:][at]
+    if weight_decay != 0 and decoupled:
+        lp.mul_(1 - lr * weight_decay)
+    l2 = 0.0 if decoupled else weight_decay
+    dims, row = _axes(p)
+    rank1 = "exp_avg_sq_rank1" in st
+    rk = dims if rank1 else None
+    parts = _parts(a, n, bs, row)
+    k, mine = _slots(p, a, n, bs)
+
+    def update(part):
+        g = _grad(lp[part.s:part.e], gl[part.s:part.e], maximize, l2)
+        m, v = _moments(st, part, bs, rk)
+        m.lerp_(g, 1 - beta1)
+        v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+        return m, v
+
+    def here(part):                          # this part's shared blocks: (slot, index in part)
+        return [(j, i - part.i0) for j, i in mine if part.i0 <= i < part.i0 + part.count]
+
+    red, done = None, {}
+    if rank1 or k:                           # pass 1: the maxima the ranks must agree on
+        f32 = dict(dtype=torch.float32, device=lp.device)
+        am, av = torch.zeros(k, **f32), torch.zeros(k, **f32)
+        r1max = torch.zeros(sum(dims), **f32) if rank1 else None
+        for part in parts:
+            if not (rank1 or here(part)):
+                continue
+            m, v = done[id(part)] = update(part)
+            if len(parts) > 1:
+                done.clear()                 # recomputed in pass 2: temporaries of one part
+            for j, i in here(part):
+                am[j] = _block_maxes(m, part.phase, bs, torch.empty(part.count, **f32))[i]
+                if not rank1:
+                    av[j] = _block_maxes(v, part.phase, bs, torch.empty(part.count, **f32))[i]
+            if rank1:
+                torch.maximum(r1max, _rank1_partial(v, dims, part.r0, part.r1), out=r1max)
+        red = _all_reduce_max(p, torch.cat([am, r1max if rank1 else av]))
     _, mids_m = _table(True, lp.device)
-    pack4(_encode(_block_apply(m, am, ph, bs, True), mids_m), out=st["exp_avg_q4"])
-    st["exp_avg_absmax"].copy_(am)
     _, mids_v = _table(False, lp.device)
+    new_am = torch.empty_like(st["exp_avg_absmax"])
+    new_av = None if rank1 else torch.empty_like(st["exp_avg_sq_absmax"])
+    step_size, root2 = lr / (1 - beta1 ** step), (1 - beta2 ** step) ** 0.5
+    for part in parts:                       # pass 2 (or the only one)
+        m, v = done.pop(id(part), None) or update(part)
+        denom = (v.sqrt() / root2).add_(eps)
+        lp[part.s:part.e].addcdiv_(m, denom, value=-step_size)
+        sc = new_am[part.i0:part.i0 + part.count]
+        _block_maxes(m, part.phase, bs, sc)
+        for j, i in here(part):
+            sc[i] = red[j]
+        _put(st["exp_avg_q4"], part.s, _encode(_block_apply(m, sc, part.phase, bs, True),
+                                                 mids_m))
+        if rank1:
+            s = _rank1_scale(red[k:], dims, part.r0, part.r1).reshape(-1)
+            vn = v / s.masked_fill(s == 0, 1.0)
+        else:
+            sc = new_av[part.i0:part.i0 + part.count]
+            _block_maxes(v, part.phase, bs, sc)
+            for j, i in here(part):
+                sc[i] = red[k + j]
+            vn = _block_apply(v, sc, part.phase, bs, True)
+        _put(st["exp_avg_sq_q4"], part.s, _encode(vn, mids_v))
+    st["exp_avg_absmax"].copy_(new_am)
     if rank1:
-        s = _rank1_scale(sv, dims, r0, r1).reshape(-1)
-        vn = v / s.masked_fill(s == 0, 1.0)
-        st["exp_avg_sq_rank1"].copy_(sv)
+        st["exp_avg_sq_rank1"].copy_(red[k:])
     else:
-        vn = _block_apply(v, sv, ph, bs, True)
-        st["exp_avg_sq_absmax"].copy_(sv)
-    pack4(_encode(vn, mids_v), out=st["exp_avg_sq_q4"])
+        st["exp_avg_sq_absmax"].copy_(new_av)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -31,18 +31,23 @@ OPTS = {
 }
 
 
-def _model():
+# large shards, stepped in parts (memlab._q4_chunks.CHUNK): weight 4097 x 65 splits into 2049
+# rows (133,185 elements) and 2048 rows, rank 1 starting at an odd element inside a block
+BIG = (65, 4097, 8)
+
+
+def _model(shape=SHAPE):
     torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(SHAPE[0], SHAPE[1]), nn.ReLU(), nn.Linear(SHAPE[1], SHAPE[2]))
+    return nn.Sequential(nn.Linear(shape[0], shape[1]), nn.ReLU(), nn.Linear(shape[1], shape[2]))
 
 
-def _batch(step):
+def _batch(step, shape=SHAPE):
     g = torch.Generator().manual_seed(100 + step)
-    return torch.randn(16, SHAPE[0], generator=g), torch.randn(16, SHAPE[2], generator=g)
+    return torch.randn(16, shape[0], generator=g), torch.randn(16, shape[2], generator=g)
 
 
 def _train_step(model, opt, step, bad=None):
-    x, y = _batch(step)
+    x, y = _batch(step, (model[0].in_features, 0, model[2].out_features))
     opt.zero_grad()
     (model(x) - y).square().mean().backward()
     if bad is not None:                       # (flat index, value) into the first weight's grad
@@ -87,8 +92,8 @@ def _global_state(opt, params):
     return out
 
 
-def _run(name, steps, shard, bad=None):
-    model = _model()
+def _run(name, steps, shard, bad=None, shape=SHAPE):
+    model = _model(shape)
     if shard:
         model = _shard(model)
     opt = OPTS[name](model.parameters())
@@ -99,8 +104,8 @@ def _run(name, steps, shard, bad=None):
                 nbytes=opt.state_nbytes(), keys=sorted(opt.state[params[0]]))
 
 
-def _fsdp(rank, world, names, steps, bad=None):
-    return {name: _run(name, steps, True, bad) for name in names}
+def _fsdp(rank, world, names, steps, bad=None, shape=SHAPE):
+    return {name: _run(name, steps, True, bad, shape) for name in names}
 
 
 def _assert_same(a, b, what):
@@ -136,6 +141,20 @@ def test_fsdp2_4bit_states_equal_a_single_process_bit_for_bit(one_thread):
         if "rank1" not in name:        # rank-1 maxima (sum of the dims) are on every rank
             assert all(0.40 * single["nbytes"] < b < 0.62 * single["nbytes"] for b in per_rank)
         assert ("exp_avg_sq_rank1" in single["keys"]) == ("rank1" in name)
+
+
+def test_fsdp2_4bit_large_shards_step_in_parts_bit_for_bit(one_thread):
+    """Shards of 133,185 and 133,120 elements, each stepped in three parts of whole rows (the
+    temporaries of one part, ~58 K elements); block-wise and rank-1: one process's bits."""
+    from memlab import _q4_shards
+    assert len(_q4_shards._parts(133185, 133120, 128, 65)) == 3
+    names = ["adam4bit", "adam4bit-rank1"]
+    ranks = launch(_fsdp, 2, (names, 2, None, BIG), timeout=240)
+    for name in names:
+        single = _run(name, 2, False, shape=BIG)
+        for r, out in enumerate(ranks):
+            _assert_same(out[name]["params"], single["params"], f"{name} rank {r} params")
+            _assert_same(out[name]["state"], single["state"], f"{name} rank {r} state")
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
@@ -203,3 +222,31 @@ def test_fsdp2_4bit_dcp_checkpoint_reshards_and_resumes_bit_for_bit(name, tmp_pa
     (longer,), _ = launch(_dcp, 2, ([(None, 0, 3, {})], name), timeout=240)
     _assert_same(r0[1]["params"], longer["params"], f"{name} 1 -> 2 params")
     _assert_same(r0[1]["state"], longer["state"], f"{name} 1 -> 2 state")
+
+
+def _step_temporaries(rank, world):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    from memlab.memory import MemoryMeter
+    mesh = init_device_mesh("cpu", (world,))
+    torch.manual_seed(0)
+    p = nn.Parameter(distribute_tensor(torch.randn(2048, 1024), mesh, [Shard(0)]))
+    p.grad = distribute_tensor(torch.randn(2048, 1024), mesh, [Shard(0)])
+    opt = Adam4bit([p], lr=1e-3)
+    opt.step()
+    with MemoryMeter("cpu", inputs=[p, p.grad], optimizer=opt) as meter:
+        opt.step()
+    return dict(step=meter.peak - meter.baseline, state=opt.state_nbytes(),
+                local=p.to_local().numel())
+
+
+def test_fsdp2_4bit_step_temporaries_do_not_grow_with_the_shard(one_thread):
+    """A 2048 x 1024 weight on 2 ranks (shards of 1 M elements, rank-1 second moment): the peak
+    of a step over its baseline is one part's temporaries, as one process's chunked step, not
+    ~27 B per element of the shard (27 MB)."""
+    for r in launch(_step_temporaries, 2, (), timeout=240):
+        print(r)
+        assert r["local"] == 1024 * 1024
+        assert 0 < r["step"] < 2.5e6, r
+        assert r["state"] < 1.07 * r["local"]
