@@ -49,8 +49,15 @@ def _run_groups(group_fn, enc_out, pred_out, enc_lengths, groups, weights, want_
 
 
 def _params_of(*modules) -> list:
-    return [p for m in modules for p in (m.parameters() if hasattr(m, "parameters") else ())
-            if p.requires_grad]
+    """The trainable parameters of ``modules``, each once (a joiner may hold the simple
+    projections it is given beside: a parameter listed twice got its gradient twice)."""
+    out, seen = [], set()
+    for m in modules:
+        for p in (m.parameters() if hasattr(m, "parameters") else ()):
+            if p.requires_grad and id(p) not in seen:
+                seen.add(id(p))
+                out.append(p)
+    return out
 
 
 def _samplewise(group_fn, enc_out, pred_out, enc_lengths, groups, params, reduction, stats,

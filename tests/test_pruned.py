@@ -286,6 +286,30 @@ def test_samplewise_with_projections_equals_pruned(reduction, budget, one_thread
     same_grads(pr.grads(a, w), pr.grads(b, w), 1e-10)
 
 
+@pytest.mark.parametrize("reduction", ["none", "sum"])
+def test_samplewise_with_projections_inside_the_joiner(reduction, one_thread):
+    """A joiner module that holds the simple projections it is also given (the peers bench's
+    joiner): each parameter's gradient once. Before, the projections' parameters were listed
+    twice and their gradients came out doubled (loss and encoder gradients were right)."""
+    pr = Problem(B=5, T=10, U=4, seed=3)
+
+    class Holder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner, self.am_proj, self.lm_proj = pr.joiner, pr.am_proj, pr.lm_proj
+
+        def forward(self, e, p):
+            return self.inner(e, p)
+    joiner = Holder()
+    args = list(pr.args())
+    args[0] = joiner
+    a = pruned_rnnt_loss(*args, s_range=3, reduction=reduction)
+    args[3], args[4] = joiner.am_proj, joiner.lm_proj
+    b = samplewise_pruned_rnnt_loss(*args, s_range=3, reduction=reduction)
+    w = torch.rand(a.shape, dtype=a.dtype) if reduction == "none" else None
+    same_grads(pr.grads(a, w), pr.grads(b, w), 1e-10)
+
+
 def test_projections_are_checked(one_thread):
     pr = Problem(B=3, T=6, U=3)
     args = list(pr.args())
@@ -439,16 +463,71 @@ def test_cuda_agreement():
 
 
 # ------------------------------------------------------------------------------- fast_rnnt
+# fast_rnnt (k2's pruned RNN-T, CPU build: its three C++ sources through
+# torch.utils.cpp_extension) needs every target length >= 1: the samples with U_b = 0 are left out
+
+
+def _fast_rnnt_problem():
+    pr = Problem(B=6, T=10, U=4, V=9, dtype=torch.float32)
+    keep = pr.tgt_len >= 1
+    boundary = torch.stack([torch.zeros_like(pr.enc_len), torch.zeros_like(pr.enc_len),
+                            pr.tgt_len, pr.enc_len], 1).long()[keep]
+    return pr, keep, boundary
+
+
 def test_simple_loss_matches_fast_rnnt():
     fast_rnnt = pytest.importorskip("fast_rnnt")
-    pr = Problem(B=4, T=10, U=4, V=9, dtype=torch.float32)
-    am, lm = pr.am_proj(pr.enc).detach(), pr.lm_proj(pr.pred).detach()
-    el, tl = pr.enc_len, pr.tgt_len
-    boundary = torch.stack([torch.zeros_like(el), torch.zeros_like(el), tl, el], 1).long()
-    want = fast_rnnt.rnnt_loss_simple(lm=lm, am=am, symbols=pr.targets, termination_symbol=0,
-                                      boundary=boundary, reduction="none")
-    got = simple_rnnt_loss(am, lm, pr.targets, el, tl, reduction="none")
+    pr, keep, boundary = _fast_rnnt_problem()
+    am, lm = pr.am_proj(pr.enc).detach()[keep], pr.lm_proj(pr.pred).detach()[keep]
+    want = fast_rnnt.rnnt_loss_simple(lm=lm, am=am, symbols=pr.targets[keep],
+                                      termination_symbol=0, boundary=boundary, reduction="none")
+    got = simple_rnnt_loss(am, lm, pr.targets[keep], pr.enc_len[keep], pr.tgt_len[keep],
+                           reduction="none")
     assert close(got, want, 1e-5)
+
+
+def test_full_loss_and_gradients_match_fast_rnnt():
+    """fast_rnnt.rnnt_loss on the joiner's (B, T, U+1, V) logits against memlab's batched loss
+    and its pruned loss with the whole lattice as the band (s_range = U + 1)."""
+    fast_rnnt = pytest.importorskip("fast_rnnt")
+    pr, keep, boundary = _fast_rnnt_problem()
+    enc, pred = pr.enc.detach()[keep], pr.pred.detach()[keep]
+    el, tl, y = pr.enc_len[keep], pr.tgt_len[keep], pr.targets[keep]
+    logits = pr.joiner(enc, pred).detach().requires_grad_()
+    want = fast_rnnt.rnnt_loss(logits=logits, symbols=y, termination_symbol=0, boundary=boundary,
+                               reduction="none")
+    (g_want,) = torch.autograd.grad(want.sum(), logits)
+    got = rnnt_loss_batched(logits, y, el, tl, blank=0, reduction="none")
+    (g_got,) = torch.autograd.grad(got.sum(), logits)
+    assert close(got, want, 1e-5) and close(g_got, g_want, 1e-5)
+    full = pruned_rnnt_loss(pr.joiner, enc, pred, pr.am_proj(enc), pr.lm_proj(pred), y, el, tl,
+                            s_range=y.shape[1] + 1, reduction="none", simple_loss_scale=0.0)
+    assert close(full, want, 1e-5)
+
+
+def test_pruned_band_matches_fast_rnnt_on_its_ranges():
+    """The band's lattice (memlab.pruned.pruned_lattice) on fast_rnnt's own pruning ranges
+    (s_range 3) gives fast_rnnt.rnnt_loss_pruned's losses and logit gradients."""
+    fast_rnnt = pytest.importorskip("fast_rnnt")
+    from memlab.pruned import pruned_lattice, pruned_logits
+    pr, keep, boundary = _fast_rnnt_problem()
+    enc, pred = pr.enc.detach()[keep], pr.pred.detach()[keep]
+    el, tl, y = pr.enc_len[keep], pr.tgt_len[keep], pr.targets[keep]
+    am, lm = pr.am_proj(enc).detach(), pr.lm_proj(pred).detach()
+    _, (px_grad, py_grad) = fast_rnnt.rnnt_loss_simple(lm=lm, am=am, symbols=y,
+                                                       termination_symbol=0, boundary=boundary,
+                                                       reduction="sum", return_grad=True)
+    ranges = fast_rnnt.get_rnnt_prune_ranges(px_grad=px_grad, py_grad=py_grad,
+                                             boundary=boundary, s_range=3)      # (B, T, 3)
+    assert bool((ranges[..., 1:] - ranges[..., :-1] == 1).all())      # contiguous windows
+    logits = pruned_logits(pr.joiner, enc, pred, ranges[..., 0], 3).detach().requires_grad_()
+    want = fast_rnnt.rnnt_loss_pruned(logits=logits, symbols=y, ranges=ranges,
+                                      termination_symbol=0, boundary=boundary, reduction="none")
+    (g_want,) = torch.autograd.grad(want.sum(), logits)
+    px, py = pruned_lattice(logits, ranges[..., 0], y, tl)
+    got, _, _ = lattice_loss(px, py, el, tl)
+    (g_got,) = torch.autograd.grad(got.sum(), logits)
+    assert close(got, want, 1e-5) and close(g_got, g_want, 1e-5)
 
 
 # ---------------------------------------------------------------------------------------------
