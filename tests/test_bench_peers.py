@@ -23,7 +23,8 @@ def test_every_workload_has_its_baseline_and_memlab(rows):
     for workload, baseline, ours in (("adam-step", "torch-fused", "memlab-adam8bit"),
                                      ("sgd-step", "torch-fused", "memlab-sgd8bit"),
                                      ("reversible-stage", "plain-autograd", "memlab-reversible"),
-                                     ("rnnt-loss", "torchaudio-batched", "memlab-samplewise")):
+                                     ("rnnt-loss", "torchaudio-batched", "memlab-samplewise"),
+                                     ("rnnt-pruned", "memlab-pruned", "memlab-samplewise-pruned")):
         assert by[workload, baseline]["ratio"] == 1.0
         r = by[workload, ours]
         assert r["ok"] and r["ms"] > 0 and r["max_diff"] is not None
@@ -35,6 +36,9 @@ def test_checks_hold_for_memlab(rows):
     assert by["adam-step", "memlab-adam8bit"]["state_bytes_per_param"] <= 2.04
     assert by["reversible-stage", "memlab-reversible"]["max_diff"] < 1e-5
     assert by["rnnt-loss", "memlab-samplewise"]["max_diff"] < 1e-4
+    for ours in ("memlab-pruned", "memlab-samplewise-pruned"):      # the whole band: exact
+        assert by["rnnt-pruned", ours]["max_diff"] < 1e-5
+        assert by["rnnt-pruned", ours]["s_range"] == 5
 
 
 def test_missing_peers_are_listed_and_failed_checks_not_timed(rows):

@@ -27,6 +27,10 @@ Workloads:
   sample-wise loss, and ``optimized_transducer`` / ``fast_rnnt`` when installed. Check: loss,
   joiner and encoder gradients in float32 on a few utterances of the batch against memlab's
   float64 reference lattice (relative 1e-3: torchaudio's own gradients are 2.5e-4 off).
+* ``rnnt-pruned``: the pruned RNN-T loss (0.5 x simple + pruned, ``s_range`` 5) on the same
+  workload, with the two simple projections. Baseline: memlab's batched ``pruned_rnnt_loss``;
+  its sample-wise form, and ``fast_rnnt``'s pipeline (k2/icefall's) when installed. Check: each
+  with the whole lattice as its band (``s_range = U + 1``) against the float64 exact value.
 """
 
 from __future__ import annotations
@@ -254,7 +258,6 @@ def rnnt_rows(B: int = 32, T: int = 200, U: int = 40, V: int = 512, H: int = 128
     the first ``check_batch`` utterances (the full T, U, V) against memlab's float64 reference
     lattice (``rnnt_loss_reference``), not against the baseline: torchaudio's own gradients are
     2e-4 off the exact ones at T=200, U=40, even for float64 inputs."""
-    from memlab.memory import MemoryMeter
     from memlab.transducer import rnnt_loss_batched, rnnt_loss_reference, samplewise_rnnt_loss
     g = torch.Generator().manual_seed(0)
     enc = torch.randn(B, T, H, generator=g)
@@ -287,32 +290,116 @@ def rnnt_rows(B: int = 32, T: int = 200, U: int = 40, V: int = 512, H: int = 128
                                        boundary=bnd, reduction="sum")
         impls["fast_rnnt"] = _fr
 
+    ref = (lambda j, e, p, y, n, m: rnnt_loss_reference(j(e, p), y, n, m, reduction="sum"))
+    return _loss_rows("rnnt-loss", impls, "torchaudio-batched", ref, None, join, [join.out],
+                      (enc, pred, targets, el, tl), repeats, check_batch)
+
+
+def _loss_rows(workload: str, impls: Dict[str, Callable], baseline: str, reference: Callable,
+               checked: Optional[Callable], join: nn.Module, leaves: List[nn.Module], data: tuple,
+               repeats: int, check_batch: int) -> List[dict]:
+    """Check every ``impls[name](join, enc, pred, targets, enc_lengths, target_lengths)`` in
+    float32 on the first ``check_batch`` utterances against ``reference`` (float64): the loss
+    and the gradients of ``leaves``' weights and of the encoder output (``checked``: the impl
+    name -> the impl run for the check, None: the timed one); meter and time the ones that
+    pass."""
+    from memlab.memory import MemoryMeter
+    enc, pred, targets, el, tl = data
+    B = enc.shape[0]
+    names = [n for n, m in join.named_modules() if any(m is x for x in leaves)]
+
     def step(fn, j=join, b=B, dtype=torch.float32):
         j.zero_grad(set_to_none=True)
         e = enc[:b].to(dtype).clone().requires_grad_()
         p = pred[:b].to(dtype).clone().requires_grad_()
         loss = fn(j, e, p, targets[:b], el[:b], tl[:b])
         loss.backward()
-        return loss.detach().double(), [j.out.weight.grad.double(), e.grad.double()]
+        mods = dict(j.named_modules())
+        return loss.detach().double(), ([mods[n].weight.grad.double() for n in names]
+                                        + [e.grad.double()])
 
     b = min(B, check_batch)
-    ref_loss, ref_grads = step(lambda j, e, p, y, n, m: rnnt_loss_reference(
-        j(e, p), y, n, m, reduction="sum"), copy.deepcopy(join).double(), b, torch.float64)
+    ref_loss, ref_grads = step(reference, copy.deepcopy(join).double(), b, torch.float64)
     checks, timed, extra = {}, {}, {}
     for name, fn in impls.items():
-        loss, grads = step(fn, b=b)
+        loss, grads = step(checked(name, fn) if checked else fn, b=b)
         diff = max([(abs(loss - ref_loss) / ref_loss.abs()).item()] +
                    [((a - r).norm() / r.norm()).item() for a, r in zip(grads, ref_grads)])
         checks[name] = dict(check=f"loss, joiner and encoder gradients (float32, {b} utterances)"
                                   f" vs the float64 reference lattice (relative)",
                             max_diff=float(f"{diff:.3g}"))
-        with MemoryMeter("cpu", model=joiner, inputs=[enc, pred]) as meter:
+        with MemoryMeter("cpu", model=join, inputs=[enc, pred]) as meter:
             step(fn)
         extra[name] = dict(peak_mib=round((meter.peak - meter.baseline) / 2 ** 20, 1))
         if diff <= RNNT_TOLERANCE:
             timed[name] = (lambda fn=fn: step(fn))
     times = _time_round_robin(timed, repeats)
-    return _rows("rnnt-loss", times, "torchaudio-batched", checks, extra)
+    return _rows(workload, times, baseline, checks, extra)
+
+
+class _PrunedJoiner(_Joiner):
+    """_Joiner with the two "simple" projections to the vocabulary of the pruned loss."""
+
+    def __init__(self, H: int, V: int):
+        super().__init__(H, V)
+        self.am_proj, self.lm_proj = nn.Linear(H, V), nn.Linear(H, V)
+
+
+def rnnt_pruned_rows(B: int = 32, T: int = 200, U: int = 40, V: int = 512, H: int = 128,
+                     s_range: int = 5, repeats: int = 3, check_batch: int = 4) -> List[dict]:
+    """``rnnt-pruned`` rows: 0.5 x the simple loss + the pruned loss (``s_range`` symbols a
+    frame), forward and backward, on the ``rnnt-loss`` workload. Baseline: memlab's batched
+    ``pruned_rnnt_loss``; its sample-wise form; ``fast_rnnt``'s pipeline when installed, as
+    icefall runs it (``rnnt_loss_simple`` with its gradients, ``get_rnnt_prune_ranges``,
+    ``do_rnnt_pruning``, the joiner on the band, ``rnnt_loss_pruned``). The two pick their
+    windows by different rules, so the check runs each at ``s_range = U + 1`` (the band is the
+    whole lattice: the exact value, 0.5 x simple + the full RNN-T loss, float64 reference)."""
+    from memlab.pruned import pruned_rnnt_loss, simple_rnnt_loss
+    from memlab.transducer import rnnt_loss_reference
+    g = torch.Generator().manual_seed(0)
+    enc, pred = torch.randn(B, T, H, generator=g), torch.randn(B, U + 1, H, generator=g)
+    targets = torch.randint(1, V, (B, U), generator=g)
+    el, tl = torch.full((B,), T, dtype=torch.long), torch.full((B,), U, dtype=torch.long)
+    join = _PrunedJoiner(H, V)
+
+    def memlab_pruned(S, samplewise):
+        return lambda j, e, p, y, n, m: pruned_rnnt_loss(
+            j, e, p, j.am_proj, j.lm_proj, y, n, m, s_range=S, reduction="sum",
+            simple_loss_scale=0.5, samplewise=samplewise)
+    impls = {"memlab-pruned": memlab_pruned(s_range, False),
+             "memlab-samplewise-pruned": memlab_pruned(s_range, True)}
+    variants = {"memlab-pruned": lambda S: memlab_pruned(S, False),
+                "memlab-samplewise-pruned": lambda S: memlab_pruned(S, True)}
+    if _have("fast_rnnt"):
+        import fast_rnnt
+
+        def fast(S):
+            def run(j, e, p, y, n, m):
+                bnd = torch.zeros(e.shape[0], 4, dtype=torch.long)
+                bnd[:, 2], bnd[:, 3] = m, n
+                simple, (px_g, py_g) = fast_rnnt.rnnt_loss_simple(
+                    lm=j.lm_proj(p), am=j.am_proj(e), symbols=y, termination_symbol=0,
+                    boundary=bnd, reduction="sum", return_grad=True)
+                ranges = fast_rnnt.get_rnnt_prune_ranges(px_grad=px_g, py_grad=py_g,
+                                                         boundary=bnd, s_range=S)
+                e_band, p_band = fast_rnnt.do_rnnt_pruning(am=e, lm=p, ranges=ranges)
+                logits = j.out(torch.tanh(e_band + p_band))              # (b, T, S, V)
+                return 0.5 * simple + fast_rnnt.rnnt_loss_pruned(
+                    logits=logits, symbols=y, ranges=ranges, termination_symbol=0,
+                    boundary=bnd, reduction="sum")
+            return run
+        impls["fast_rnnt-pruned"], variants["fast_rnnt-pruned"] = fast(s_range), fast
+
+    def exact(j, e, p, y, n, m):
+        return (0.5 * simple_rnnt_loss(j.am_proj(e), j.lm_proj(p), y, n, m, reduction="sum")
+                + rnnt_loss_reference(j(e, p), y, n, m, reduction="sum"))
+    rows = _loss_rows("rnnt-pruned", impls, "memlab-pruned", exact,
+                      lambda name, fn: variants[name](U + 1), join,
+                      [join.out, join.am_proj], (enc, pred, targets, el, tl), repeats,
+                      check_batch)
+    for r in rows:
+        r["s_range"] = s_range
+    return rows
 
 
 # torchaudio's float32 gradients are ~2.5e-4 off the exact ones at T=200, U=40 (memlab's
@@ -332,6 +419,8 @@ def run(fast: bool = False, threads: Optional[int] = None) -> List[dict]:
         rows += reversible_rows(**(dict(depths=(2, 4), channels=16, size=8, repeats=2) if fast
                                    else {}))
         rows += rnnt_rows(**(dict(B=4, T=20, U=5, V=32, H=16, repeats=2) if fast else {}))
+        rows += rnnt_pruned_rows(**(dict(B=4, T=20, U=5, V=32, H=16, repeats=2) if fast
+                                    else {}))
         rows += [dict(workload="-", subject=p, status="missing") for p in PEERS if not _have(p)]
         keys = list(dict.fromkeys(k for r in rows for k in r))      # one table: every column
         return [{k: r.get(k) for k in keys} for r in rows]
