@@ -129,11 +129,13 @@ def test_resnets_equal_single_process(mode):
     _compare(cfgs, launch(_ranks, 2, (cfgs,), timeout=TIMEOUT))
 
 
-def test_adam4bit_under_fsdp2_equals_single_process():
-    """Sharded 4-bit states (before: refused under FSDP2); DF-ResNet shards off the 128-blocks."""
-    cfgs = [Config.for_task("speaker", memory=mem, optimizer=opt, parallel="fsdp2", nproc=2,
+def test_adam4bit_under_fsdp2_and_ddp_equals_single_process():
+    """Sharded 4-bit states (before: refused under FSDP2), and the 4-bit states under DDP."""
+    cfgs = [Config.for_task("speaker", memory=mem, optimizer=opt, parallel=mode, nproc=2,
                             sync_bn=True, steps=STEPS)
-            for mem, opt in (("vanilla", "adam4bit"), ("reversible", "adamw4bit"))]
+            for mem, opt, mode in (("vanilla", "adam4bit", "fsdp2"),
+                                   ("reversible", "adamw4bit", "fsdp2"),
+                                   ("vanilla", "adam4bit", "ddp"))]
     _compare(cfgs, launch(_ranks, 2, (cfgs,), timeout=TIMEOUT))
 
 
