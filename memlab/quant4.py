@@ -109,16 +109,34 @@ def _real():
 _TABLES: dict = {}
 
 
+_BOOK_OF: dict = {}     # id(cached midpoints) -> memlab.quant._Codebook of their map
+
+
 def _table(signed: bool, device: torch.device) -> Tuple[Tensor, Tensor]:
     """(values (16,), midpoints (15,)) of the state map on ``device``, cached."""
     device = torch.device(device)
     key = (signed, device.type, device.index)
     if key not in _TABLES:
+        from memlab.quant import _Codebook
         with _real():
             code = dynamic_exponent_map(True, 4) if signed else linear_nozero_map(4)
             code = code.to(device)
             _TABLES[key] = (code, (code[1:] + code[:-1]) / 2)
+            _BOOK_OF[id(_TABLES[key][1])] = _nan_as_bucketize(_Codebook(code, device))
     return _TABLES[key]
+
+
+def _nan_as_bucketize(book):
+    """Make the lookup give NaN bucketize's answer (past every midpoint): the keys whose
+    floats are all NaN, and the key of -inf (its other floats are NaNs; -inf is never a
+    normalised value: it only comes from -inf / inf = NaN)."""
+    if book.lut is not None:
+        u = torch.arange(65536, dtype=torch.int32)                   # top 16 bits, unsigned
+        nan = ((u & 0x7F80) == 0x7F80) & (((u & 0x7F) != 0) | (u == 0xFF80))
+        idx = u[nan] ^ 0x8000                                         # the table's index
+        book.lut[idx], book.lut32[idx] = book.mid.numel(), book.mid.numel()
+        book.lut_mid[idx] = math.inf
+    return book
 
 
 def _zero_code(signed: bool) -> int:
@@ -222,8 +240,19 @@ def _block_denormalize_(vals: Tensor, absmax: Tensor, block_size: int) -> Tensor
 
 
 def _encode(xn: Tensor, mids: Tensor) -> Tensor:
-    """Nearest-value codes (int32) of normalised ``xn``: midpoints strictly below (tie: lower)."""
-    return torch.bucketize(xn, mids, out_int32=True)
+    """Nearest-value codes of normalised ``xn``: the midpoints strictly below (a tie goes to the
+    lower value), i.e. ``torch.bucketize(xn, mids)`` (NaN: 15). On CPU
+    with one of the cached maps' midpoints, the binary search per element (~15 ns, half of a
+    4-bit step's time) is a lookup on the input's top 16 bits plus one comparison
+    (:class:`memlab.quant._Codebook`, checked against bucketize when it is built): uint8
+    codes; else bucketize's int32. The one difference: -inf gets 15 (bucketize: 0), and
+    -inf is never a normalised value."""
+    book = _BOOK_OF.get(id(mids))
+    if book is None or book.lut is None or xn.device.type != "cpu" \
+            or xn.dtype != torch.float32:
+        return torch.bucketize(xn, mids, out_int32=True)
+    x = xn.contiguous().view(-1)
+    return book.encode(x, torch.empty(x.shape, dtype=torch.uint8, device=x.device)).view(xn.shape)
 
 
 # ----------------------------------------------------------------------------------------------
