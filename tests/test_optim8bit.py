@@ -581,10 +581,11 @@ def test_bench_optim_rows():
     by = {(r["measure"], r["subject"]): r for r in rows}
     assert by["state_bytes_per_param", "sgd8bit"]["value"] <= 1.02
     assert by["state_bytes_per_param", "adam8bit"]["value"] <= 2.04
-    for name in ("sgd8bit", "sgd8bit-eager", "adam8bit", "adam8bit-eager"):
+    for name in ("sgd8bit", "sgd8bit-eager", "adam8bit", "adam8bit-eager", "adam4bit"):
         r = by["step_time", name]
         assert r["value"] > 0 and r["reference_value"] > 0 and r["device"] == "cpu"
     assert by["step_time", "adam8bit-eager"]["path"] == "eager"
+    assert by["step_time", "adam4bit"]["path"] == "torch-ops"
     from memlab import _cpu_kernels
     assert by["step_time", "adam8bit"]["path"] == ("fused-c" if _cpu_kernels.available()
                                                    else "eager")

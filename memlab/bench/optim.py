@@ -138,19 +138,26 @@ def _fused_or_foreach(cls, **kw) -> Callable:
 
 def _timed_builders() -> Dict[str, Callable]:
     """The default 8-bit optimizers (fused C kernel on CPU when a compiler exists, torch.compile
-    on CUDA), the eager torch-op path of the same math (``compile=False``), and torch's fp32
-    steps: fused (the fastest) and foreach."""
+    on CUDA), the eager torch-op path of the same math (``compile=False``), Adam4bit (torch
+    ops), and torch's fp32 steps: fused (the fastest) and foreach."""
     return {**_builders(),
             "sgd-fused": _fused_or_foreach(torch.optim.SGD, lr=0.01, momentum=0.9),
             "adam-fused": _fused_or_foreach(torch.optim.Adam, lr=1e-3),
             "sgd8bit-eager": lambda ps: SGD8bit(ps, lr=0.01, momentum=0.9, compile=False),
-            "adam8bit-eager": lambda ps: Adam8bit(ps, lr=1e-3, compile=False)}
+            "adam8bit-eager": lambda ps: Adam8bit(ps, lr=1e-3, compile=False),
+            "adam4bit": _adam4bit}
+
+
+def _adam4bit(ps):
+    from memlab.optim4bit import Adam4bit
+    return Adam4bit(ps, lr=1e-3)
 
 
 PAIRS = (("sgd8bit", "sgd"), ("adam8bit", "adam"))
 # (ours, torch's fastest, torch foreach)
 TIMED = (("sgd8bit", "sgd-fused", "sgd"), ("sgd8bit-eager", "sgd-fused", "sgd"),
-         ("adam8bit", "adam-fused", "adam"), ("adam8bit-eager", "adam-fused", "adam"))
+         ("adam8bit", "adam-fused", "adam"), ("adam8bit-eager", "adam-fused", "adam"),
+         ("adam4bit", "adam-fused", "adam"))
 
 
 def _memory_rows(shapes) -> list:
@@ -170,7 +177,10 @@ def _memory_rows(shapes) -> list:
 
 def _path(opt, device: str) -> str:
     """Which implementation ran the step: 'fused-c', 'compiled', 'eager', or torch's
-    'torch-fused' / 'torch-foreach'."""
+    'torch-fused' / 'torch-foreach', or 'torch-ops' (the 4-bit optimizers' step)."""
+    from memlab.optim4bit import Adam4bit
+    if isinstance(opt, Adam4bit):
+        return "torch-ops"
     if not isinstance(opt, (SGD8bit, Adam8bit)):
         return "torch-fused" if opt.defaults.get("fused") else "torch-foreach"
     if opt._compile is None and device == "cpu":
