@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from memlab.quant4 import (Q4Tensor, _block_denormalize_, _block_normalize, _dims, _encode,
-                           _table, pack4, unpack4)
+                           _table, pack4, sqrt_rounded, unpack4)
 
 CHUNK = 1 << 16                # elements per chunk (about 1.8 MB of temporaries)
 
@@ -134,7 +134,7 @@ def adam4bit_step(p: Tensor, grad: Tensor, exp_avg: Q4Tensor, exp_avg_sq: Q4Tens
         g, v = second_moment(r0, r1)
         m = _decode(exp_avg, a, b)
         m.lerp_(g, 1 - beta1)
-        denom = (v.sqrt() / root2).add_(eps)
+        denom = (sqrt_rounded(v) / root2).add_(eps)
         pf[a:b].addcdiv_(m, denom, value=-step_size)
         _encode_into(exp_avg, m, a, b)
         _encode_into(exp_avg_sq, v, a, b, _rank1_scale(maxes, dims, r0, r1) if rank1 else None)

@@ -49,7 +49,8 @@ from memlab._shard_edges import _device, segments, shared_blocks
 from memlab.distributed import as_dtensor_like, flat_shard, is_dtensor, local, shard_group
 from memlab._q4_chunks import CHUNK, _grad
 from memlab.quant import _blocks
-from memlab.quant4 import _dims, _encode, _table, pack4, unpack4, use_rank1
+from memlab.quant4 import (_dims, _encode, _table, pack4, sqrt_rounded, unpack4,
+                           use_rank1)
 
 
 def supported(p: Tensor) -> bool:
@@ -315,7 +316,7 @@ def adam4bit_step(p: Tensor, grad: Tensor, st: dict, *, block_size: int, step: i
     step_size, root2 = lr / (1 - beta1 ** step), (1 - beta2 ** step) ** 0.5
     for part in parts:                       # pass 2 (or the only one)
         m, v = done.pop(id(part), None) or update(part)
-        denom = (v.sqrt() / root2).add_(eps)
+        denom = (sqrt_rounded(v) / root2).add_(eps)
         lp[part.s:part.e].addcdiv_(m, denom, value=-step_size)
         sc = new_am[part.i0:part.i0 + part.count]
         _block_maxes(m, part.phase, bs, sc)

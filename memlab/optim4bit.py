@@ -20,10 +20,11 @@ parameter, all plain tensors in ``optimizer.state[p]`` (so every storage counter
 
 Layout as :mod:`memlab.optim`: the math of one step is one pure function
 (:func:`_adam4bit_step`); the classes do validation, param groups, state creation and
-``state_dict``. Pure torch ops, the same on CPU, CUDA and fake tensors (``memlab.memory
-.estimate``). The fp32 working copies exist only during one tensor's update: ~27 B per element
-of that tensor, and a tensor of more than 2 x 65,536 elements is updated a chunk of rows at a
-time (:mod:`memlab._q4_chunks`: two passes where a rank-1 second moment needs the new maxima
+``state_dict``. A contiguous float32 CPU tensor is stepped in C (:mod:`memlab._q4_kernel`, the
+same bits, no temporaries); everything else in torch ops, the same on CPU, CUDA and fake tensors
+(``memlab.memory.estimate``). In torch ops the fp32 working copies exist only during one
+tensor's update: ~27 B per element of that tensor, and a tensor of more than 2 x 65,536 elements
+is updated a chunk of rows at a time (:mod:`memlab._q4_chunks`: two passes where a rank-1 second moment needs the new maxima
 first; the same bits), so the temporaries stay ~1.8 MB instead of growing with the largest
 tensor (a 512 x 1024 Linear took 13.4 MB of temporaries next to its 0.83 MB of state).
 
@@ -49,10 +50,10 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from memlab import _q4_chunks, _q4_shards
+from memlab import _q4_chunks, _q4_kernel, _q4_shards
 from memlab._optim_state import _to_local, check_grad, checked_states
 from memlab.distributed import is_dtensor, local
-from memlab.quant4 import Q4Tensor, num_blocks, use_rank1
+from memlab.quant4 import Q4Tensor, num_blocks, sqrt_rounded, use_rank1
 
 __all__ = ["Adam4bit", "AdamW4bit", "stored_moments"]
 
@@ -72,6 +73,14 @@ def _adam4bit_step(p: Tensor, grad: Tensor, exp_avg: State, exp_avg_sq: State, *
     Q4Tensor or fp32 tensor of p's shape, updated in place; step: the step number after this
     update (1, 2, ...).
     """
+    if _q4_kernel.eligible(p, grad, exp_avg, exp_avg_sq):          # CPU float32: in C
+        if _q4_kernel.real(p, grad, exp_avg.codes, exp_avg.scale, exp_avg_sq.codes,
+                           exp_avg_sq.scale):
+            return _q4_kernel.adam4bit_step(p, grad, exp_avg, exp_avg_sq, step=step, lr=lr,
+                                            beta1=beta1, beta2=beta2, eps=eps,
+                                            weight_decay=weight_decay, decoupled=decoupled,
+                                            maximize=maximize)
+        return     # fake tensors (estimate) of a step the kernel does: it allocates no tensor
     if _q4_chunks.usable(p, grad, exp_avg, exp_avg_sq):            # a large tensor: by chunks
         return _q4_chunks.adam4bit_step(p, grad, exp_avg, exp_avg_sq, step=step, lr=lr,
                                         beta1=beta1, beta2=beta2, eps=eps,
@@ -92,7 +101,8 @@ def _adam4bit_step(p: Tensor, grad: Tensor, exp_avg: State, exp_avg_sq: State, *
     bias_correction1 = 1 - beta1 ** step
     bias_correction2 = 1 - beta2 ** step
     step_size = lr / bias_correction1
-    denom = (v.sqrt() / bias_correction2 ** 0.5).add_(eps)         # (*S,)
+    root = sqrt_rounded(v) if isinstance(exp_avg_sq, Q4Tensor) else v.sqrt()   # fp32: torch's
+    denom = (root / bias_correction2 ** 0.5).add_(eps)             # (*S,)
     p.addcdiv_(m, denom, value=-step_size)
     if isinstance(exp_avg, Q4Tensor):
         exp_avg.copy_(m)

@@ -139,6 +139,15 @@ def _nan_as_bucketize(book):
     return book
 
 
+def sqrt_rounded(v: Tensor) -> Tensor:
+    """sqrt(v), correctly rounded on CPU (through float64; torch's vectorized float32 sqrt is
+    not on every CPU, and the C step of :mod:`memlab._q4_kernel` takes ``sqrtf``): the torch and
+    C steps give the same bits. Elsewhere torch's sqrt."""
+    if v.device.type == "cpu" and v.dtype == torch.float32:
+        return v.double().sqrt_().float()
+    return v.sqrt()
+
+
 def _zero_code(signed: bool) -> int:
     """The code whose value is 0 (signed map), or the smallest one (zero-free map)."""
     return 7 if signed else 0
