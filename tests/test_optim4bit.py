@@ -695,3 +695,25 @@ def test_c_step_is_taken_for_cpu_float32_and_not_on_fake_tensors():
     assert _q4_kernel.eligible(p.detach(), p.grad, m, v)
     assert not _q4_kernel.eligible(p.detach().double(), p.grad.double(), m, v)
     assert not _q4_kernel.eligible(p.detach().t(), p.grad.t(), m, v)      # not contiguous
+
+
+@pytest.mark.parametrize("shape,rank1", [((300001,), None), ((600, 700), True),
+                                         ((192, 64, 3, 3), True)])
+def test_c_step_on_two_threads_equals_the_torch_step(shape, rank1, monkeypatch):
+    """The kernel's OpenMP team (whole blocks a thread, rank-1 maxima combined by max) gives the
+    one-thread bits."""
+    from memlab import _q4_kernel
+    if _q4_kernel.library() is None or _q4_kernel._LIBRARY_MT.get() is None:
+        pytest.skip("no C compiler with OpenMP")
+
+    def make(ps):
+        return Adam4bit(ps, lr=1e-2, min_4bit_size=0, rank1=rank1)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        a, sa = _steps(shape, make, True, monkeypatch)
+    finally:
+        torch.set_num_threads(before)
+    b, sb = _steps(shape, make, False, monkeypatch)
+    assert torch.equal(a, b)
+    assert all(torch.equal(sa[k], sb[k]) for k in sa if isinstance(sa[k], torch.Tensor))
