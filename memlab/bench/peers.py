@@ -266,7 +266,6 @@ def rnnt_rows(B: int = 32, T: int = 200, U: int = 40, V: int = 512, H: int = 128
     el = torch.full((B,), T, dtype=torch.long)
     tl = torch.full((B,), U, dtype=torch.long)
     join = _Joiner(H, V)
-    joiner = join.out
 
     impls = {"torchaudio-batched": lambda j, e, p, y, n, m: rnnt_loss_batched(
                  j(e, p), y, n, m, reduction="sum", kernel="torchaudio"),
