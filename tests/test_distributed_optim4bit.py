@@ -17,6 +17,7 @@ import torch.nn as nn
 from memlab.distributed import launch
 from memlab.optim4bit import Adam4bit, AdamW4bit
 from memlab.quant4 import unpack4
+from test_distributed_optim import _full, _shard  # noqa: E402  (the same FSDP2 helpers)
 
 pytestmark = [pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
                                  reason="needs torch.distributed with gloo"),
@@ -62,19 +63,6 @@ def _train_step(model, opt, step, bad=None):
 def _start(w):
     from memlab.distributed import flat_shard
     return flat_shard(w)[0]
-
-
-def _shard(model):
-    from torch.distributed.fsdp import fully_shard
-    for layer in model:
-        if isinstance(layer, nn.Linear):
-            fully_shard(layer)
-    return fully_shard(model)
-
-
-def _full(model):
-    return {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().clone()
-            for k, v in model.named_parameters()}
 
 
 def _global_state(opt, params):
