@@ -717,3 +717,29 @@ def test_c_step_on_two_threads_equals_the_torch_step(shape, rank1, monkeypatch):
     b, sb = _steps(shape, make, False, monkeypatch)
     assert torch.equal(a, b)
     assert all(torch.equal(sa[k], sb[k]) for k in sa if isinstance(sa[k], torch.Tensor))
+
+
+def test_c_step_without_avx512_equals_the_torch_step(monkeypatch):
+    """The kernel's plain loops (what a CPU without AVX-512 runs: the build without
+    -march=native) give the torch step's bits too."""
+    import warnings
+
+    from memlab import _cbuild, _q4_kernel
+    if _q4_kernel.library() is None:
+        pytest.skip("no C compiler")
+    flags = [f for f in _q4_kernel.FLAGS if f not in ("-march=native", "-fopenmp")]
+
+    def build():
+        cc = _cbuild.compiler()
+        name = _cbuild.lib_name("adam4bit-generic", _q4_kernel.SOURCE, flags, cc,
+                                _cbuild.cpu_id())
+        return _cbuild.build(name, _q4_kernel.SOURCE, (flags,), cc, warnings.warn)
+    generic = _cbuild.LazyLibrary(build, _q4_kernel._declare, "generic 4-bit kernel", "torch")
+    monkeypatch.setattr(_q4_kernel, "_LIBRARY", generic)
+    monkeypatch.setattr(_q4_kernel, "_LIBRARY_MT", generic)
+    for shape, rank1 in (((1000,), None), ((300, 513), True), ((16, 8, 3, 3), True)):
+        def make(ps, rank1=rank1):
+            return AdamW4bit(ps, lr=1e-2, min_4bit_size=0, rank1=rank1, weight_decay=0.1)
+        (a, sa), (b, sb) = (_steps(shape, make, k, monkeypatch) for k in (True, False))
+        assert torch.equal(a, b), shape
+        assert all(torch.equal(sa[k], sb[k]) for k in sa if isinstance(sa[k], torch.Tensor))
