@@ -41,16 +41,15 @@ import math
 from typing import List, Optional, Tuple
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 
 from memlab._optim_state import _is_fake, global_absmax
-from memlab._shard_edges import _device, segments, shared_blocks
+from memlab._shard_edges import all_reduce_max, segments, shared_blocks
 from memlab.distributed import as_dtensor_like, flat_shard, is_dtensor, local, shard_group
-from memlab._q4_chunks import CHUNK, _grad
+from memlab._q4_chunks import CHUNK, _grad, _rank1_scale
 from memlab.quant import _blocks
-from memlab.quant4 import (_dims, _encode, _table, pack4, sqrt_rounded, unpack4,
-                           use_rank1)
+from memlab.quant4 import (_dims, _encode, _table, _zero_code, pack4, sqrt_rounded,
+                           unpack4, use_rank1)
 
 
 def supported(p: Tensor) -> bool:
@@ -106,19 +105,7 @@ def _block_apply(x: Tensor, scale: Tensor, phase: int, bs: int, divide: bool) ->
 
 
 # ----------------------------------------------------------------------------------------------
-# rank-1 scales of whole rows; codes of a part of the segment
-
-
-def _rank1_scale(maxes: Tensor, dims, r0: int, r1: int) -> Tensor:
-    """min_k s_k[i_k] over rows [r0, r1) of dims[0]: float32 (r1 - r0, *dims[1:])."""
-    d, start, scale = len(dims), 0, None
-    for k, size in enumerate(dims):
-        s = maxes[start:start + size]
-        s = (s[r0:r1] if k == 0 else s).view([(r1 - r0 if k == 0 else size) if j == k else 1
-                                              for j in range(d)])
-        scale = s if scale is None else torch.minimum(scale, s)
-        start += size
-    return scale.expand((r1 - r0, *dims[1:]))
+# rank-1 maxima of whole rows (their scales: memlab._q4_chunks); codes of a part of the segment
 
 
 def _rank1_partial(v: Tensor, dims, r0: int, r1: int) -> Tensor:
@@ -171,7 +158,7 @@ def new_state(p: Tensor, group: dict) -> dict:
     bs, dev = group["block_size"], local(p).device
     out = {}
     for name, signed in (("exp_avg", True), ("exp_avg_sq", False)):
-        z = 7 if signed else 0
+        z = _zero_code(signed)
         out[name + "_q4"] = torch.full((-(-n // 2),), z | (z << 4), dtype=torch.uint8,
                                        device=dev)
         if not signed and use_rank1(p.shape, bs, group["rank1"]):
@@ -196,16 +183,12 @@ def _slots(p: Tensor, a: int, n: int, bs: int):
 
 
 def _all_reduce_max(p: Tensor, vals: Tensor) -> Tensor:
-    """MAX over the ranks that split ``p``, NaN-aware (NaN anywhere -> NaN)."""
+    """MAX over the ranks that split ``p``, NaN-aware (NaN anywhere -> NaN); ``vals`` itself
+    when no collective runs."""
     group = shard_group(p)
     if group is None or _is_fake(vals) or not vals.numel():
         return vals
-    nan = torch.isnan(vals)
-    buf = torch.cat([vals.masked_fill(nan, 0.0), nan.float()]).to(_device(group))
-    dist.all_reduce(buf, op=dist.ReduceOp.MAX, group=group)
-    buf = buf.to(vals.device)
-    k = vals.numel()
-    return torch.where(buf[k:] > 0, float("nan"), buf[:k])
+    return all_reduce_max(vals, group)
 
 
 class _Part:
@@ -302,10 +285,15 @@ def adam4bit_step(p: Tensor, grad: Tensor, st: dict, *, block_size: int, step: i
             m, v = done[id(part)] = update(part)
             if len(parts) > 1:
                 done.clear()                 # recomputed in pass 2: temporaries of one part
-            for j, i in here(part):
-                am[j] = _block_maxes(m, part.phase, bs, torch.empty(part.count, **f32))[i]
+            shared = here(part)
+            if shared:                       # the maxima of this part's blocks, once
+                pm = _block_maxes(m, part.phase, bs, torch.empty(part.count, **f32))
+                pv = None if rank1 else _block_maxes(v, part.phase, bs,
+                                                     torch.empty(part.count, **f32))
+            for j, i in shared:
+                am[j] = pm[i]
                 if not rank1:
-                    av[j] = _block_maxes(v, part.phase, bs, torch.empty(part.count, **f32))[i]
+                    av[j] = pv[i]
             if rank1:
                 torch.maximum(r1max, _rank1_partial(v, dims, part.r0, part.r1), out=r1max)
         red = _all_reduce_max(p, torch.cat([am, r1max if rank1 else av]))

@@ -154,16 +154,25 @@ class Slots:
             if not g.size:
                 continue
             device = g.pieces[0][1].absmax.device if g.pieces else _device(g.group)
-            vals = torch.zeros(2 * g.size, dtype=torch.float32, device=device)  # max, NaN flag
+            vals = torch.zeros(g.size, dtype=torch.float32, device=device)
             for k, s in g.pieces:         # one piece per slot on a rank: head, tail blocks differ
-                nan = torch.isnan(s.partial)
-                vals[k] = s.partial.masked_fill(nan, 0.0)                       # inf stays
-                vals[g.size + k] = nan.float()
-            dist.all_reduce(vals, op=dist.ReduceOp.MAX, group=g.group)
+                vals[k] = s.partial
+            vals = all_reduce_max(vals, g.group)
             for k, s in g.pieces:
-                s.absmax.copy_(torch.where(vals[g.size + k] > 0, float("nan"), vals[k]))
+                s.absmax.copy_(vals[k])
                 s.encode_with_absmax_(s.pending)
                 del s.pending, s.partial
+
+
+def all_reduce_max(vals: Tensor, group) -> Tensor:
+    """MAX of float32 ``vals`` over the ranks of ``group``, NaN-aware: a NaN on any rank makes
+    that value NaN (as ``amax`` in one process; inf stays inf). A new tensor on vals' device."""
+    nan = torch.isnan(vals)
+    buf = torch.cat([vals.masked_fill(nan, 0.0), nan.float()]).to(_device(group))  # max, flag
+    dist.all_reduce(buf, op=dist.ReduceOp.MAX, group=group)
+    buf = buf.to(vals.device)
+    k = vals.numel()
+    return torch.where(buf[k:] > 0, float("nan"), buf[:k])
 
 
 def _device(group) -> torch.device:

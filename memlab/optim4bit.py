@@ -24,9 +24,10 @@ Layout as :mod:`memlab.optim`: the math of one step is one pure function
 same bits, no temporaries); everything else in torch ops, the same on CPU, CUDA and fake tensors
 (``memlab.memory.estimate``). In torch ops the fp32 working copies exist only during one
 tensor's update: ~27 B per element of that tensor, and a tensor of more than 2 x 65,536 elements
-is updated a chunk of rows at a time (:mod:`memlab._q4_chunks`: two passes where a rank-1 second moment needs the new maxima
-first; the same bits), so the temporaries stay ~1.8 MB instead of growing with the largest
-tensor (a 512 x 1024 Linear took 13.4 MB of temporaries next to its 0.83 MB of state).
+is updated a chunk of rows at a time (:mod:`memlab._q4_chunks`: two passes where a rank-1
+second moment needs the new maxima first; the same bits), so the temporaries stay ~1.8 MB
+instead of growing with the largest tensor (a 512 x 1024 Linear took 13.4 MB of temporaries
+next to its 0.83 MB of state).
 
 FSDP2 (DTensor parameters, ``Shard(0)``): each rank keeps 4-bit states of its shard only, laid
 out so that a run equals one process bit for bit for any shard sizes, and ``state_dict()`` gives

@@ -138,8 +138,8 @@ def _fused_or_foreach(cls, **kw) -> Callable:
 
 def _timed_builders() -> Dict[str, Callable]:
     """The default 8-bit optimizers (fused C kernel on CPU when a compiler exists, torch.compile
-    on CUDA), the eager torch-op path of the same math (``compile=False``), Adam4bit (torch
-    ops), and torch's fp32 steps: fused (the fastest) and foreach."""
+    on CUDA), the eager torch-op path of the same math (``compile=False``), Adam4bit (its C step
+    on CPU), and torch's fp32 steps: fused (the fastest) and foreach."""
     return {**_builders(),
             "sgd-fused": _fused_or_foreach(torch.optim.SGD, lr=0.01, momentum=0.9),
             "adam-fused": _fused_or_foreach(torch.optim.Adam, lr=1e-3),
@@ -177,10 +177,12 @@ def _memory_rows(shapes) -> list:
 
 def _path(opt, device: str) -> str:
     """Which implementation ran the step: 'fused-c', 'compiled', 'eager', or torch's
-    'torch-fused' / 'torch-foreach', or 'torch-ops' (the 4-bit optimizers' step)."""
+    'torch-fused' / 'torch-foreach'; the 4-bit optimizers: 'fused-c' (memlab._q4_kernel) or
+    'eager' (torch ops)."""
     from memlab.optim4bit import Adam4bit
     if isinstance(opt, Adam4bit):
-        return "torch-ops"
+        from memlab import _q4_kernel
+        return "fused-c" if device == "cpu" and _q4_kernel.library() is not None else "eager"
     if not isinstance(opt, (SGD8bit, Adam8bit)):
         return "torch-fused" if opt.defaults.get("fused") else "torch-foreach"
     if opt._compile is None and device == "cpu":

@@ -289,7 +289,8 @@ def rnnt_rows(B: int = 32, T: int = 200, U: int = 40, V: int = 512, H: int = 128
                                        boundary=bnd, reduction="sum")
         impls["fast_rnnt"] = _fr
 
-    ref = (lambda j, e, p, y, n, m: rnnt_loss_reference(j(e, p), y, n, m, reduction="sum"))
+    def ref(j, e, p, y, n, m):
+        return rnnt_loss_reference(j(e, p), y, n, m, reduction="sum")
     return _loss_rows("rnnt-loss", impls, "torchaudio-batched", ref, None, join, [join.out],
                       (enc, pred, targets, el, tl), repeats, check_batch)
 
@@ -365,9 +366,7 @@ def rnnt_pruned_rows(B: int = 32, T: int = 200, U: int = 40, V: int = 512, H: in
         return lambda j, e, p, y, n, m: pruned_rnnt_loss(
             j, e, p, j.am_proj, j.lm_proj, y, n, m, s_range=S, reduction="sum",
             simple_loss_scale=0.5, samplewise=samplewise)
-    impls = {"memlab-pruned": memlab_pruned(s_range, False),
-             "memlab-samplewise-pruned": memlab_pruned(s_range, True)}
-    variants = {"memlab-pruned": lambda S: memlab_pruned(S, False),
+    variants = {"memlab-pruned": lambda S: memlab_pruned(S, False),   # name -> s_range -> impl
                 "memlab-samplewise-pruned": lambda S: memlab_pruned(S, True)}
     if _have("fast_rnnt"):
         import fast_rnnt
@@ -387,7 +386,8 @@ def rnnt_pruned_rows(B: int = 32, T: int = 200, U: int = 40, V: int = 512, H: in
                     logits=logits, symbols=y, ranges=ranges, termination_symbol=0,
                     boundary=bnd, reduction="sum")
             return run
-        impls["fast_rnnt-pruned"], variants["fast_rnnt-pruned"] = fast(s_range), fast
+        variants["fast_rnnt-pruned"] = fast
+    impls = {name: make(s_range) for name, make in variants.items()}
 
     def exact(j, e, p, y, n, m):
         return (0.5 * simple_rnnt_loss(j.am_proj(e), j.lm_proj(p), y, n, m, reduction="sum")
