@@ -25,7 +25,7 @@ from typing import List
 import torch
 from torch import Tensor
 
-from memlab.quant4 import (Q4Tensor, _block_denormalize_, _block_normalize, _dims, _encode,
+from memlab.quant4 import (Q4Tensor, _block_denormalize_, _block_normalize, _codes, _dims,
                            _table, pack4, sqrt_rounded, unpack4)
 
 CHUNK = 1 << 16                # elements per chunk (about 1.8 MB of temporaries)
@@ -56,9 +56,10 @@ def _decode(q: Q4Tensor, start: int, end: int, scale=None) -> Tensor:
     return _block_denormalize_(vals, q.scale[start // q.block_size:], q.block_size)
 
 
-def _encode_into(q: Q4Tensor, x: Tensor, start: int, end: int, scale=None) -> None:
-    """Quantize fp32 ``x`` (elements [start, end)) into q's codes (and, block-wise, absmax)."""
-    _, mids = _table(q.signed, q.codes.device)
+def _encode_into(q: Q4Tensor, x: Tensor, start: int, end: int, scale=None,
+                 step=None) -> None:
+    """Quantize fp32 ``x`` (elements [start, end)) into q's codes (and, block-wise, absmax):
+    nearest, or dithered at ``step``."""
     if scale is not None:
         s = scale.reshape(-1)
         xn = x / s.masked_fill(s == 0, 1.0)
@@ -66,7 +67,7 @@ def _encode_into(q: Q4Tensor, x: Tensor, start: int, end: int, scale=None) -> No
         blocks = -(-(end - start) // q.block_size)
         first = start // q.block_size
         xn = _block_normalize(x, q.block_size, q.scale[first:first + blocks])
-    pack4(_encode(xn, mids), out=q.codes[start // 2:(end + 1) // 2])
+    pack4(_codes(xn, q.signed, start, step), out=q.codes[start // 2:(end + 1) // 2])
 
 
 def _rank1_scale(maxes: Tensor, dims, r0: int, r1: int) -> Tensor:
@@ -93,7 +94,8 @@ def _grad(p: Tensor, grad: Tensor, maximize: bool, l2: float) -> Tensor:
 
 def adam4bit_step(p: Tensor, grad: Tensor, exp_avg: Q4Tensor, exp_avg_sq: Q4Tensor, *,
                   step: int, lr: float, beta1: float, beta2: float, eps: float,
-                  weight_decay: float, decoupled: bool, maximize: bool) -> None:
+                  weight_decay: float, decoupled: bool, maximize: bool,
+                  dither: bool = False) -> None:
     """:func:`memlab.optim4bit._adam4bit_step` for a tensor that :func:`usable` accepts."""
     if weight_decay != 0 and decoupled:
         p.mul_(1 - lr * weight_decay)
@@ -136,7 +138,9 @@ def adam4bit_step(p: Tensor, grad: Tensor, exp_avg: Q4Tensor, exp_avg_sq: Q4Tens
         m.lerp_(g, 1 - beta1)
         denom = (sqrt_rounded(v) / root2).add_(eps)
         pf[a:b].addcdiv_(m, denom, value=-step_size)
-        _encode_into(exp_avg, m, a, b)
-        _encode_into(exp_avg_sq, v, a, b, _rank1_scale(maxes, dims, r0, r1) if rank1 else None)
+        at = step if dither else None
+        _encode_into(exp_avg, m, a, b, step=at)
+        _encode_into(exp_avg_sq, v, a, b, _rank1_scale(maxes, dims, r0, r1) if rank1 else None,
+                     at)
     if rank1:
         exp_avg_sq.scale.copy_(maxes)

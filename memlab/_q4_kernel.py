@@ -102,21 +102,36 @@ static void decode(const uint8_t *restrict codes, int64_t s, int64_t len,
     if (len & 1) out[len - 1] = tab[c[len / 2] & 15] * scale;
 }
 
-/* nearest codes of x / scale (scale 0 -> 1), packed into elements [s, s + len), s even */
+#define DITHER_I 3242174889u     /* memlab.quant4.DITHER_I */
+
+/* codes of x / scale (scale 0 -> 1), packed into elements [s, s + len) of the tensor, s even:
+   the nearest map values (tab NULL: the midpoints mid), or dithered (memlab.quant4's
+   _encode_dithered: between the values lo <= xn < hi, hi when u < (xn - lo) / (hi - lo); u from
+   the element's index and base, memlab.quant4.dither) */
 static void encode(const float *restrict x, const float *restrict sc, float s1, int64_t len,
-                   const float *restrict mid, uint8_t *restrict tmp, uint8_t *restrict codes,
-                   int64_t s) {
+                   const float *restrict mid, const float *restrict tab, uint32_t base,
+                   uint8_t *restrict tmp, uint8_t *restrict codes, int64_t s) {
     uint8_t *o = codes + (s >> 1);
     int64_t i = 0;
 #if VEC
-    /* 32 values a step: a 4-step binary search over the midpoints held in one register; the
-       same count as the 15 comparisons below (the midpoints are sorted) */
-    float mid16[16];
-    for (int k = 0; k < 15; k++) mid16[k] = mid[k];
-    mid16[15] = INFINITY;
-    const __m512 M = _mm512_loadu_ps(mid16), one = _mm512_set1_ps(1.0f);
+    /* 32 values a step: a 4-step binary search over 15 sorted thresholds held in one register
+       (nearest: the midpoints, counting those below xn, as the 15 comparisons below;
+       dithered: the values 1..14 and inf, counting those <= xn) */
+    float th16[16], gap16[16];
+    for (int k = 0; k < 15; k++) {
+        th16[k] = tab ? (k < 14 ? tab[k + 1] : INFINITY) : mid[k];
+        gap16[k] = tab ? tab[k + 1] - tab[k] : 1.0f;
+    }
+    th16[15] = INFINITY;
+    gap16[15] = 1.0f;
+    const __m512 M = _mm512_loadu_ps(th16), G = _mm512_loadu_ps(gap16), one = _mm512_set1_ps(1.0f);
+    const __m512 V = tab ? _mm512_loadu_ps(tab) : one;
     const __m512 Q1 = _mm512_set1_ps(s1 == 0.0f ? 1.0f : s1);
-    const __m512i v15 = _mm512_set1_epi32(15);
+    const __m512i v15 = _mm512_set1_epi32(15), v14 = _mm512_set1_epi32(14);
+    const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    const __m512i CI = _mm512_set1_epi32((int)DITHER_I), B = _mm512_set1_epi32((int)base);
+    const __m512 U = _mm512_set1_ps(0x1p-24f);
+    const int pred = tab ? _CMP_GE_OQ : _CMP_GT_OQ;
     for (; i + 32 <= len; i += 32) {
         __m512i cc[2];
         for (int h = 0; h < 2; h++) {
@@ -131,8 +146,21 @@ static void encode(const float *restrict x, const float *restrict sc, float s1, 
             static const int steps[4] = {8, 4, 2, 1};
             for (int t = 0; t < 4; t++) {
                 __m512i at = _mm512_add_epi32(c, _mm512_set1_epi32(steps[t] - 1));
-                __mmask16 gt = _mm512_cmp_ps_mask(xn, _mm512_permutexvar_ps(at, M), _CMP_GT_OQ);
-                c = _mm512_mask_add_epi32(c, gt, c, _mm512_set1_epi32(steps[t]));
+                __m512 th = _mm512_permutexvar_ps(at, M);
+                __mmask16 up = pred == _CMP_GE_OQ ? _mm512_cmp_ps_mask(xn, th, _CMP_GE_OQ)
+                                                  : _mm512_cmp_ps_mask(xn, th, _CMP_GT_OQ);
+                c = _mm512_mask_add_epi32(c, up, c, _mm512_set1_epi32(steps[t]));
+            }
+            if (tab) {
+                c = _mm512_min_epu32(c, v14);                    /* +inf: the last pair */
+                __m512 p = _mm512_div_ps(_mm512_sub_ps(xn, _mm512_permutexvar_ps(c, V)),
+                                         _mm512_permutexvar_ps(c, G));
+                __m512i idx = _mm512_add_epi32(_mm512_set1_epi32((int)(uint32_t)(s + i + 16 * h)),
+                                               lane);
+                __m512i hh = _mm512_add_epi32(_mm512_mullo_epi32(idx, CI), B);
+                __m512 u = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(hh, 8)), U);
+                c = _mm512_mask_add_epi32(c, _mm512_cmp_ps_mask(u, p, _CMP_LT_OQ), c,
+                                          _mm512_set1_epi32(1));
             }
             cc[h] = _mm512_mask_mov_epi32(c, _mm512_cmp_ps_mask(xn, xn, _CMP_UNORD_Q), v15);
         }
@@ -148,7 +176,14 @@ static void encode(const float *restrict x, const float *restrict sc, float s1, 
         q = (q == 0.0f) ? 1.0f : q;
         float xn = x[i] / q;
         int c = 0;
-        for (int k = 0; k < 15; k++) c += xn > mid[k];           /* torch.bucketize */
+        if (tab) {
+            for (int k = 1; k < 15; k++) c += xn >= tab[k];       /* torch.searchsorted */
+            float p = (xn - tab[c]) / (tab[c + 1] - tab[c]);
+            uint32_t hh = (uint32_t)(s + i) * DITHER_I + base;
+            c += ((float)(hh >> 8) * 0x1p-24f) < p;
+        } else {
+            for (int k = 0; k < 15; k++) c += xn > mid[k];       /* torch.bucketize */
+        }
         tmp[i - done] = (uint8_t)((xn != xn) ? 15 : c);
     }
     const int64_t rest = len - done;
@@ -298,7 +333,8 @@ static void pass2(const hp_t *h, float *p, const float *g, int64_t n, int64_t bl
                   int64_t B0, int64_t B1, uint8_t *cm, float *am, uint8_t *cv, float *vs,
                   int k, const float *code_m, const float *mid_m, const float *code_v,
                   const float *mid_v, const float *S_old, const float *S_new,
-                  const int64_t *d2, work_t *w) {
+                  const int64_t *d2, int dither, uint32_t base_m, uint32_t base_v, work_t *w) {
+    const float *tm = dither ? code_m : NULL, *tv = dither ? code_v : NULL;
     for (int64_t bi = B0, b0 = B0 * block; bi < B1 && b0 < n; bi++, b0 += block) {
         int64_t len = b0 + block <= n ? block : n - b0;
         decode(cm, b0, len, code_m, am[bi], w->bm);
@@ -311,13 +347,13 @@ static void pass2(const hp_t *h, float *p, const float *g, int64_t n, int64_t bl
         }
         update(h, p + b0, g + b0, w->bm, w->bv, len, 1);
         am[bi] = absmax(w->bm, len);
-        encode(w->bm, NULL, am[bi], len, mid_m, w->tmp, cm, b0);
+        encode(w->bm, NULL, am[bi], len, mid_m, tm, base_m, w->tmp, cm, b0);
         if (k) {
             scales(S_new, 2, d2, b0, len, w->sc);
-            encode(w->bv, w->sc, 0.0f, len, mid_v, w->tmp, cv, b0);
+            encode(w->bv, w->sc, 0.0f, len, mid_v, tv, base_v, w->tmp, cv, b0);
         } else {
             vs[bi] = absmax(w->bv, len);
-            encode(w->bv, NULL, vs[bi], len, mid_v, w->tmp, cv, b0);
+            encode(w->bv, NULL, vs[bi], len, mid_v, tv, base_v, w->tmp, cv, b0);
         }
     }
 }
@@ -334,7 +370,8 @@ int memlab_adam4bit(int nt, float *p, const float *g, int64_t n, int64_t block,
                     uint8_t *cm, float *am, uint8_t *cv, float *vs, int k, const int64_t *dims,
                     const float *code_m, const float *mid_m, const float *code_v,
                     const float *mid_v, float w, float beta2, float w2, float eps, float wd,
-                    float decay, int l2, int maximize, float step_size, float bc2_sqrt) {
+                    float decay, int l2, int maximize, float step_size, float bc2_sqrt,
+                    int dither, uint32_t base_m, uint32_t base_v) {
     hp_t h = {w, beta2, w2, eps, wd, decay, step_size, bc2_sqrt, l2, maximize, w < 0.5f};
     int64_t tot = 0, R = 1, nb = (n + block - 1) / block;
     for (int j = 0; j < k; j++) tot += dims[j];
@@ -382,7 +419,7 @@ int memlab_adam4bit(int nt, float *p, const float *g, int64_t n, int64_t block,
     }
     TEAM(nt, {
         pass2(&h, p, g, n, block, nb * t_ / k_, nb * (t_ + 1) / k_, cm, am, cv, vs, k, code_m,
-              mid_m, code_v, mid_v, S_old, S_new, d2, &W[t_]);
+              mid_m, code_v, mid_v, S_old, S_new, d2, dither, base_m, base_v, &W[t_]);
     })
     if (k) memcpy(vs, nmax, sizeof(float) * tot);
     for (int t = 0; t < nt; t++) { free(W[t].bm); free(W[t].tmp); }
@@ -409,9 +446,9 @@ def _build(threads: bool) -> Path:
 
 
 def _declare(lib) -> None:
-    P, L, F, N = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
+    P, L, F, N, U = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int, ctypes.c_uint32
     lib.memlab_adam4bit.argtypes = [N, P, P, L, L, P, P, P, P, N, P, P, P, P, P,
-                                    F, F, F, F, F, F, N, N, F, F]
+                                    F, F, F, F, F, F, N, N, F, F, N, U, U]
     lib.memlab_adam4bit.restype = ctypes.c_int
 
 
@@ -462,10 +499,10 @@ def real(*ts: Tensor) -> bool:
 
 def adam4bit_step(p: Tensor, grad: Tensor, exp_avg, exp_avg_sq, *, step: int, lr: float,
                   beta1: float, beta2: float, eps: float, weight_decay: float, decoupled: bool,
-                  maximize: bool) -> None:
+                  maximize: bool, dither: bool = False) -> None:
     """:func:`memlab.optim4bit._adam4bit_step` for tensors :func:`eligible` accepts (real)."""
     from memlab._cpu_kernels import _bump
-    from memlab.quant4 import _dims, _table
+    from memlab.quant4 import _dims, _table, dither_base
     blocks = -(-p.numel() // exp_avg.block_size)
     threads = max(1, min(torch.get_num_threads(), blocks // MIN_BLOCKS_PER_THREAD))
     lib = (_LIBRARY_MT.get() if threads > 1 else None) or library()
@@ -482,7 +519,8 @@ def adam4bit_step(p: Tensor, grad: Tensor, exp_avg, exp_avg_sq, *, step: int, lr
         exp_avg_sq.scale.data_ptr(), len(_dims(p.shape)) if rank1 else 0, dims.data_ptr(),
         code_m.data_ptr(), mid_m.data_ptr(), code_v.data_ptr(), mid_v.data_ptr(),
         1 - beta1, beta2, 1 - beta2, eps, weight_decay, decay, int(l2), int(maximize),
-        lr / (1 - beta1 ** step), (1 - beta2 ** step) ** 0.5)
+        lr / (1 - beta1 ** step), (1 - beta2 ** step) ** 0.5, int(dither),
+        dither_base(step, True), dither_base(step, False))
     if rc != 0:
         raise MemoryError("memlab: the 4-bit step could not allocate its block buffers")
     _bump(p, exp_avg.codes, exp_avg.scale, exp_avg_sq.codes, exp_avg_sq.scale)

@@ -48,7 +48,7 @@ from memlab._shard_edges import all_reduce_max, segments, shared_blocks
 from memlab.distributed import as_dtensor_like, flat_shard, is_dtensor, local, shard_group
 from memlab._q4_chunks import CHUNK, _grad, _rank1_scale
 from memlab.quant import _blocks
-from memlab.quant4 import (_dims, _encode, _table, _zero_code, pack4, sqrt_rounded,
+from memlab.quant4 import (_codes, _dims, _table, _zero_code, pack4, sqrt_rounded,
                            unpack4, use_rank1)
 
 
@@ -245,7 +245,7 @@ def local_moments(p: Tensor, st: dict, bs: int) -> Tuple[Tensor, Tensor]:
 
 def adam4bit_step(p: Tensor, grad: Tensor, st: dict, *, block_size: int, step: int, lr: float,
                   beta1: float, beta2: float, eps: float, weight_decay: float, decoupled: bool,
-                  maximize: bool) -> None:
+                  maximize: bool, dither: bool = False) -> None:
     """One Adam/AdamW step of DTensor ``p``'s shard with 4-bit states ``st`` (this module's
     layout); a collective over the ranks that split ``p``: call on every rank, in one order.
 
@@ -297,8 +297,7 @@ def adam4bit_step(p: Tensor, grad: Tensor, st: dict, *, block_size: int, step: i
             if rank1:
                 torch.maximum(r1max, _rank1_partial(v, dims, part.r0, part.r1), out=r1max)
         red = _all_reduce_max(p, torch.cat([am, r1max if rank1 else av]))
-    _, mids_m = _table(True, lp.device)
-    _, mids_v = _table(False, lp.device)
+    at = step if dither else None            # dithered: by the global element index
     new_am = torch.empty_like(st["exp_avg_absmax"])
     new_av = None if rank1 else torch.empty_like(st["exp_avg_sq_absmax"])
     step_size, root2 = lr / (1 - beta1 ** step), (1 - beta2 ** step) ** 0.5
@@ -310,8 +309,8 @@ def adam4bit_step(p: Tensor, grad: Tensor, st: dict, *, block_size: int, step: i
         _block_maxes(m, part.phase, bs, sc)
         for j, i in here(part):
             sc[i] = red[j]
-        _put(st["exp_avg_q4"], part.s, _encode(_block_apply(m, sc, part.phase, bs, True),
-                                                 mids_m))
+        _put(st["exp_avg_q4"], part.s, _codes(_block_apply(m, sc, part.phase, bs, True), True,
+                                                a + part.s, at))
         if rank1:
             s = _rank1_scale(red[k:], dims, part.r0, part.r1).reshape(-1)
             vn = v / s.masked_fill(s == 0, 1.0)
@@ -321,7 +320,7 @@ def adam4bit_step(p: Tensor, grad: Tensor, st: dict, *, block_size: int, step: i
             for j, i in here(part):
                 sc[i] = red[k + j]
             vn = _block_apply(v, sc, part.phase, bs, True)
-        _put(st["exp_avg_sq_q4"], part.s, _encode(vn, mids_v))
+        _put(st["exp_avg_sq_q4"], part.s, _codes(vn, False, a + part.s, at))
     st["exp_avg_absmax"].copy_(new_am)
     if rank1:
         st["exp_avg_sq_rank1"].copy_(red[k:])

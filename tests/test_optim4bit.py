@@ -1,5 +1,6 @@
 """memlab.quant4 and memlab.optim4bit: 4-bit maps, rank-1 normalization, packing, Adam4bit."""
 
+import copy
 import io
 
 import math
@@ -177,11 +178,104 @@ def test_rank1_scales_are_row_and_column_maxima():
     assert torch.equal(s, ref.unsqueeze(1))
 
 
-def test_rank1_is_chosen_where_it_costs_no_more_than_blocks():
+def test_rank1_is_chosen_where_its_scales_are_at_most_one_per_32_elements():
     assert use_rank1((1024, 1024)) and use_rank1((512, 256)) and use_rank1((128, 128, 3, 3))
-    assert not use_rank1((64, 64)) and not use_rank1((4096,)) and not use_rank1((4096, 1))
+    assert use_rank1((64, 64)) and use_rank1((128, 64)) and use_rank1((1, 64, 1, 64))
+    assert not use_rank1((512, 16)) and not use_rank1((127, 32)) and not use_rank1((2048, 2))
+    assert not use_rank1((4096,)) and not use_rank1((4096, 1))
     assert use_rank1((64, 64), rank1=True) and not use_rank1((4096, 1), rank1=True)
     assert not use_rank1((1024, 1024), rank1=False)
+
+
+def test_dither_thresholds_are_a_shifted_lattice_in_32_bit_integers():
+    """u = ((DITHER_I * i + hash(2 step + signed)) mod 2**32 >> 8) / 2**24, checked against
+    Python integers (the hash written out here from its constants), also past 2**31 and 2**32
+    elements (the 16-bit halves path)."""
+    from memlab.quant4 import DITHER_I, dither
+
+    def mix(x):
+        x ^= x >> 16
+        x = x * 0x7FEB352D % 2 ** 32
+        x ^= x >> 15
+        x = x * 0x846CA68B % 2 ** 32
+        return x ^ (x >> 16)
+    assert DITHER_I == round(2 ** 32 / 1.324717957244746)        # the plastic number
+    for start, n, step, signed in ((0, 300, 1, True), (5, 64, 7, False),
+                                   ((1 << 31) - 40, 80, 123456789, True),
+                                   ((1 << 32) - 3, 9, 2, False)):
+        u = dither(start, n, step, signed)
+        base = mix(2 * step + signed)
+        want = [((DITHER_I * (i % 2 ** 32) + base) % 2 ** 32 >> 8) / 2 ** 24
+                for i in range(start, start + n)]
+        assert u.dtype == torch.float32 and u.tolist() == want
+    bases = {mix(2 * t + s) for t in range(1, 1001) for s in (0, 1)}
+    assert len(bases) == 2000                                    # every step its own shift
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_dithered_codes_are_the_two_neighbours_and_keep_exact_values(signed):
+    from memlab.quant4 import _codes, dither
+    code = dynamic_exponent_map() if signed else linear_nozero_map()
+    torch.manual_seed(0)
+    x = torch.rand(5000) * 2 - 1 if signed else torch.rand(5000)
+    for step in (1, 2, 3):
+        c = _codes(x, signed, 0, step).long()
+        got = code[c]
+        below = code[torch.searchsorted(code, x, right=True).clamp(1, 15) - 1]
+        above = code[torch.searchsorted(code, x, right=False).clamp(0, 15)]
+        assert bool(((got == below) | (got == above)).all())
+    exact = code.repeat(3)                                 # every map value: its own code
+    assert torch.equal(_codes(exact, signed, 0, 5).long(), torch.arange(16).repeat(3))
+    odd = torch.tensor([float("nan"), -2.0, 2.0, float("inf")])
+    want = [15, 0, 15, 15]
+    assert _codes(odd, signed, 0, 1).tolist() == want
+    u = dither(0, 16, 1, signed)
+    assert u.shape == (16,)
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_dithered_rounding_is_unbiased_over_steps(signed):
+    """The same values rounded at steps 1..256: the mean stored value is within 20% of a gap
+    of the value (4% on average: independent draws, ~1/sqrt(256) of a gap), where the nearest
+    value is off by a quarter of a gap on average -- what makes a 4-bit EMA stall; and within a
+    step, the mean over a block of 128 equal values is within 4% of a gap (the lattice: 2.7% at
+    most here; independent draws would be off by 4.4% of a gap as one standard deviation)."""
+    from memlab.quant4 import _codes
+    code = dynamic_exponent_map() if signed else linear_nozero_map()
+    torch.manual_seed(1)
+    x = torch.rand(4096) * 1.77 - 0.885 if signed else torch.rand(4096) * 0.9 + 0.0625
+    gap = code[1:] - code[:-1]
+    j = (torch.searchsorted(code, x, right=True) - 1).clamp(0, 14)
+    mean = torch.stack([code[_codes(x, signed, 0, t).long()] for t in range(1, 257)]).mean(0)
+    err = (mean - x).abs() / gap[j]
+    assert err.max() < 0.2 and err.mean() < 0.04, (err.max(), err.mean())
+    nearest = code[_codes(x, signed).long()]
+    assert ((nearest - x).abs() / gap[j]).mean() > 0.2
+    for value in x[:20].tolist():
+        flat = torch.full((128,), value)
+        k = int((torch.searchsorted(code, flat[:1], right=True) - 1).clamp(0, 14))
+        for t in (1, 2, 3):
+            m = code[_codes(flat, signed, 0, t).long()].mean()
+            assert abs(m - value) < 0.04 * gap[k], (value, t, m)
+
+
+def test_a_4bit_ema_follows_its_input_with_dither_and_stalls_to_nearest():
+    """m <- 0.9 m + 0.1 g with g constant, stored in 4 bits after each update (one block whose
+    absmax element is 1, the others 0.3): with nearest rounding the others stall at the map
+    value 0.2125 (the next, 0.4375, is never reached: 0.1 * (0.3 - 0.2125) is less than half
+    the gap), dithered they average 0.3 to within 0.01."""
+    g = torch.full((128,), 0.3)
+    g[0] = 1.0
+    out = {}
+    for name, at in (("nearest", lambda t: None), ("dither", lambda t: t)):
+        q, m = Q4Tensor.zeros((128,), True), torch.zeros(128)
+        for t in range(1, 101):
+            m = q.dequantize().lerp_(g, 0.1)
+            q.copy_(m, at(t))
+        out[name] = q.dequantize()[1:]
+    stalled = torch.full((127,), 0.2125 * (1 - 0.9 ** 100))             # 0.2125 x absmax
+    torch.testing.assert_close(out["nearest"], stalled, rtol=1e-6, atol=0)
+    assert abs(out["dither"].mean().item() - 0.3) < 0.01
 
 
 @pytest.mark.parametrize("shape,rank1", [((1 << 14,), False), ((128, 128), True),
@@ -300,26 +394,41 @@ def _curve_gaps(got, ref):
     return d.max().item(), d[-1].item(), d[len(d) // 2:].mean().item()
 
 
-def test_loss_curve_close_to_fp32_adam():
-    """200 full-batch steps of the 8-bit tests' MLP regression with the defaults (the 64 x 64
-    matrix in 4 bits, the smaller tensors fp32): the 4-bit states delay the steep part of the
-    curve by a few steps (the pointwise gap there is large: printed); after it the curves agree
-    within 5%, and so do the final losses."""
-    m1, m2 = _mlp(), _mlp()
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_loss_curve_within_5_percent_of_fp32_adam_at_every_step(seed):
+    """The 8-bit tests' criterion: 200 full-batch steps of their MLP regression with the
+    defaults (the 64 x 64 matrix in 4 bits with a rank-1 second moment, the smaller tensors
+    fp32), every step's loss within 5% of fp32 Adam's; three initializations. Before dithered
+    rounding and rank-1 for this matrix were the defaults (nearest rounding, a block-wise second
+    moment) seed 0's curve was off by 63% at the steep part."""
+    m1, m2 = _mlp(seed=seed), _mlp(seed=seed)
     ref = _train(m1, torch.optim.Adam(m1.parameters(), lr=3e-3), 200)
     got = _train(m2, Adam4bit(m2.parameters(), lr=3e-3), 200)
     worst, final, late = _curve_gaps(got, ref)
-    print(f"defaults: max gap {worst:.3f}, final gap {final:.4f}, mean gap steps 100-199 "
-          f"{late:.4f}")
+    print(f"seed {seed} defaults: max gap {worst:.3f}, final gap {final:.4f}, mean gap steps "
+          f"100-199 {late:.4f}")
     assert got[-1] < 0.2 * ref[0]                 # it learns
-    assert late < 0.05 and final < 0.05, (worst, final, late)
+    assert worst < 0.05, (worst, final, late)
+
+
+def test_nearest_rounding_stalls_the_moments_and_trails_fp32():
+    """rounding="nearest" (the paper's) on the same problem: the steep part of the curve comes
+    late, a pointwise gap of more than 30%; dithered rounding's is less than a fifth of it."""
+    m0, m1, m2 = _mlp(), _mlp(), _mlp()
+    ref = _train(m0, torch.optim.Adam(m0.parameters(), lr=3e-3), 200)
+    near = _train(m1, Adam4bit(m1.parameters(), lr=3e-3, rounding="nearest"), 200)
+    dith = _train(m2, Adam4bit(m2.parameters(), lr=3e-3), 200)
+    (w_near, *_), (w_dith, *_) = _curve_gaps(near, ref), _curve_gaps(dith, ref)
+    print(f"max gap: nearest {w_near:.3f}, dither {w_dith:.3f}")
+    assert w_near > 0.3 and w_dith < w_near / 5, (w_near, w_dith)
 
 
 @pytest.mark.parametrize("hidden,kw", [(64, dict(rank1=True)), (64, dict()),
                                        (128, dict(rank1=True))])
 def test_loss_curve_every_state_in_4bit(hidden, kw):
     """min_4bit_size=0 (every tensor in 4 bits): it learns and ends within 15% of fp32 Adam
-    (figures printed; the 8-bit tests' 5%-everywhere criterion is the xfail below)."""
+    (figures printed; the 8-bit tests' 5%-everywhere criterion holds with the defaults, above,
+    and is the xfail below here)."""
     m1, m2 = _mlp(hidden), _mlp(hidden)
     ref = _train(m1, torch.optim.Adam(m1.parameters(), lr=3e-3), 200)
     got = _train(m2, Adam4bit(m2.parameters(), lr=3e-3, min_4bit_size=0, **kw), 200)
@@ -330,8 +439,10 @@ def test_loss_curve_every_state_in_4bit(hidden, kw):
     assert final < 0.15, (worst, final, late)
 
 
-@pytest.mark.xfail(strict=True, reason="4-bit states delay the steep drop of this full-batch "
-                   "curve by a few steps: pointwise gap up to ~1.0 (8-bit: 0.013)")
+@pytest.mark.xfail(strict=True, reason="with every tensor in 4 bits (the 64-element biases and "
+                   "the 1 x 64 output weight too, whose second moments are block-wise: the "
+                   "zero-free map stores a small v as at least absmax / 16) the steep part of "
+                   "the curve is off by up to 17% (nearest rounding: 99%; 8-bit: 1.3%)")
 def test_loss_curve_within_5_percent_everywhere_like_8bit():
     m1, m2 = _mlp(), _mlp()
     ref = _train(m1, torch.optim.Adam(m1.parameters(), lr=3e-3), 200)
@@ -381,6 +492,38 @@ def test_resume_is_bit_for_bit(make):
         o_b.step()
         s_b.step()
     assert _same(m_ref, m_b)
+
+
+def test_rounding_is_saved_and_a_checkpoint_from_before_it_resumes_as_nearest():
+    """``rounding`` travels in the param groups; a state_dict saved before the option existed
+    (no 'rounding' key: its states were rounded to the nearest value) resumes as nearest, bit
+    for bit with the run that made it."""
+    def run(opt, m, a, b):
+        for i in range(a, b):
+            xb, yb = X[i % 8::8], Y[i % 8::8]
+            opt.zero_grad()
+            ((m(xb) - yb) ** 2).mean().backward()
+            opt.step()
+    m_ref = _mlp()
+    o_ref = Adam4bit(m_ref.parameters(), lr=3e-3, min_4bit_size=1024, rounding="nearest")
+    run(o_ref, m_ref, 0, 6)
+    sd = copy.deepcopy(o_ref.state_dict())
+    model = copy.deepcopy(m_ref.state_dict())
+    assert {g["rounding"] for g in sd["param_groups"]} == {"nearest"}
+    for g in sd["param_groups"]:
+        del g["rounding"]
+    run(o_ref, m_ref, 6, 12)
+    m_b = _mlp(seed=3)
+    m_b.load_state_dict(model)
+    o_b = Adam4bit(m_b.parameters(), lr=3e-3, min_4bit_size=1024)          # default: dither
+    o_b.load_state_dict(sd)
+    assert o_b.param_groups[0]["rounding"] == "nearest"
+    run(o_b, m_b, 6, 12)
+    assert _same(m_ref, m_b)
+    o_c = Adam4bit(_mlp().parameters(), rounding="dither")
+    o_d = Adam4bit(_mlp().parameters(), rounding="nearest")
+    o_d.load_state_dict(o_c.state_dict())
+    assert o_d.param_groups[0]["rounding"] == "dither"
 
 
 def test_lr_scheduler_drives_the_update():
@@ -453,6 +596,8 @@ def test_bad_hyperparameters_raise():
         (lambda: Adam4bit(ps, min_4bit_size=1.5), "min_4bit_size"),
         (lambda: Adam4bit(ps, rank1=1), "rank1"),
         (lambda: Adam4bit(ps, maximize=1), "maximize"),
+        (lambda: Adam4bit(ps, rounding="stochastic"), "rounding"),
+        (lambda: AdamW4bit(ps, rounding=None), "rounding"),
     ]
     for make, name in cases:
         with pytest.raises(ValueError, match=name):
@@ -649,12 +794,14 @@ def _steps(shape, make, kernel, monkeypatch, nan=False, steps=4):
     lambda ps: Adam4bit(ps, lr=1e-2, min_4bit_size=0),
     lambda ps: Adam4bit(ps, lr=1e-2, min_4bit_size=0, rank1=True, weight_decay=0.1),
     lambda ps: AdamW4bit(ps, lr=1e-2, min_4bit_size=0, block_size=64, rank1=False),
-    lambda ps: AdamW4bit(ps, lr=1e-2, min_4bit_size=0, maximize=True, betas=(0.3, 0.9))])
+    lambda ps: AdamW4bit(ps, lr=1e-2, min_4bit_size=0, maximize=True, betas=(0.3, 0.9)),
+    lambda ps: Adam4bit(ps, lr=1e-2, min_4bit_size=0, rank1=True, rounding="nearest"),
+    lambda ps: AdamW4bit(ps, lr=1e-2, min_4bit_size=0, rank1=False, rounding="nearest")])
 def test_c_step_equals_the_torch_step_bit_for_bit(shape, make, monkeypatch):
     """memlab._q4_kernel against the torch-op step (whole tensor, or by chunks above 131,072
     elements): parameters and every state tensor after 4 steps with gradients spread over ten
     orders of magnitude, block-wise and rank-1 (2 and 4 axes), L2 and decoupled decay,
-    maximize, a lerp weight above 0.5 (beta1 = 0.3)."""
+    maximize, a lerp weight above 0.5 (beta1 = 0.3), dithered and nearest rounding."""
     from memlab import _q4_kernel
     if _q4_kernel.library() is None:
         pytest.skip("no C compiler")
@@ -737,9 +884,12 @@ def test_c_step_without_avx512_equals_the_torch_step(monkeypatch):
     generic = _cbuild.LazyLibrary(build, _q4_kernel._declare, "generic 4-bit kernel", "torch")
     monkeypatch.setattr(_q4_kernel, "_LIBRARY", generic)
     monkeypatch.setattr(_q4_kernel, "_LIBRARY_MT", generic)
-    for shape, rank1 in (((1000,), None), ((300, 513), True), ((16, 8, 3, 3), True)):
-        def make(ps, rank1=rank1):
-            return AdamW4bit(ps, lr=1e-2, min_4bit_size=0, rank1=rank1, weight_decay=0.1)
+    for shape, rank1, rounding in (((1000,), None, "dither"), ((300, 513), True, "dither"),
+                                   ((16, 8, 3, 3), True, "dither"), ((300, 513), True, "nearest"),
+                                   ((1000,), None, "nearest")):
+        def make(ps, rank1=rank1, rounding=rounding):
+            return AdamW4bit(ps, lr=1e-2, min_4bit_size=0, rank1=rank1, weight_decay=0.1,
+                             rounding=rounding)
         (a, sa), (b, sb) = (_steps(shape, make, k, monkeypatch) for k in (True, False))
         assert torch.equal(a, b), shape
         assert all(torch.equal(sa[k], sb[k]) for k in sa if isinstance(sa[k], torch.Tensor))
