@@ -14,8 +14,9 @@ search (the same count as the 15 comparisons of the plain loop, which other CPUs
 
 * Block-wise second moment (1-D tensors, and where rank-1 scales would cost more): one pass over
   the blocks of ``block_size``; each block's new moments go to a small buffer, their absmax is
-  taken, and they are encoded (true division by the absmax, nearest code, NaN -> 15 as
-  ``torch.bucketize``) and packed two a byte.
+  taken, and they are encoded (true division by the absmax; the nearest code, NaN -> 15 as
+  ``torch.bucketize``, or dithered: the thresholds of :func:`memlab.quant4.dither` computed in
+  the loop from the element's index, one multiply-add) and packed two a byte.
 * Rank-1 second moment: the new per-axis maxima are needed before any v can be encoded, so a
   first pass computes the new v of every element and only its maxima, and the second computes it
   again (nothing was written yet) with m and the parameter, and encodes both.
@@ -106,7 +107,7 @@ static void decode(const uint8_t *restrict codes, int64_t s, int64_t len,
 
 /* codes of x / scale (scale 0 -> 1), packed into elements [s, s + len) of the tensor, s even:
    the nearest map values (tab NULL: the midpoints mid), or dithered (memlab.quant4's
-   _encode_dithered: between the values lo <= xn < hi, hi when u < (xn - lo) / (hi - lo); u from
+   _encode_dithered: between the values lo <= xn < hi, hi when u * (hi - lo) < xn - lo; u from
    the element's index and base, memlab.quant4.dither) */
 static void encode(const float *restrict x, const float *restrict sc, float s1, int64_t len,
                    const float *restrict mid, const float *restrict tab, uint32_t base,
@@ -153,13 +154,13 @@ static void encode(const float *restrict x, const float *restrict sc, float s1, 
             }
             if (tab) {
                 c = _mm512_min_epu32(c, v14);                    /* +inf: the last pair */
-                __m512 p = _mm512_div_ps(_mm512_sub_ps(xn, _mm512_permutexvar_ps(c, V)),
-                                         _mm512_permutexvar_ps(c, G));
+                __m512 d = _mm512_sub_ps(xn, _mm512_permutexvar_ps(c, V));
                 __m512i idx = _mm512_add_epi32(_mm512_set1_epi32((int)(uint32_t)(s + i + 16 * h)),
                                                lane);
                 __m512i hh = _mm512_add_epi32(_mm512_mullo_epi32(idx, CI), B);
                 __m512 u = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(hh, 8)), U);
-                c = _mm512_mask_add_epi32(c, _mm512_cmp_ps_mask(u, p, _CMP_LT_OQ), c,
+                u = _mm512_mul_ps(u, _mm512_permutexvar_ps(c, G));
+                c = _mm512_mask_add_epi32(c, _mm512_cmp_ps_mask(u, d, _CMP_LT_OQ), c,
                                           _mm512_set1_epi32(1));
             }
             cc[h] = _mm512_mask_mov_epi32(c, _mm512_cmp_ps_mask(xn, xn, _CMP_UNORD_Q), v15);
@@ -178,9 +179,9 @@ static void encode(const float *restrict x, const float *restrict sc, float s1, 
         int c = 0;
         if (tab) {
             for (int k = 1; k < 15; k++) c += xn >= tab[k];       /* torch.searchsorted */
-            float p = (xn - tab[c]) / (tab[c + 1] - tab[c]);
+            float d = xn - tab[c];
             uint32_t hh = (uint32_t)(s + i) * DITHER_I + base;
-            c += ((float)(hh >> 8) * 0x1p-24f) < p;
+            c += ((float)(hh >> 8) * 0x1p-24f) * (tab[c + 1] - tab[c]) < d;
         } else {
             for (int k = 0; k < 15; k++) c += xn > mid[k];       /* torch.bucketize */
         }

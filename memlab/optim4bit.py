@@ -5,7 +5,9 @@ References
 * B. Li, J. Chen, J. Zhu, "Memory Efficient Optimizers with 4-bit States", NeurIPS 2023,
   arXiv 2309.01507: first moment block-wise (128) with the signed dynamic-exponent map; second
   moment with rank-1 normalization and the linear map without zero (no second moment is stored
-  as 0, which would make Adam step by m / eps); dequantize, update in fp32, requantize.
+  as 0, which would make Adam step by m / eps); dequantize, update in fp32, requantize. The
+  requantization is dithered by default (``rounding``, see :class:`Adam4bit`; the paper rounds
+  to the nearest value).
 * The update rule is ``torch.optim.Adam`` / ``AdamW`` (single-tensor form, no amsgrad); a
   tensor with fewer than ``min_4bit_size`` elements keeps fp32 moments and gets exactly torch's
   update.
@@ -221,15 +223,16 @@ class Adam4bit(Optimizer):
     """Adam whose two moments are stored in 4 bits (Li, Chen, Zhu 2023): the first moment
     block-wise (``block_size`` 128) with the signed dynamic-exponent map, the second with the
     linear map without zero and rank-1 normalization (block-wise for 1-D tensors, and by default
-    where rank-1's scales would take more memory; ``rank1=True`` forces it for every tensor with
-    two dims > 1, ``False`` never). ~1.06 B/param of state instead of 8. Same update as
-    ``torch.optim.Adam`` (no amsgrad); L2 ``weight_decay`` added to the gradient.
+    where rank-1's scales would be more than one per 32 elements: :func:`memlab.quant4.use_rank1`;
+    ``rank1=True`` forces it for every tensor with two dims > 1, ``False`` never). ~1.04 B/param
+    of state instead of 8. Same update as ``torch.optim.Adam`` (no amsgrad); L2 ``weight_decay``
+    added to the gradient.
 
     ``rounding``: how the updated moments are rounded to the 16 values of their map.
     ``"dither"`` (default): to the value below or above with the probability that makes the
-    stored value unbiased, the thresholds a deterministic low-discrepancy sequence over
-    (element, step) (:func:`memlab.quant4.dither`: reproducible, resumable bit for bit, the
-    same on every path and sharding). ``"nearest"``: the nearest value, as the paper. With 4 bits
+    stored value unbiased, the thresholds a lattice over the elements shifted by a hash of the
+    step (:func:`memlab.quant4.dither`: deterministic, resumable bit for bit, the same on every
+    path and sharding). ``"nearest"``: the nearest value, as the paper. With 4 bits
     an EMA's increment ``(1 - beta) * (g - m)`` is mostly smaller than half the gap between
     two values, so nearest rounding drops it and the moments stall (m lags g, v barely moves):
     on the 8-bit tests' MLP regression the loss curve then trails fp32 Adam's by up to 40% at

@@ -18,7 +18,9 @@ The two maps (16 sorted float32 values each, in [-1, 1])::
       = 1/16, 2/16, ..., 16/16                  # i = 0..15; no zero
 
 Normalization: ``x ~ code[c] * scale``, ``c = argmin_j |x / scale - code[j]|`` (nearest value,
-a tie goes to the lower one). Block-wise: ``scale`` is the absmax of the block of ``block_size``
+a tie goes to the lower one), or, dithered (:func:`dither`, what :mod:`memlab.optim4bit` uses
+by default), the value below or above ``x / scale`` with the probability that makes the stored
+value unbiased. Block-wise: ``scale`` is the absmax of the block of ``block_size``
 (128) consecutive elements. Rank-1 (the second moment of a tensor with at least two dimensions of
 size > 1): one max per index of each such axis, ``s_k[i] = max |x|`` over all elements whose
 k-th index is i (for a matrix: the row max and the column max), and the element's scale is
@@ -32,9 +34,12 @@ nibble of byte ``i`` (``ceil(N / 2)`` bytes; an odd tail's high nibble is 0).
 
 Memory per element: 0.5 B of codes + 4 B / 128 of block absmax = 0.531 B; rank-1 costs
 ``4 * sum(dims) / numel`` B instead (0.0078 for 1024 x 1024). :func:`use_rank1` picks rank-1 for
-the default ``rank1=None`` only where those scales take no more memory than the block absmaxes
-would (e.g. 1024 x 1024, 512 x 256, a 128 x 128 x 3 x 3 conv; not 64 x 64), so a 4-bit Adam
-state never takes more than 2 x 0.531 = 1.0625 B/param (+ 1 byte for an odd tensor).
+the default ``rank1=None`` where those scales are at most one per 32 elements (e.g. 1024 x 1024,
+512 x 256, a 128 x 128 x 3 x 3 conv, 64 x 64; not 512 x 16), so a 4-bit Adam state never takes
+more than 0.531 + 0.625 = 1.156 B/param (+ 1 byte for an odd tensor), and ~1.04 on a network
+whose large tensors dominate; rank-1 is the paper's choice for the second moment, and it tracks
+fp32 Adam better than block absmaxes (a block's small second moments would be stored as at
+least absmax / 16).
 Everything here depends only on torch and works on fake tensors (``memlab.memory.estimate``).
 """
 
@@ -214,15 +219,15 @@ def _dither_table(signed: bool, device) -> Tuple[Tensor, Tensor]:
 
 def _encode_dithered(xn: Tensor, signed: bool, u: Tensor) -> Tensor:
     """Dithered codes of normalised ``xn`` with thresholds ``u`` (same shape): between the map
-    values lo <= xn < hi around it, hi when ``u < (xn - lo) / (hi - lo)``, else lo -- unbiased
+    values lo <= xn < hi around it, hi when ``u * (hi - lo) < xn - lo``, else lo -- unbiased
     over the dither (E[value] = xn inside the map's range). Below the smallest value: code 0;
     from the largest up: 15; NaN: 15 (as the nearest code). uint8, xn's shape."""
     code, _ = _table(signed, xn.device)
     thr, gaps = _dither_table(signed, xn.device)
     j = torch.searchsorted(thr, xn.contiguous(), right=True, out_int32=True)  # values 1..14 <= xn
-    p = (xn - code[j]).div_(gaps[j])                                 # (N,) in [0, 1) inside
-    c = j.add_(u < p).masked_fill_(xn.isnan(), 15)
-    del p
+    d = xn - code[j]                                                 # (N,) past lo
+    c = j.add_(u.mul_(gaps[j]) < d).masked_fill_(xn.isnan(), 15)     # u consumed
+    del d
     return c.to(torch.uint8)
 
 
