@@ -164,7 +164,7 @@ def _zero_code(signed: bool) -> int:
 # dithered rounding
 
 DITHER_I = 3242174889          # round(2**32 / g), g = 1.32471... the plastic number
-DITHER_PIECE = 1 << 14         # elements encoded at a time by the torch ops
+DITHER_PIECE = 1 << 14         # elements encoded at a time by the torch ops on CPU
 
 
 def _hash32(x: int) -> int:
@@ -238,8 +238,9 @@ def _codes(xn: Tensor, signed: bool, start: int = 0, step: Optional[int] = None)
         return _encode(xn, _table(signed, xn.device)[1])
     flat = xn.reshape(-1)
     out = torch.empty(flat.shape, dtype=torch.uint8, device=xn.device)
-    for a in range(0, flat.numel(), DITHER_PIECE):      # temporaries of one piece (~20 B each)
-        x = flat[a:a + DITHER_PIECE]
+    piece = DITHER_PIECE if xn.device.type == "cpu" else max(1, flat.numel())   # GPU: launches
+    for a in range(0, flat.numel(), piece):             # temporaries of one piece (~20 B each)
+        x = flat[a:a + piece]
         out[a:a + x.numel()] = _encode_dithered(x, signed, dither(start + a, x.numel(), step,
                                                                   signed, xn.device))
     return out.view(xn.shape)
