@@ -188,6 +188,46 @@ def state_bytes_figure(rows: Sequence[Dict[str, Any]]) -> go.Figure:
     return fig
 
 
+CURVE_STYLE = {"adam": ("#333333", "solid"), "adam8bit": ("#54A24B", "dot"),
+               "adam4bit": ("#4C78A8", "solid"), "adam4bit nearest": ("#E45756", "dash")}
+
+
+def loss_curves_figure(curves: Dict[str, Sequence[float]], reference: str = "adam",
+                       tolerance: float = 0.05) -> go.Figure:
+    """:func:`memlab.bench.curves.loss_curves`: the loss of each optimizer at each step (top)
+    and its relative gap to ``reference``'s curve in percent (bottom, the band of
+    ``tolerance`` shaded)."""
+    from plotly.subplots import make_subplots
+    if reference not in curves:
+        raise ValueError(f"reference {reference!r} is not among the curves {sorted(curves)}")
+    ref = list(curves[reference])
+    fig = make_subplots(rows=2, cols=1, shared_xaxes=True, vertical_spacing=0.08,
+                        row_heights=[0.6, 0.4])
+    for name, ys in curves.items():
+        color, dash = CURVE_STYLE.get(name, ("#777777", "solid"))
+        steps = list(range(1, len(ys) + 1))
+        fig.add_scatter(x=steps, y=list(ys), name=name, mode="lines", legendgroup=name,
+                        line=dict(color=color, dash=dash), row=1, col=1,
+                        hovertemplate=f"{name}<br>step %{{x}}: loss %{{y:.4f}}<extra></extra>")
+        if name != reference:
+            gap = [100 * (a - b) / b for a, b in zip(ys, ref)]
+            fig.add_scatter(x=steps, y=gap, name=name, mode="lines", legendgroup=name,
+                            showlegend=False, line=dict(color=color, dash=dash), row=2, col=1,
+                            hovertemplate=f"{name}<br>step %{{x}}: %{{y:+.1f}}% vs "
+                                          f"{reference}<extra></extra>")
+    fig.add_hrect(y0=-100 * tolerance, y1=100 * tolerance, fillcolor="#54A24B", opacity=0.12,
+                  line_width=0, row=2, col=1)
+    note = ("; adam4bit: dithered rounding (its default), adam4bit nearest: the paper's"
+            if "adam4bit nearest" in curves else "")
+    _layout(fig, f"Loss curves against {reference} (fp32)",
+            f"the same MLP and initialization, full-batch steps; shaded: within "
+            f"{tolerance:.0%} of {reference}{note}", height=620)
+    fig.update_yaxes(title_text="loss (mean squared error)", type="log", row=1, col=1)
+    fig.update_yaxes(title_text=f"gap to {reference} (%)", row=2, col=1)
+    fig.update_xaxes(title_text="optimizer step", row=2, col=1)
+    return fig
+
+
 def transducer_batch_figure(rows: Sequence[Dict[str, Any]]) -> go.Figure:
     """``memlab.bench.transducer.run`` rows: peak of one loss step against batch size, batched
     against sample-wise (one audio length and vocabulary: the first row's)."""
@@ -276,6 +316,15 @@ def bench_figures(name: str, rows: Sequence[Dict[str, Any]]) -> List[go.Figure]:
             _layout(t, "Optimizer step time relative to torch's fused fp32 step", "")
             t.update_yaxes(title_text="time / torch fused")
             figs.append(t)
+        gaps = [r for r in rows if r.get("measure") == "curve_gap"]
+        if gaps:
+            g = go.Figure(go.Bar(x=[f"{r['subject']}<br>seed {r['seed']}" for r in gaps],
+                                 y=[100 * r["value"] for r in gaps], marker_color="#4C78A8"))
+            g.add_hline(y=5, line_dash="dash", annotation_text="5%")
+            _layout(g, "Worst step's loss gap to fp32 Adam",
+                    "memlab.bench.curves: the tests' MLP, full-batch steps")
+            g.update_yaxes(title_text="max |loss - loss_fp32| / loss_fp32 (%)")
+            figs.append(g)
     elif name == "transducer" and rows and "method" in rows[0] and "batch_size" in rows[0]:
         figs.append(transducer_batch_figure(rows))
     figs.append(table_figure(rows, f"memlab bench {name}"))

@@ -2,12 +2,12 @@
 
 import copy
 import io
-
 import math
 
 import pytest
 import torch
 
+from memlab.bench.curves import mlp as _mlp, regression_data as _data, train
 from memlab.optim4bit import Adam4bit, AdamW4bit, stored_moments
 from memlab.quant4 import (Q4Tensor, dequantize4_blockwise, dynamic_exponent_map, error_rows,
                            linear_nozero_map, pack4, quantize4_blockwise, rank1_maxes,
@@ -18,38 +18,14 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 BIG = 10 ** 9   # min_4bit_size that keeps every state fp32
 
 
-# the deterministic problem of tests/test_optim8bit.py (MLP regression), copied
-
-
-def _mlp(hidden=64, seed=0):
-    torch.manual_seed(seed)
-    return torch.nn.Sequential(torch.nn.Linear(16, hidden), torch.nn.Tanh(),
-                               torch.nn.Linear(hidden, hidden), torch.nn.Tanh(),
-                               torch.nn.Linear(hidden, 1))
-
-
-def _data(n=4096, noise=0.3):
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(n, 16, generator=g)
-    y = x[:, :4].sum(1, keepdim=True).sin() + noise * torch.randn(n, 1, generator=g)
-    return x, y
+# the deterministic problem of the optimizer tests (MLP regression): memlab.bench.curves
 
 
 X, Y = _data()
 
 
 def _train(model, opt, steps, sched=None, batch=None):
-    losses = []
-    for i in range(steps):
-        xb, yb = (X, Y) if batch is None else (X[i % 8::8], Y[i % 8::8])
-        opt.zero_grad()
-        loss = ((model(xb) - yb) ** 2).mean()
-        loss.backward()
-        opt.step()
-        if sched is not None:
-            sched.step()
-        losses.append(loss.item())
-    return torch.tensor(losses)
+    return train(model, opt, steps, sched, batch, (X, Y))
 
 
 def _same(m1, m2):

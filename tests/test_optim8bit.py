@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import memlab.optim as mo
+from memlab.bench.curves import mlp as _mlp, regression_data as _data, train
 from memlab.optim import SGD8bit, Adam8bit, AdamW8bit
 
 BIG = 10 ** 9   # min_8bit_size that keeps every state fp32
@@ -15,35 +16,11 @@ BIG = 10 ** 9   # min_8bit_size that keeps every state fp32
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def _mlp(hidden=64, seed=0):
-    torch.manual_seed(seed)
-    return torch.nn.Sequential(torch.nn.Linear(16, hidden), torch.nn.Tanh(),
-                               torch.nn.Linear(hidden, hidden), torch.nn.Tanh(),
-                               torch.nn.Linear(hidden, 1))
-
-
-def _data(n=4096, noise=0.3):
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(n, 16, generator=g)
-    y = x[:, :4].sum(1, keepdim=True).sin() + noise * torch.randn(n, 1, generator=g)
-    return x, y
-
-
 X, Y = _data()
 
 
 def _train(model, opt, steps, sched=None, batch=None):
-    losses = []
-    for i in range(steps):
-        xb, yb = (X, Y) if batch is None else (X[i % 8::8], Y[i % 8::8])
-        opt.zero_grad()
-        loss = ((model(xb) - yb) ** 2).mean()
-        loss.backward()
-        opt.step()
-        if sched is not None:
-            sched.step()
-        losses.append(loss.item())
-    return torch.tensor(losses)
+    return train(model, opt, steps, sched, batch, (X, Y))
 
 
 def _same(m1, m2):

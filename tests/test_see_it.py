@@ -70,6 +70,19 @@ def test_bench_figures_draw_from_rows():
     assert any("paper: 16.2x" in (a.text or "") for a in fig.layout.annotations)
 
 
+def test_loss_curves_figure_from_the_committed_rows():
+    from memlab import plots
+    rows = json.loads((IMAGES / "loss_curves.json").read_text())["rows"]
+    fig = plots.loss_curves_figure({r["optimizer"]: r["losses"] for r in rows})
+    names = [t.name for t in fig.data if t.showlegend is not False]
+    assert names == ["adam", "adam8bit", "adam4bit", "adam4bit nearest"]
+    assert len(fig.data) == 7                     # 4 curves + 3 gaps (none for the reference)
+    assert fig.layout.yaxis.title.text.startswith("loss") and "%" in fig.layout.yaxis2.title.text
+    assert fig.layout.xaxis2.title.text == "optimizer step"
+    with pytest.raises(ValueError, match="reference"):
+        plots.loss_curves_figure({"adam4bit": [1.0]})
+
+
 def test_compare_plot_offline(tmp_path, capsys):
     from memlab import cli
     out = tmp_path / "out.html"

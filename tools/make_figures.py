@@ -33,7 +33,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-FIGURES = ("activation_depth", "optimizer_state", "transducer_batch", "full_size_saving")
+FIGURES = ("activation_depth", "optimizer_state", "transducer_batch", "full_size_saving",
+           "loss_curves")
 # (memory strategy, optimizer) of the full-size bars: baseline first, the combination last
 FULL_SIZE_COMBOS = (("vanilla", "adam"), ("reversible-full", "adam"),
                     ("vanilla", "adam8bit"), ("reversible-full", "adam8bit"))
@@ -84,9 +85,29 @@ def full_size_rows(fast: bool) -> List[dict]:
     return rows
 
 
+def loss_curves_rows(fast: bool) -> List[dict]:
+    """One row per optimizer of memlab.bench.curves.loss_curves (200 steps, seed 0, one thread:
+    a few seconds, so fast mode runs the full curves too): its losses and its gaps to fp32's."""
+    import torch
+    from memlab.bench.curves import curve_gaps, loss_curves
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        curves = loss_curves(200, 0)
+    finally:
+        torch.set_num_threads(before)
+    rows = []
+    for name, losses in curves.items():
+        worst, at, final = curve_gaps(losses, curves["adam"])
+        rows.append({"optimizer": name, "max_gap": worst, "at_step": at, "final_gap": final,
+                     "losses": losses})
+    return rows
+
+
 RUNNERS: Dict[str, Callable[[bool], List[dict]]] = {
     "activation_depth": activation_depth_rows, "optimizer_state": optimizer_state_rows,
-    "transducer_batch": transducer_batch_rows, "full_size_saving": full_size_rows}
+    "transducer_batch": transducer_batch_rows, "full_size_saving": full_size_rows,
+    "loss_curves": loss_curves_rows}
 
 
 def figure(name: str, rows: List[dict]):
@@ -94,7 +115,9 @@ def figure(name: str, rows: List[dict]):
     return {"activation_depth": plots.activation_depth_figure,
             "optimizer_state": plots.state_bytes_figure,
             "transducer_batch": plots.transducer_batch_figure,
-            "full_size_saving": plots.full_size_figure}[name](rows)
+            "full_size_saving": plots.full_size_figure,
+            "loss_curves": lambda rs: plots.loss_curves_figure(
+                {r["optimizer"]: r["losses"] for r in rs})}[name](rows)
 
 
 # ----------------------------------------------------------------------------- shape
@@ -136,6 +159,12 @@ def shape(name: str, rows: List[dict]) -> Dict[str, Any]:
                 "combined_is_smallest": rows[-1]["peak_bytes"] == min(r["peak_bytes"]
                                                                       for r in rows),
                 "combined_saves": rows[0]["peak_bytes"] > rows[-1]["peak_bytes"]}
+    if name == "loss_curves":
+        gap = {r["optimizer"]: r["max_gap"] for r in rows}
+        return {"optimizers": sorted(gap),
+                "within_5pct": sorted(k for k, g in gap.items() if g < 0.05),
+                "nearest_trails_dither": gap.get("adam4bit nearest", 0) > 5 * gap.get(
+                    "adam4bit", 1)}
     raise ValueError(f"name must be one of {FIGURES}, got {name!r}")
 
 

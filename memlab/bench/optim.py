@@ -490,12 +490,14 @@ def four_bit_rows(fast: bool = False) -> List[dict]:
 def run(fast: bool = False, repeats: Optional[int] = None,
         threads: Optional[int] = None) -> List[dict]:
     """All rows: state bytes/param, step time vs torch (fused, foreach beside),
-    quantization error, drift to fp32 Adam."""
+    quantization error, drift to fp32 Adam, the loss curves' gaps to fp32 Adam
+    (:mod:`memlab.bench.curves`)."""
     times = step_times(fast, repeats, threads)
     drift = drift_rows(sigmas=(0.5, 1.5) if fast else (0.5, 1.0, 1.5, 2.0),
                        n=2 ** 16 if fast else 2 ** 20, steps=20 if fast else 50)
+    from memlab.bench.curves import curve_rows
     return (_memory_rows(_shapes(fast)) + times + error_rows(2 ** 16 if fast else 2 ** 20)
-            + drift + four_bit_rows(fast))
+            + drift + four_bit_rows(fast) + curve_rows(fast))
 
 
 if __name__ == "__main__":  # pragma: no cover
