@@ -224,6 +224,7 @@ def loss_curves_figure(curves: Dict[str, Sequence[float]], reference: str = "ada
             f"{tolerance:.0%} of {reference}{note}", height=620)
     fig.update_yaxes(title_text="loss (mean squared error)", type="log", row=1, col=1)
     fig.update_yaxes(title_text=f"gap to {reference} (%)", row=2, col=1)
+    fig.update_xaxes(title_text="optimizer step", row=1, col=1)
     fig.update_xaxes(title_text="optimizer step", row=2, col=1)
     return fig
 
@@ -323,6 +324,7 @@ def bench_figures(name: str, rows: Sequence[Dict[str, Any]]) -> List[go.Figure]:
             g.add_hline(y=5, line_dash="dash", annotation_text="5%")
             _layout(g, "Worst step's loss gap to fp32 Adam",
                     "memlab.bench.curves: the tests' MLP, full-batch steps")
+            g.update_xaxes(title_text="optimizer, initialization seed")
             g.update_yaxes(title_text="max |loss - loss_fp32| / loss_fp32 (%)")
             figs.append(g)
     elif name == "transducer" and rows and "method" in rows[0] and "batch_size" in rows[0]:

@@ -36,3 +36,16 @@ def test_curve_rows_in_fast_mode():
     assert all(r["measure"] == "curve_gap" and r["steps"] == 60 and r["seed"] == 0
                for r in rows)
     assert gap["adam8bit"] < 0.05 and gap["adam4bit"] < 0.05 < gap["adam4bit nearest"], gap
+
+
+def test_bench_optim_figures_draw_the_curve_gaps_readably():
+    from figure_check import figure_problems
+    from memlab import plots
+    rows = [{"measure": "state_bytes_per_param", "subject": "adam8bit", "value": 2.03,
+             "ratio": 0.254, "reference": "adam"},
+            {"measure": "curve_gap", "subject": "adam4bit", "value": 0.039, "seed": 0},
+            {"measure": "curve_gap", "subject": "adam4bit nearest", "value": 0.40, "seed": 0}]
+    figs = {f.layout.title.text: f for f in plots.bench_figures("optim", rows)}
+    gap = figs["<b>Worst step's loss gap to fp32 Adam</b>"]
+    assert list(gap.data[0].y) == pytest.approx([3.9, 40.0])
+    assert figure_problems(gap) == []
