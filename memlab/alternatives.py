@@ -52,7 +52,8 @@ CHANGES = {
     ("optimizer", "adam8bit"): "Adam's moments rounded to 8 bits per step",
     ("optimizer", "adamw8bit"): "AdamW's moments rounded to 8 bits per step",
     ("optimizer", "sgd8bit"): "momentum rounded to 8 bits per step",
-    ("optimizer", "adam4bit"): "Adam's moments rounded to 4 bits per step",
+    ("optimizer", "adam4bit"): "Adam's moments rounded to 4 bits per step (dithered)",
+    ("optimizer", "adam4bit-nearest"): "Adam's moments rounded to the nearest 4-bit value",
     ("optimizer", "adamw4bit"): "AdamW's moments rounded to 4 bits per step",
     ("optimizer", "lowrank-adam"): "another update: gradients projected onto rank-r factors",
     ("optimizer-step", "in-backward"): "nothing: the same update, one parameter at a time "

@@ -370,7 +370,8 @@ def _builtin() -> None:
     # the Adam family at lr 0.01 (the ASR task's 6e-3: TER 0.90 after 400 steps; 0.008 / 0.012 /
     # 0.015: 0.75 / 0.76 / 0.68, sample-wise runs at batch 16, one thread)
     asr_lrs = {("optimizer", o): {"lr": 0.01}
-               for o in ("adam", "adamw", "adam8bit", "adamw8bit", "adam4bit", "adamw4bit")}
+               for o in ("adam", "adamw", "adam8bit", "adamw8bit", "adam4bit", "adamw4bit",
+                         "adam4bit-nearest")}
     asr_fast = dict(vocab_size=MAX_SYLLABLE_VOCAB, seconds=5.0, batch_size=10, width=32,
                     depth=1, frontend="context", output="factored", dropout=0.0,
                     max_chunk_bytes=4 << 20, num_utts=8, eval_utts=4, steps=3, eval_every=3,

@@ -529,6 +529,17 @@ def test_rounding_is_saved_and_a_checkpoint_from_before_it_resumes_as_nearest():
     assert o_d.param_groups[0]["rounding"] == "dither"
 
 
+def test_registered_optimizers_pick_the_rounding():
+    """'adam4bit' (and 'adamw4bit') round dithered; 'adam4bit-nearest' is the paper's rounding,
+    so the lab, the dashboard and ``memlab compare`` can put the two side by side."""
+    from memlab import techniques as tech
+    model = _mlp()
+    for name, want in (("adam4bit", "dither"), ("adamw4bit", "dither"),
+                       ("adam4bit-nearest", "nearest")):
+        opt = tech.get("optimizer", name).factory(model, lr=1e-3, weight_decay=0.0)
+        assert isinstance(opt, Adam4bit) and opt.param_groups[0]["rounding"] == want, name
+
+
 def test_lr_scheduler_drives_the_update():
     def lam(i):
         return 1.0 / (1 + i)

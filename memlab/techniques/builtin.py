@@ -97,10 +97,19 @@ def _adamw8bit(model, lr, weight_decay=0.0, **kw):
 
 
 @optimizer("adam4bit", description="Adam with 4-bit states: signed DE first moment, zero-free "
-           "linear second moment, rank-1 scales (Li et al. 2023; ~1.05 B/param)", **_ADAM_LRS)
+           "linear second moment, rank-1 scales (Li et al. 2023; ~1.04 B/param), dithered "
+           "rounding", **_ADAM_LRS)
 def _adam4bit(model, lr, weight_decay=0.0, **kw):
     from memlab.optim4bit import Adam4bit
     return Adam4bit(model.parameters(), lr=lr, weight_decay=weight_decay, **kw)
+
+
+@optimizer("adam4bit-nearest", description="Adam4bit rounding its moments to the nearest of "
+           "the 16 values, as the paper (they stall: the loss trails fp32 Adam's)", **_ADAM_LRS)
+def _adam4bit_nearest(model, lr, weight_decay=0.0, **kw):
+    from memlab.optim4bit import Adam4bit
+    return Adam4bit(model.parameters(), lr=lr, weight_decay=weight_decay, rounding="nearest",
+                    **kw)
 
 
 @optimizer("adamw4bit", description="AdamW with 4-bit states (Li et al. 2023)", **_ADAM_LRS)
