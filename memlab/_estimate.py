@@ -8,6 +8,7 @@ the fake tensor. Public through ``memlab.memory``.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional
 
@@ -39,6 +40,11 @@ class Estimate:
 
 # The FakeTensorMode of the estimate now running (None outside one): host_tensor reads it.
 _ESTIMATE_MODE: List[Any] = []
+# estimates running now (any thread) and torch's CONSTANT_NUMEL_LIMIT before the first of them:
+# the limit is raised while any runs and restored when the last one ends (saved and restored per
+# call, two overlapping estimates in two threads left it raised for good)
+_LIMIT_LOCK = threading.Lock()
+_LIMIT_STATE: Dict[str, Any] = {"active": 0, "saved": None}
 # Host values an estimated step may read (lengths, targets): at most this many elements each.
 HOST_VALUES_LIMIT = 1 << 22
 
@@ -153,14 +159,20 @@ def estimate(step_fn: Callable[..., Any], setup: Optional[Callable[[], Any]] = N
     mode._memlab_device = str(dev)
     # host tensors (host_tensor) propagate their values through ops on host tensors only; torch
     # keeps values for at most CONSTANT_NUMEL_LIMIT elements, 1 by default: raised while we run
-    limit = _ft.CONSTANT_NUMEL_LIMIT
-    _ft.CONSTANT_NUMEL_LIMIT = max(limit, HOST_VALUES_LIMIT)
+    with _LIMIT_LOCK:
+        if _LIMIT_STATE["active"] == 0:
+            _LIMIT_STATE["saved"] = _ft.CONSTANT_NUMEL_LIMIT
+            _ft.CONSTANT_NUMEL_LIMIT = max(_ft.CONSTANT_NUMEL_LIMIT, HOST_VALUES_LIMIT)
+        _LIMIT_STATE["active"] += 1
     _ESTIMATE_MODE.append(mode)
     try:
         return _estimate_in(mode, dev, step_fn, setup, steps)
     finally:
-        _ESTIMATE_MODE.pop()
-        _ft.CONSTANT_NUMEL_LIMIT = limit
+        _ESTIMATE_MODE.remove(mode)
+        with _LIMIT_LOCK:
+            _LIMIT_STATE["active"] -= 1
+            if _LIMIT_STATE["active"] == 0:
+                _ft.CONSTANT_NUMEL_LIMIT = _LIMIT_STATE["saved"]
 
 
 def _estimate_in(mode, dev, step_fn, setup, steps) -> Estimate:

@@ -62,6 +62,45 @@ def test_host_tensor_keeps_values_inside_estimate_only():
     assert fake_tensor.CONSTANT_NUMEL_LIMIT == 1
 
 
+def test_overlapping_estimates_in_two_threads_restore_torchs_limit():
+    """A starts, B starts, A ends, B ends: torch's CONSTANT_NUMEL_LIMIT is raised while either
+    runs and is torch's again after both (each call used to restore what it had seen at its
+    start, so B put back A's raised value for good: a dashboard thread estimating beside the
+    main one left it so, and a later test found it at 4,194,304)."""
+    import threading
+    from torch._subclasses import fake_tensor
+    before = fake_tensor.CONSTANT_NUMEL_LIMIT
+    b_in, a_out, seen, errors = threading.Event(), threading.Event(), {}, []
+
+    def run(name, step):
+        try:
+            estimate(lambda x: step(x), lambda: (torch.ones(4),))
+        except Exception as e:              # pragma: no cover - reported below
+            errors.append(e)
+        if name == "a":
+            a_out.set()
+
+    def step_a(x):
+        assert b_in.wait(30)
+        seen["a"] = fake_tensor.CONSTANT_NUMEL_LIMIT
+        (x * 2).sum()
+
+    def step_b(x):
+        b_in.set()
+        assert a_out.wait(30)
+        seen["b"] = fake_tensor.CONSTANT_NUMEL_LIMIT      # A has ended, B still runs
+        (x * 3).sum()
+    ta = threading.Thread(target=run, args=("a", step_a))
+    tb = threading.Thread(target=run, args=("b", step_b))
+    ta.start()
+    tb.start()
+    ta.join(60)
+    tb.join(60)
+    assert not errors, errors
+    assert seen["a"] > before and seen["b"] > before            # raised while any runs
+    assert fake_tensor.CONSTANT_NUMEL_LIMIT == before
+
+
 def test_host_tensor_refuses_fake_data_and_real_tensors_is_a_no_op_outside():
     def setup():
         with pytest.raises(ValueError, match="fake tensor"):
