@@ -45,6 +45,12 @@ _ESTIMATE_MODE: List[Any] = []
 # call, two overlapping estimates in two threads left it raised for good)
 _LIMIT_LOCK = threading.Lock()
 _LIMIT_STATE: Dict[str, Any] = {"active": 0, "saved": None}
+
+
+def running() -> int:
+    """How many estimates run now, in any thread (a dashboard estimates in the background)."""
+    with _LIMIT_LOCK:
+        return _LIMIT_STATE["active"]
 # Host values an estimated step may read (lengths, targets): at most this many elements each.
 HOST_VALUES_LIMIT = 1 << 22
 
