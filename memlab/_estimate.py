@@ -46,13 +46,14 @@ _ESTIMATE_MODE: List[Any] = []
 _LIMIT_LOCK = threading.Lock()
 _LIMIT_STATE: Dict[str, Any] = {"active": 0, "saved": None}
 
+# Host values an estimated step may read (lengths, targets): at most this many elements each.
+HOST_VALUES_LIMIT = 1 << 22
+
 
 def running() -> int:
     """How many estimates run now, in any thread (a dashboard estimates in the background)."""
     with _LIMIT_LOCK:
         return _LIMIT_STATE["active"]
-# Host values an estimated step may read (lengths, targets): at most this many elements each.
-HOST_VALUES_LIMIT = 1 << 22
 
 
 def host_tensor(data, dtype: Optional[torch.dtype] = None, device=None) -> torch.Tensor:

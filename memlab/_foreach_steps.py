@@ -15,11 +15,18 @@ import torch
 from torch import Tensor
 
 
-def usable(p: Tensor, grad: Tensor, states) -> bool:
-    """A CPU float32 parameter, gradient and fp32 states (plain tensors, no subclass)."""
-    return (p.device.type == "cpu" and p.dtype == torch.float32 and grad.dtype == torch.float32
-            and type(grad) is Tensor and not grad.is_sparse and grad.layout == torch.strided
-            and all(type(s) is Tensor and s.dtype == torch.float32 and s.device.type == "cpu"
+def usable(p: Tensor, grad: Tensor, states, fake: bool = False) -> bool:
+    """A CPU float32 parameter, gradient and fp32 states (plain tensors, no subclass; with
+    ``fake``, the fake tensors of ``memlab.memory.estimate`` as well: parameter, gradient and
+    states all fake, so the estimate sees the foreach ops' temporaries as the real run)."""
+    from memlab._optim_state import _is_fake
+    ts = (grad, *states)
+    plain = all(type(t) is Tensor for t in ts) or (
+        fake and _is_fake(p) and all(_is_fake(t) for t in ts))
+    return (plain and p.device.type == "cpu" and p.dtype == torch.float32
+            and grad.dtype == torch.float32 and not grad.is_sparse
+            and grad.layout == torch.strided
+            and all(s.dtype == torch.float32 and s.device.type == "cpu"
                     and s.shape == p.shape for s in states))
 
 

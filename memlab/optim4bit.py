@@ -54,7 +54,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from memlab import _foreach_steps, _q4_chunks, _q4_kernel, _q4_shards
-from memlab._optim_state import _is_fake, _to_local, check_grad, checked_states
+from memlab._optim_state import _to_local, check_grad, checked_states
 from memlab.distributed import is_dtensor, local
 from memlab.quant4 import Q4Tensor, num_blocks, sqrt_rounded, use_rank1
 
@@ -124,19 +124,6 @@ _SPECS = (("exp_avg", True), ("exp_avg_sq", False))      # (name, signed map)
 
 # small checks (the same messages as memlab.optim's; kept here, that module's private helpers
 # are not an interface)
-
-
-def _foreach_ok(p: Tensor, grad: Tensor, st: Mapping) -> bool:
-    """The fp32-state step of ``p`` may run in :mod:`memlab._foreach_steps` (torch's update,
-    the same bits): CPU float32, real tensors or the fake tensors of ``memlab.memory.estimate``
-    (which then sees the foreach ops' temporaries, all of a group's at once, as the real run)."""
-    states = (st["exp_avg"], st["exp_avg_sq"])
-    if _foreach_steps.usable(p, grad, states):
-        return True
-    fake = _is_fake
-    return (fake(p) and fake(grad) and all(fake(s) for s in states) and p.device.type == "cpu"
-            and p.dtype == grad.dtype == torch.float32 and grad.layout == torch.strided
-            and all(s.dtype == torch.float32 and s.shape == p.shape for s in states))
 
 
 def _refuse_dtensor(who: str, p: Tensor) -> None:
@@ -331,7 +318,8 @@ class Adam4bit(Optimizer):
             kw = dict(step=step, lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
                       weight_decay=group["weight_decay"], decoupled=self._decoupled,
                       maximize=group["maximize"], dither=group["rounding"] == "dither")
-            if not is_dtensor(p) and "exp_avg" in st and _foreach_ok(p, p.grad, st):
+            if (not is_dtensor(p) and "exp_avg" in st and _foreach_steps.usable(
+                    p, p.grad, (st["exp_avg"], st["exp_avg_sq"]), fake=True)):
                 small.setdefault(id(group), (group, []))[1].append(
                     (p.detach(), p.grad, st["exp_avg"], st["exp_avg_sq"], step))
             elif is_dtensor(p) and "exp_avg_q4" in st:     # FSDP2 shard: a collective
